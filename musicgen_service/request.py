@@ -1,0 +1,127 @@
+"""A validated, typed generation request, and every rule an input must follow.
+
+``parse_request`` takes ``predict()``'s arguments as they arrive (from the Cog
+server, ``cog predict`` or the local command line), checks every field and
+every cross-field rule, and either returns a :class:`Request` or raises one
+:class:`~musicgen_service.errors.InputError` naming each offending field and
+its rule. Nothing here touches a model, so a bad request fails in microseconds.
+"""
+from __future__ import annotations
+
+import math
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
+OUTPUT_FORMATS = ("wav", "mp3")
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the loaded model can do; the rules that depend on the model read it."""
+
+    max_duration: int  # longest request allowed (seconds, a setting)
+    card: int  # codebook size: the largest meaningful top_k
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: tp.Optional[str]
+    input_audio: tp.Optional[Path]
+    duration: int
+    continuation: bool
+    continuation_start: int
+    continuation_end: tp.Optional[int]  # None: the end of the clip
+    multi_band_diffusion: bool
+    normalization_strategy: str
+    top_k: int
+    top_p: float
+    temperature: float
+    classifier_free_guidance: int
+    output_format: str
+    seed: tp.Optional[int]  # None: pick a random seed
+
+    @property
+    def mode(self) -> str:
+        if self.input_audio is None:
+            return "text"
+        return "continuation" if self.continuation else "melody"
+
+
+def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
+                  input_audio: tp.Optional[tp.Union[str, Path]] = None, duration: int = 8,
+                  continuation: bool = False, continuation_start: int = 0,
+                  continuation_end: tp.Optional[int] = None, multi_band_diffusion: bool = False,
+                  normalization_strategy: str = "loudness", top_k: int = 250, top_p: float = 0.0,
+                  temperature: float = 1.0, classifier_free_guidance: int = 3,
+                  output_format: str = "wav", seed: tp.Optional[int] = None) -> Request:
+    """Check every input; raise one InputError listing all the problems found."""
+    problems: tp.List[tp.Tuple[str, str]] = []
+
+    def bad(field: str, rule: str) -> None:
+        problems.append((field, rule))
+
+    text = prompt.strip() if isinstance(prompt, str) else None
+    audio = Path(input_audio) if input_audio is not None else None
+    if not text and audio is None:
+        bad("prompt", "describe the music you want (it may only be empty when input_audio is given)")
+    if text and len(text) > MAX_PROMPT_CHARS:
+        bad("prompt", f"must be at most {MAX_PROMPT_CHARS} characters (got {len(text)})")
+
+    if not 1 <= duration <= caps.max_duration:
+        bad("duration", f"must be between 1 and {caps.max_duration} seconds (got {duration})")
+
+    if continuation_start < 0:
+        bad("continuation_start", f"must be >= 0 seconds (got {continuation_start})")
+    end = None if continuation_end in (None, -1) else continuation_end
+    if end is not None and end < 0:
+        bad("continuation_end", f"must be -1 or None (the end of the clip) or >= 0 seconds (got {end})")
+    elif end is not None and end <= continuation_start:
+        bad("continuation_end", f"must be greater than continuation_start ({continuation_start}); "
+                                f"got {end}. Use -1 or leave it empty for the end of the clip")
+    if audio is None:
+        if continuation:
+            bad("continuation", "needs input_audio: the music to continue")
+        if continuation_start != 0 or end is not None:
+            bad("continuation_start" if continuation_start != 0 else "continuation_end",
+                "selects part of input_audio, but no input_audio was given")
+
+    if normalization_strategy not in NORMALIZATION_STRATEGIES:
+        bad("normalization_strategy",
+            f"must be one of {', '.join(NORMALIZATION_STRATEGIES)} (got {normalization_strategy!r})")
+    if output_format not in OUTPUT_FORMATS:
+        bad("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)} (got {output_format!r})")
+
+    if not 0 <= top_k <= caps.card:
+        bad("top_k", f"must be between 0 and {caps.card}, the model's codebook size (got {top_k})")
+    if not (math.isfinite(top_p) and 0.0 <= top_p <= 1.0):
+        bad("top_p", f"must be between 0 and 1 (got {top_p})")
+    if not (math.isfinite(temperature) and temperature > 0):
+        bad("temperature", f"must be greater than 0 (got {temperature})")
+    if classifier_free_guidance < 0:
+        bad("classifier_free_guidance", f"must be >= 0 (got {classifier_free_guidance})")
+
+    seed_value = None if seed in (None, -1) else seed
+    if seed_value is not None and not 0 <= seed_value <= MAX_SEED:
+        bad("seed", f"must be -1 or None (random) or between 0 and {MAX_SEED} (got {seed})")
+
+    # Not built yet (issues #3 and #4): refuse rather than silently ignore.
+    if audio is not None:
+        bad("input_audio", "melody conditioning and continuation are not supported yet")
+    if multi_band_diffusion:
+        bad("multi_band_diffusion", "MultiBand Diffusion decoding is not supported yet")
+
+    if problems:
+        raise InputError(problems)
+    return Request(
+        prompt=text or None, input_audio=audio, duration=int(duration), continuation=bool(continuation),
+        continuation_start=int(continuation_start), continuation_end=end,
+        multi_band_diffusion=bool(multi_band_diffusion), normalization_strategy=normalization_strategy,
+        top_k=int(top_k), top_p=float(top_p), temperature=float(temperature),
+        classifier_free_guidance=int(classifier_free_guidance), output_format=output_format,
+        seed=seed_value)

@@ -1,0 +1,70 @@
+"""Every environment setting of the service, read in one place.
+
+Only this module reads ``os.environ`` for configuration. All settings have a
+documented default so that a container built from ``cog.yaml`` runs with no
+environment at all.
+
+| variable                   | default                                  | meaning |
+|----------------------------|------------------------------------------|---------|
+| ``MUSICGEN_WEIGHTS``       | ``<project>/weights``                    | Hugging Face hub cache holding every checkpoint |
+| ``MUSICGEN_MODEL``         | ``facebook/musicgen-stereo-melody-large``| hub repo id, or a local folder with an audiocraft checkpoint |
+| ``MUSICGEN_DEVICE``        | ``cuda`` when available, else ``cpu``    | torch device for every model |
+| ``MUSICGEN_MBD``           | ``lazy``                                 | MultiBand Diffusion: ``eager`` (load in setup), ``lazy`` (load on first use) or ``off`` |
+| ``MUSICGEN_MAX_DURATION``  | ``300``                                  | longest ``duration`` (seconds) a request may ask for |
+"""
+from __future__ import annotations
+
+import os
+import typing as tp
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_MODEL = "facebook/musicgen-stereo-melody-large"
+DEFAULT_MAX_DURATION = 300
+MBD_MODES = ("eager", "lazy", "off")
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    weights_dir: Path = field(default_factory=lambda: PROJECT_ROOT / "weights")
+    model: str = DEFAULT_MODEL
+    device: str = "auto"
+    mbd: str = "lazy"
+    max_duration: int = DEFAULT_MAX_DURATION
+
+    def __post_init__(self) -> None:
+        if self.mbd not in MBD_MODES:
+            raise SettingsError(f"MUSICGEN_MBD must be one of {', '.join(MBD_MODES)}; got {self.mbd!r}")
+        if self.max_duration < 1:
+            raise SettingsError(f"MUSICGEN_MAX_DURATION must be >= 1; got {self.max_duration}")
+
+    @classmethod
+    def from_env(cls, env: tp.Mapping[str, str] = os.environ) -> "Settings":
+        weights = Path(env.get("MUSICGEN_WEIGHTS") or PROJECT_ROOT / "weights")
+        if not weights.is_absolute():
+            weights = Path.cwd() / weights
+        try:
+            max_duration = int(env.get("MUSICGEN_MAX_DURATION", DEFAULT_MAX_DURATION))
+        except ValueError as exc:
+            raise SettingsError(f"MUSICGEN_MAX_DURATION must be an integer: {exc}") from None
+        return cls(
+            weights_dir=weights,
+            model=env.get("MUSICGEN_MODEL") or DEFAULT_MODEL,
+            device=env.get("MUSICGEN_DEVICE") or "auto",
+            mbd=(env.get("MUSICGEN_MBD") or "lazy").lower(),
+            max_duration=max_duration,
+        )
+
+    def resolved_device(self) -> str:
+        """The torch device to use: ``auto`` becomes ``cuda`` when a GPU is visible."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,76 @@
+"""Cog entry point: the public input schema of the model, and nothing else of substance.
+
+Names, order, types, defaults, enums and descriptions are the model page's
+(14 inputs, one ``uri`` output). Every rule is checked, with a message naming
+the field, in ``musicgen_service.request``; the work happens in
+``musicgen_service.service``.
+"""
+from typing import Optional
+
+from cog import BasePredictor, Input, Path
+
+from musicgen_service.request import MAX_SEED, NORMALIZATION_STRATEGIES, OUTPUT_FORMATS
+
+
+class Predictor(BasePredictor):
+    def setup(self) -> None:
+        from musicgen_service.service import Service
+        from musicgen_service.settings import Settings
+
+        self.service = Service(Settings.from_env())
+
+    def predict(
+        self,
+        prompt: Optional[str] = Input(
+            description="A description of the music you want to generate.", default=None),
+        input_audio: Optional[Path] = Input(
+            description="An audio file that will influence the generated music. If `continuation` is "
+                        "`True`, the generated music will be a continuation of the audio file. Otherwise, "
+                        "the generated music will mimic the audio file's melody.",
+            default=None),
+        duration: int = Input(
+            description="Duration of the generated audio in seconds.", default=8, ge=1),
+        continuation: bool = Input(
+            description="If `True`, generated music will continue `melody`. Otherwise, generated music "
+                        "will mimic `audio_input`'s melody.",
+            default=False),
+        continuation_start: int = Input(
+            description="Start time of the audio file to use for continuation.", default=0, ge=0),
+        continuation_end: Optional[int] = Input(
+            description="End time of the audio file to use for continuation. If -1 or None, will "
+                        "default to the end of the audio clip.",
+            default=None, ge=-1),
+        multi_band_diffusion: bool = Input(
+            description="If `True`, the EnCodec tokens will be decoded with MultiBand Diffusion. Only "
+                        "works with non-stereo models.",
+            default=False),
+        normalization_strategy: str = Input(
+            description="Strategy for normalizing audio.", default="loudness",
+            choices=list(NORMALIZATION_STRATEGIES)),
+        top_k: int = Input(
+            description="Reduces sampling to the k most likely tokens.", default=250, ge=0),
+        top_p: float = Input(
+            description="Reduces sampling to tokens with cumulative probability of p. When set to `0` "
+                        "(default), top_k sampling is used.",
+            default=0.0, ge=0.0, le=1.0),
+        temperature: float = Input(
+            description="Controls the 'conservativeness' of the sampling process. Higher temperature "
+                        "means more diversity.",
+            default=1.0, ge=0.0),
+        classifier_free_guidance: int = Input(
+            description="Increases the influence of inputs on the output. Higher values produce "
+                        "lower-varience outputs that adhere more closely to inputs.",
+            default=3, ge=0),
+        output_format: str = Input(
+            description="Output format for generated audio.", default="wav",
+            choices=list(OUTPUT_FORMATS)),
+        seed: Optional[int] = Input(
+            description="Seed for random number generator. If None or -1, a random seed will be used.",
+            default=None, ge=-1, le=MAX_SEED),
+    ) -> Path:
+        return Path(self.service.predict(
+            prompt=prompt, input_audio=input_audio, duration=duration, continuation=continuation,
+            continuation_start=continuation_start, continuation_end=continuation_end,
+            multi_band_diffusion=multi_band_diffusion, normalization_strategy=normalization_strategy,
+            top_k=top_k, top_p=top_p, temperature=temperature,
+            classifier_free_guidance=classifier_free_guidance, output_format=output_format, seed=seed))

@@ -1,0 +1,201 @@
+"""The real Predictor on the tiny model set: text-to-music end to end, every option."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from audio_helpers import decode
+from conftest import MONO_TEXT, STEREO_MELODY, make_service
+from musicgen_service.errors import InputError
+from musicgen_service.weights import WeightsMissingError
+
+ROOT = Path(__file__).resolve().parent.parent
+RATE = 32000
+PEAK = 10 ** (-1 / 20)
+
+
+@pytest.fixture(scope="session")
+def predictor(tiny_weights):
+    from predict import Predictor
+
+    p = Predictor()
+    p.setup()  # Settings.from_env(): MUSICGEN_WEIGHTS points at the tiny set, default model
+    return p
+
+
+def run(predictor, **inputs):
+    defaults = dict(prompt="lo-fi beat", input_audio=None, duration=2, continuation=False,
+                    continuation_start=0, continuation_end=None, multi_band_diffusion=False,
+                    normalization_strategy="loudness", top_k=250, top_p=0.0, temperature=1.0,
+                    classifier_free_guidance=3, output_format="wav", seed=1)
+    return predictor.predict(**{**defaults, **inputs})
+
+
+def tokens(service, **inputs):
+    req = service.parse(**{"prompt": "lo-fi beat", "duration": 1, **inputs})
+    return service.generator.generate(req).tokens
+
+
+def test_setup_loads_the_default_model(predictor):
+    model = predictor.service.model
+    assert predictor.service.settings.model == STEREO_MELODY
+    assert (model.sample_rate, model.audio_channels, model.frame_rate, model.max_duration) == (RATE, 2, 50, 30)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "mp3"])
+def test_text_to_music_file(predictor, fmt):
+    path = run(predictor, output_format=fmt, duration=3)
+    assert path.suffix == f".{fmt}" and path.is_file()
+    data, rate = decode(path)
+    assert rate == RATE and data.shape[0] == 2
+    if fmt == "wav":
+        assert data.shape[1] == 3 * RATE
+    else:
+        assert abs(data.shape[1] - 3 * RATE) <= 2 * 1152 + 529
+    assert np.abs(data).max() > 0.05  # not silence
+
+
+def test_mono_model_writes_mono(mono_service):
+    data, rate = decode(mono_service.predict(prompt="folk", duration=1, seed=3))
+    assert (data.shape, rate) == ((1, RATE), RATE)
+
+
+def test_same_seed_same_audio_and_different_seeds_differ(predictor):
+    a = decode(run(predictor, seed=7))[0]
+    b = decode(run(predictor, seed=7))[0]
+    c = decode(run(predictor, seed=8))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_seed_zero_is_a_real_seed(predictor):
+    np.testing.assert_array_equal(decode(run(predictor, seed=0))[0], decode(run(predictor, seed=0))[0])
+
+
+def test_seed_is_logged_and_random_when_absent(predictor, capsys):
+    run(predictor, seed=1234)
+    out = capsys.readouterr().out
+    assert "seed: 1234" in out and "generated 2.0 s / 2.0 s of audio (100%)" in out
+    run(predictor, seed=None)
+    assert "(random)" in capsys.readouterr().out
+    run(predictor, seed=-1)
+    assert "(random)" in capsys.readouterr().out
+
+
+def test_sampling_parameters_reach_audiocraft(mono_service):
+    # top_k=1 and a tiny top_p are greedy: the seed no longer matters.
+    assert torch.equal(tokens(mono_service, top_k=1, seed=1), tokens(mono_service, top_k=1, seed=2))
+    assert torch.equal(tokens(mono_service, top_p=1e-9, seed=1), tokens(mono_service, top_p=1e-9, seed=2))
+    base = tokens(mono_service, seed=5)
+    assert not torch.equal(base, tokens(mono_service, seed=6))
+    # with the same seed, each of these changes the distribution sampled from
+    assert not torch.equal(base, tokens(mono_service, seed=5, top_k=10))
+    assert not torch.equal(base, tokens(mono_service, seed=5, top_p=0.5))
+    assert not torch.equal(base, tokens(mono_service, seed=5, temperature=0.3))
+    assert not torch.equal(base, tokens(mono_service, seed=5, classifier_free_guidance=0))
+    assert not torch.equal(base, tokens(mono_service, seed=5, prompt="heavy metal"))
+
+
+def test_normalization_strategies(predictor):
+    import torchaudio
+
+    peak, _ = decode(run(predictor, normalization_strategy="peak"))
+    assert np.abs(peak).max() == pytest.approx(PEAK, abs=2e-4)
+    clip, _ = decode(run(predictor, normalization_strategy="clip"))
+    assert np.abs(clip).max() <= PEAK + 1e-4
+    rms, _ = decode(run(predictor, normalization_strategy="rms"))
+    assert 20 * math.log10(np.sqrt((rms.mean(axis=0) ** 2).mean())) == pytest.approx(-18, abs=0.2)
+    loud, _ = decode(run(predictor, normalization_strategy="loudness"))
+    lufs = torchaudio.transforms.Loudness(RATE)(torch.from_numpy(loud)).item()
+    assert lufs == pytest.approx(-14, abs=1.0)
+
+
+def test_longer_than_the_window_uses_windowed_extension(mono_service, capsys):
+    path = mono_service.predict(prompt="ambient", duration=33, seed=2)
+    data, rate = decode(path)
+    assert (data.shape, rate) == ((1, 33 * RATE), RATE)
+    out = capsys.readouterr().out
+    assert "generated 33.0 s / 33.0 s of audio (100%)" in out
+
+
+def test_each_prediction_gets_a_fresh_folder_and_the_last_one_is_cleaned(predictor):
+    first = run(predictor)
+    second = run(predictor)
+    assert first.parent != second.parent
+    assert not first.parent.exists() and second.is_file()
+
+
+def test_bad_input_fails_before_generation(predictor, capsys):
+    with pytest.raises(InputError, match="duration: must be between 1 and 300 seconds"):
+        run(predictor, duration=0)
+    assert "seed:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({"input_audio": __file__}, "input_audio"),
+    ({"multi_band_diffusion": True}, "multi_band_diffusion"),
+])
+def test_inputs_of_later_issues_are_refused_not_ignored(predictor, inputs, field):
+    with pytest.raises(InputError, match=f"{field}: .*not supported yet"):
+        run(predictor, **inputs)
+
+
+def test_local_checkpoint_folder_as_model(tiny_weights):
+    from musicgen_service.weights import musicgen_folder
+
+    folder = musicgen_folder(tiny_weights, MONO_TEXT)
+    service = make_service(tiny_weights, str(folder))
+    data, _ = decode(service.predict(prompt="a fine-tune", duration=1, seed=1))
+    assert data.shape == (1, RATE)
+
+
+def test_missing_weights_name_the_file_and_the_command(tmp_path):
+    with pytest.raises(WeightsMissingError) as info:
+        make_service(tmp_path)
+    assert f"{STEREO_MELODY}/state_dict.bin" in str(info.value)
+    assert "script/download-weights" in str(info.value)
+
+
+def test_missing_conditioner_weights_are_named(tiny_weights, tmp_path):
+    from musicgen_service import weights
+
+    src = weights.musicgen_folder(tiny_weights, STEREO_MELODY)
+    weights.write_repo(tmp_path, STEREO_MELODY, {f: src / f for f in weights.MUSICGEN_FILES})
+    with pytest.raises(WeightsMissingError) as info:
+        make_service(tmp_path)
+    assert "t5-base/spiece.model" in str(info.value)
+    assert "adefossez/HTDemucs/htdemucs.yaml" in str(info.value)
+
+
+def test_command_line_predict_writes_playable_files(tiny_weights, tmp_path):
+    env = {**os.environ, "MUSICGEN_WEIGHTS": str(tiny_weights)}
+    out = tmp_path / "song.wav"
+    proc = subprocess.run([str(ROOT / "script" / "predict"), "-i", "prompt=lo-fi beat", "-i", "duration=2",
+                           "-i", "seed=3", "-o", str(out)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+    assert "seed: 3" in proc.stdout
+    data, rate = decode(out)
+    assert (data.shape, rate) == ((2, 2 * RATE), RATE)
+
+
+def test_command_line_mp3_and_errors(tiny_weights, tmp_path, monkeypatch, capsys):
+    from musicgen_service import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["-i", "prompt=jazz", "-i", "duration=1", "-i", "output_format=mp3"]) == 0
+    assert (tmp_path / "output.mp3").is_file() and decode(tmp_path / "output.mp3")[1] == RATE
+    assert cli.main(["-i", "prompt=jazz", "-i", "top_p=3"]) == 2
+    assert "top_p: must be between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown input 'tempo'"):
+        cli.main(["-i", "tempo=120"])
+    with pytest.raises(SystemExit, match="input duration='long'"):
+        cli.main(["-i", "duration=long"])

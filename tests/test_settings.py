@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import pytest
+
+from musicgen_service.settings import DEFAULT_MODEL, PROJECT_ROOT, Settings, SettingsError
+
+
+def test_defaults_without_environment():
+    s = Settings.from_env({})
+    assert s.model == DEFAULT_MODEL == "facebook/musicgen-stereo-melody-large"
+    assert s.weights_dir == PROJECT_ROOT / "weights"
+    assert (s.device, s.mbd, s.max_duration) == ("auto", "lazy", 300)
+
+
+def test_environment_overrides(tmp_path):
+    s = Settings.from_env({"MUSICGEN_WEIGHTS": str(tmp_path), "MUSICGEN_MODEL": "facebook/musicgen-small",
+                           "MUSICGEN_DEVICE": "cpu", "MUSICGEN_MBD": "EAGER", "MUSICGEN_MAX_DURATION": "60"})
+    assert (s.weights_dir, s.model, s.device, s.mbd, s.max_duration) == (
+        tmp_path, "facebook/musicgen-small", "cpu", "eager", 60)
+    assert s.resolved_device() == "cpu"
+
+
+def test_relative_weights_folder_is_made_absolute():
+    assert Settings.from_env({"MUSICGEN_WEIGHTS": "w"}).weights_dir == Path.cwd() / "w"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MUSICGEN_MBD": "sometimes"}, "MUSICGEN_MBD"),
+    ({"MUSICGEN_MAX_DURATION": "long"}, "MUSICGEN_MAX_DURATION"),
+    ({"MUSICGEN_MAX_DURATION": "0"}, "MUSICGEN_MAX_DURATION"),
+])
+def test_bad_settings_are_named(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
