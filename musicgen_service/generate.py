@@ -1,14 +1,27 @@
 """Request -> tokens -> waveform, through audiocraft's own MusicGen generation.
 
-audiocraft does the work: text conditioning, classifier-free guidance,
-top-k/top-p sampling and, past the model's 30 s window, its windowed
-extension (each new window re-generates from the last ``30 - extend_stride``
-seconds). This module sets the sampling parameters, seeds every random
-generator, follows progress for the logs, and decodes the tokens.
+audiocraft does the work: T5 text and chroma melody conditioning,
+classifier-free guidance, top-k/top-p sampling and, past the model's 30 s
+window, its windowed extension (each new window re-generates from the last
+``30 - EXTEND_STRIDE`` seconds, and the melody keeps guiding every window).
+This module picks the mode, seeds every random generator, follows progress for
+the logs and decodes the tokens.
+
+It calls ``MusicGen._prepare_tokens_and_attributes`` and ``_generate_tokens``,
+the two steps that audiocraft's public ``generate*`` methods run (audiocraft is
+pinned at 1.3.0), because continuation needs the tokens between them: see
+:meth:`Generator.generate`.
+
+Modes:
+- text: ``prompt`` only;
+- melody: ``prompt`` plus the chroma of the selected ``input_audio``;
+- continuation: the output is the selected ``input_audio`` followed by
+  ``duration`` seconds of new music. The model sees at most the last
+  ``window - 1`` seconds of the audio as its prompt (its window is 30 s);
+  earlier audio is kept in the output as it is, so any clip length works.
 """
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 import typing as tp
@@ -21,13 +34,15 @@ log = get_logger()
 
 # audiocraft's default: past the 30 s window, each extension keeps 12 s of context.
 EXTEND_STRIDE = 18.0
+# Room left for new music in the first window when continuing a long clip.
+CONTINUATION_MARGIN = 1.0
 
 
 @dataclass
 class Generated:
     wav: tp.Any  # [C, T] float32 on the CPU
     sample_rate: int
-    tokens: tp.Any  # [1, K, frames]
+    tokens: tp.Any  # [1, K, frames], the whole output (continuation prompt included)
     seed: int
 
 
@@ -46,11 +61,13 @@ def seed_everything(seed: int) -> None:
 
 
 class Progress:
-    """Logs how much audio has been generated, about every tenth of the request, whatever the
-    number of extension windows; reports positions in seconds of the final output."""
+    """Logs how much new audio has been generated, about every tenth of the request, whatever
+    the number of extension windows; positions are in seconds of new audio."""
 
-    def __init__(self, total_frames: int, frame_rate: float, stride_frames: int, step: float = 0.1):
-        self.total_frames = total_frames
+    def __init__(self, new_frames: int, prompt_frames: int, frame_rate: float, stride_frames: int,
+                 step: float = 0.1):
+        self.new_frames = new_frames
+        self.prompt_frames = prompt_frames
         self.frame_rate = frame_rate
         self.stride_frames = stride_frames
         self.step = step
@@ -58,74 +75,101 @@ class Progress:
         self.next_report = step
         self.start = time.perf_counter()
 
-    def new_window(self, prompt_frames: int) -> tp.Callable[[int, int], None]:
+    def new_window(self, window_prompt_frames: int) -> tp.Callable[[int, int], None]:
         """The callback for one ``lm.generate`` call (one window) whose prompt has that length."""
         self.window += 1
         window_start = self.window * self.stride_frames
 
         def callback(generated: int, _to_generate: int) -> None:
-            self.update(window_start + prompt_frames + generated)
+            self.update(window_start + window_prompt_frames + generated - self.prompt_frames)
 
         return callback
 
-    def update(self, position_frames: int) -> None:
-        fraction = min(position_frames / self.total_frames, 1.0)
+    def update(self, done_frames: int) -> None:
+        fraction = min(done_frames / self.new_frames, 1.0)
         if fraction + 1e-9 < self.next_report:
             return
         while self.next_report <= fraction + 1e-9:
             self.next_report += self.step
-        elapsed = time.perf_counter() - self.start
         log.info("generated %.1f s / %.1f s of audio (%d%%), %.1f s elapsed",
-                 min(position_frames, self.total_frames) / self.frame_rate,
-                 self.total_frames / self.frame_rate, round(100 * fraction), elapsed)
+                 min(done_frames, self.new_frames) / self.frame_rate, self.new_frames / self.frame_rate,
+                 round(100 * fraction), time.perf_counter() - self.start)
 
 
 class Generator:
-    """Runs one request at a time on a loaded MusicGen (and, when asked, MBD)."""
+    """Runs one request at a time on a loaded MusicGen."""
 
-    def __init__(self, model: tp.Any, mbd: tp.Any = None):
+    def __init__(self, model: tp.Any):
         self.model = model
-        self.mbd = mbd
+
+    @property
+    def melody(self) -> bool:
+        return "self_wav" in self.model.lm.condition_provider.conditioners
 
     def capabilities(self, max_duration: int) -> Capabilities:
-        return Capabilities(max_duration=max_duration, card=self.model.lm.card)
+        return Capabilities(max_duration=max_duration, card=self.model.lm.card, melody=self.melody,
+                            name=self.model.name)
 
-    @contextlib.contextmanager
-    def _follow_windows(self, progress: Progress) -> tp.Iterator[None]:
-        """Give each window's ``lm.generate`` call a progress callback that knows the window."""
-        lm = self.model.lm
-        stock_generate = lm.generate
-
-        def generate(prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any,
-                     callback: tp.Any = None, **kwargs: tp.Any) -> tp.Any:
-            prompt_frames = 0 if prompt is None else prompt.shape[-1]
-            return stock_generate(prompt, conditions, *args,
-                                  callback=progress.new_window(prompt_frames), **kwargs)
-
-        lm.generate = generate
-        try:
-            yield
-        finally:
-            del lm.generate  # back to the class' method
-
-    def generate(self, req: Request) -> Generated:
+    def generate(self, req: Request, clip: tp.Any = None) -> Generated:
+        """Tokens for ``req`` (``clip``: the selected input audio at the model's rate and channels),
+        decoded with EnCodec."""
         import torch
 
         model = self.model
+        fr = model.frame_rate
         seed = req.seed if req.seed is not None else random_seed()
         log.info("seed: %d%s", seed, "" if req.seed is not None else " (random)")
-        model.set_generation_params(
-            use_sampling=True, top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
-            duration=float(req.duration), cfg_coef=float(req.classifier_free_guidance),
-            extend_stride=EXTEND_STRIDE)
-        progress = Progress(int(req.duration * model.frame_rate), model.frame_rate,
-                            int(EXTEND_STRIDE * model.frame_rate))
         seed_everything(seed)
         start = time.perf_counter()
-        with self._follow_windows(progress), torch.inference_mode():
-            wav, tokens = model.generate([req.prompt], progress=False, return_tokens=True)
-        seconds = time.perf_counter() - start
-        log.info("generated %d s in %.2f s (%.2fx real time)", req.duration, seconds,
-                 req.duration / max(seconds, 1e-9))
+        with torch.inference_mode():
+            melody = [clip.wav.to(model.device)] if req.mode == "melody" else None
+            attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
+            head = context = None
+            if req.mode == "continuation":
+                prompt_tokens, _ = model.compression_model.encode(clip.wav[None].to(model.device))
+                keep = int((model.max_duration - CONTINUATION_MARGIN) * fr)
+                head, context = prompt_tokens[..., :-keep], prompt_tokens[..., -keep:]
+            prompt_frames = 0 if context is None else context.shape[-1]
+            new_frames = int(req.duration * fr)
+            # +0.5 frame: audiocraft truncates duration * frame_rate to an int
+            self._set_params(req, duration=(prompt_frames + new_frames + 0.5) / fr)
+            progress = Progress(new_frames, prompt_frames, fr, int(EXTEND_STRIDE * fr))
+            with _windows_followed_by(model.lm, progress):
+                tokens = model._generate_tokens(attributes, context)
+            if head is not None and head.shape[-1]:
+                tokens = torch.cat([head, tokens], dim=-1)
+            seconds = time.perf_counter() - start
+            log.info("generated %d s in %.2f s (%.2fx real time)", req.duration, seconds,
+                     req.duration / max(seconds, 1e-9))
+            wav = model.compression_model.decode(tokens, None)
         return Generated(wav=wav[0].float().cpu(), sample_rate=model.sample_rate, tokens=tokens,
                          seed=seed)
+
+    def _set_params(self, req: Request, duration: float) -> None:
+        self.model.set_generation_params(
+            use_sampling=True, top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
+            duration=duration, cfg_coef=float(req.classifier_free_guidance), extend_stride=EXTEND_STRIDE)
+
+
+class _windows_followed_by:
+    """Give each window's ``lm.generate`` call (audiocraft calls it once per extension window) a
+    progress callback that knows where the window starts."""
+
+    def __init__(self, lm: tp.Any, progress: Progress):
+        self.lm = lm
+        self.progress = progress
+
+    def __enter__(self) -> None:
+        stock_generate = self.lm.generate
+        progress = self.progress
+
+        def generate(prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any,
+                     callback: tp.Any = None, **kwargs: tp.Any) -> tp.Any:
+            window_prompt = 0 if prompt is None else prompt.shape[-1]
+            return stock_generate(prompt, conditions, *args, callback=progress.new_window(window_prompt),
+                                  **kwargs)
+
+        self.lm.generate = generate
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        del self.lm.generate  # back to the class' method

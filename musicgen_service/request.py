@@ -27,6 +27,8 @@ class Capabilities:
 
     max_duration: int  # longest request allowed (seconds, a setting)
     card: int  # codebook size: the largest meaningful top_k
+    melody: bool = True  # has a chroma (melody) conditioner
+    name: str = "the model"
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,11 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
     if seed_value is not None and not 0 <= seed_value <= MAX_SEED:
         bad("seed", f"must be -1 or None (random) or between 0 and {MAX_SEED} (got {seed})")
 
-    # Not built yet (issues #3 and #4): refuse rather than silently ignore.
-    if audio is not None:
-        bad("input_audio", "melody conditioning and continuation are not supported yet")
+    if audio is not None and not continuation and not caps.melody:
+        bad("input_audio", f"{caps.name} has no melody conditioning: set continuation to true to "
+                           "continue the audio instead, or serve a melody model")
+
+    # Not built yet (issue #4): refuse rather than silently ignore.
     if multi_band_diffusion:
         bad("multi_band_diffusion", "MultiBand Diffusion decoding is not supported yet")
 

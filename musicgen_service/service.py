@@ -10,7 +10,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from . import audio_out
+from . import audio_in, audio_out
 from .logs import get_logger
 from .request import Request, parse_request
 from .settings import Settings
@@ -29,7 +29,7 @@ class Service:
         log.info("weights: %s; model: %s; device: %s", settings.weights_dir, settings.model, device)
         self.model = loading.load_musicgen(settings, device)
         self.mbd = loading.MBDSource(settings, device)
-        self.generator = Generator(self.model, self.mbd)
+        self.generator = Generator(self.model)
         self.capabilities = self.generator.capabilities(settings.max_duration)
         self._last_output: tp.Optional[Path] = None
         log.info("ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
@@ -47,7 +47,8 @@ class Service:
         log.info("model: %s; mode: %s; duration: %d s; top_k=%d top_p=%g temperature=%g "
                  "classifier_free_guidance=%d", self.settings.model, request.mode, request.duration,
                  request.top_k, request.top_p, request.temperature, request.classifier_free_guidance)
-        generated = self.generator.generate(request)
+        clip = self._input_clip(request)
+        generated = self.generator.generate(request, clip)
         start = time.perf_counter()
         wav = audio_out.normalize(generated.wav, generated.sample_rate, request.normalization_strategy)
         folder = audio_out.fresh_folder()
@@ -60,6 +61,28 @@ class Service:
         log.info("normalized (%s) and wrote %s in %.2f s", request.normalization_strategy,
                  path.name, time.perf_counter() - start)
         return path
+
+    def _input_clip(self, request: Request) -> tp.Optional[audio_in.Clip]:
+        """The selected part of input_audio at the model's rate and channels (None without audio)."""
+        if request.input_audio is None:
+            return None
+        start = time.perf_counter()
+        end = request.continuation_end
+        if request.mode == "melody":
+            # Extension windows read the melody up to less than `duration + window` seconds in:
+            # the rest of a long song would only cost stem separation time.
+            needed = request.continuation_start + request.duration + self.model.max_duration
+            end = needed if end is None else min(end, needed)
+        clip = audio_in.load(request.input_audio, self.model.sample_rate, self.model.audio_channels,
+                             start=request.continuation_start, end=end)
+        log.info("input_audio: using %.1f s to %.1f s (%s), decoded in %.2f s", clip.start,
+                 clip.start + clip.seconds, "melody" if request.mode == "melody" else "continued",
+                 time.perf_counter() - start)
+        if request.continuation_end is not None and clip.file_seconds is not None \
+                and request.continuation_end > clip.file_seconds:
+            log.info("continuation_end (%d s) is past the end of input_audio (%.1f s long): "
+                     "using the audio up to its end", request.continuation_end, clip.file_seconds)
+        return clip
 
     def predict(self, **inputs: tp.Any) -> Path:
         return self.run(self.parse(**inputs))

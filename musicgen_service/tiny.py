@@ -209,7 +209,7 @@ def write_demucs(cache_dir: Path, work: Path) -> None:
     from safetensors.torch import save_file
 
     kwargs = {"sources": ["drums", "bass", "other", "vocals"], "audio_channels": 2,
-              "samplerate": 44100, "segment": Fraction(39, 5), "channels": 4, "depth": 2,
+              "samplerate": 44100, "segment": Fraction(2), "channels": 4, "depth": 2,
               "nfft": 512, "t_layers": 0, "dconv_depth": 1, "dconv_comp": 2, "rewrite": False}
     torch.manual_seed(0)
     model = HTDemucs(**kwargs)

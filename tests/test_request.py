@@ -89,3 +89,19 @@ def test_continuation_window_rules():
 def test_every_problem_is_reported_at_once():
     error = rejects("duration", "between", prompt="", duration=0, top_p=2.0, output_format="ogg")
     assert error.fields == ["prompt", "duration", "output_format", "top_p"]
+
+
+def test_audio_modes():
+    audio = "/tmp/song.wav"
+    assert parse(input_audio=audio).mode == "melody"
+    assert parse(input_audio=audio, continuation=True).mode == "continuation"
+    assert parse(prompt=None, input_audio=audio).prompt is None  # audio alone is enough
+    req = parse(input_audio=audio, continuation=True, continuation_start=2, continuation_end=-1)
+    assert (req.continuation_start, req.continuation_end) == (2, None)
+
+
+def test_melody_needs_a_melody_model():
+    caps = Capabilities(max_duration=300, card=2048, melody=False, name="facebook/musicgen-small")
+    with pytest.raises(InputError, match="input_audio: facebook/musicgen-small has no melody conditioning"):
+        parse_request(caps, prompt="x", input_audio="/tmp/song.wav")
+    assert parse_request(caps, prompt="x", input_audio="/tmp/a.wav", continuation=True).mode == "continuation"

@@ -1,0 +1,143 @@
+"""Decoding input_audio: formats, rates, channels, slicing, limits and every error message."""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audio_helpers import sine, write
+from musicgen_service import audio_in
+from musicgen_service.errors import InputError
+
+RATE = 32000
+
+
+def dominant_hz(wav: np.ndarray, rate: int = RATE) -> float:
+    spectrum = np.abs(np.fft.rfft(wav.mean(axis=0)))
+    return float(np.argmax(spectrum) * rate / wav.shape[-1])
+
+
+def fails(path, fragment: str, field: str = "input_audio", **kwargs) -> InputError:
+    with pytest.raises(InputError) as info:
+        audio_in.load(path, RATE, 2, **kwargs)
+    assert info.value.fields == [field], info.value
+    assert fragment in str(info.value), info.value
+    return info.value
+
+
+CASES = [  # (format, source channels, source rate)
+    ("wav", 1, 8000), ("wav", 2, 44100), ("wav", 6, 48000),
+    ("mp3", 1, 8000), ("mp3", 2, 44100), ("mp3", 2, 48000),
+    ("flac", 1, 8000), ("flac", 2, 44100), ("flac", 6, 48000),
+    ("ogg", 1, 8000), ("ogg", 2, 44100), ("ogg", 2, 48000),
+    ("opus", 1, 8000), ("opus", 2, 48000), ("opus", 6, 48000),
+    ("m4a", 1, 8000), ("m4a", 2, 44100), ("m4a", 6, 48000),
+]
+
+
+@pytest.mark.parametrize("model_channels", [1, 2])
+@pytest.mark.parametrize("fmt, channels, rate", CASES)
+def test_formats_rates_and_channels(tmp_path, fmt, channels, rate, model_channels):
+    path = write(tmp_path / f"in.{fmt}", sine(440, 2.0, rate, 0.5, channels), rate)
+    clip = audio_in.load(path, RATE, model_channels)
+    wav = clip.wav.numpy()
+    assert wav.dtype == np.float32 and wav.shape[0] == model_channels
+    # codecs may add priming/padding: up to two AAC frames (2 x 1024 samples) at 8 kHz
+    assert abs(wav.shape[1] / RATE - 2.0) <= 2 * 1024 / 8000, wav.shape
+    assert dominant_hz(wav) == pytest.approx(440, abs=2)
+    assert 0.1 < np.abs(wav).max() < 1.0
+
+
+def test_mono_source_feeds_both_sides_of_a_stereo_model(tmp_path):
+    clip = audio_in.load(write(tmp_path / "m.wav", sine(300, 1, RATE), RATE), RATE, 2)
+    np.testing.assert_array_equal(clip.wav[0].numpy(), clip.wav[1].numpy())
+
+
+def test_same_rate_wav_is_decoded_exactly(tmp_path):
+    source = np.stack([sine(300, 1, RATE)[0], sine(500, 1, RATE)[0]])
+    clip = audio_in.load(write(tmp_path / "s.wav", source, RATE), RATE, 2)
+    np.testing.assert_allclose(clip.wav.numpy(), source, atol=1 / 32767)
+
+
+def test_slicing_selects_the_requested_seconds(tmp_path):
+    # 1 s at 200 Hz, then 1 s at 600 Hz, then 1 s at 1000 Hz
+    source = np.concatenate([sine(f, 1, 44100) for f in (200, 600, 1000)], axis=1)
+    path = write(tmp_path / "three.flac", source, 44100)
+    middle = audio_in.load(path, RATE, 1, start=1, end=2)
+    assert middle.wav.shape == (1, RATE) and middle.start == 1.0
+    assert dominant_hz(middle.wav.numpy()) == pytest.approx(600, abs=2)
+    tail = audio_in.load(path, RATE, 1, start=2)
+    assert tail.wav.shape[1] == RATE and tail.file_seconds == pytest.approx(3.0)
+    past_end = audio_in.load(path, RATE, 1, start=1, end=10)  # end past the clip: up to its end
+    assert past_end.wav.shape[1] == 2 * RATE and past_end.file_seconds == pytest.approx(3.0)
+
+
+def test_start_past_the_end_states_the_real_length(tmp_path):
+    path = write(tmp_path / "short.wav", sine(440, 4, RATE), RATE)
+    fails(path, "is 4.0 s long, so continuation_start (5 s) is past its end", "continuation_start", start=5)
+    fails(path, "is 4.0 s long", "continuation_start", start=4, end=9)
+
+
+def test_not_audio(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a song\n" * 100)
+    fails(path, "could not be read as audio")
+    noise = tmp_path / "noise.mp3"
+    noise.write_bytes(np.random.default_rng(0).bytes(50_000))
+    fails(noise, "input_audio")
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.mp3").write_bytes(b"")
+    fails(tmp_path / "empty.mp3", "the file is empty")
+    fails(tmp_path / "nowhere.wav", "could not be read")
+
+
+def test_no_samples(tmp_path):
+    path = tmp_path / "zero.wav"
+    path.write_bytes(_wav_header(0))
+    fails(path, "contains no audio samples")
+
+
+def test_truncated_files(tmp_path):
+    for fmt in ("wav", "flac"):
+        path = write(tmp_path / f"full.{fmt}", sine(440, 4, 44100, 0.5, 2), 44100)
+        data = path.read_bytes()
+        cut = tmp_path / f"cut.{fmt}"
+        cut.write_bytes(data[: len(data) // 2])
+        error = fails(cut, "truncated")
+        if fmt == "wav":  # the RIFF header still says how long it was
+            assert "its header says 4.0 s but only 2.0 s could be decoded" in str(error)
+    m4a = write(tmp_path / "full.m4a", sine(440, 4, 44100), 44100).read_bytes()
+    (tmp_path / "cut.m4a").write_bytes(m4a[: len(m4a) // 2])
+    fails(tmp_path / "cut.m4a", "input_audio")  # the index (moov) is lost: unreadable
+
+
+def test_oversized_file_is_refused_before_opening(tmp_path):
+    big = tmp_path / "big.wav"
+    with open(big, "wb") as f:
+        f.truncate(audio_in.MAX_BYTES + 1)  # sparse: no disk used
+    fails(big, "the limit is 100 MB")
+
+
+def _wav_header(data_bytes: int, rate: int = 8000, channels: int = 1) -> bytes:
+    return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVEfmt "
+            + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16)
+            + b"data" + struct.pack("<I", data_bytes))
+
+
+def test_header_claiming_more_than_the_limit_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "claims.wav"
+    path.write_bytes(_wav_header(8000 * 2 * 60 * 20) + b"\0" * 16000)  # says 20 min, holds 1 s
+    fails(path, "is 20.0 minutes long; the limit is 10 minutes")
+
+
+def test_decoding_stops_at_the_limit_when_the_header_says_nothing(tmp_path, monkeypatch):
+    # A header without a duration (streams, some containers) cannot be trusted: decoding itself
+    # stops once the limit is passed, so memory stays bounded.
+    monkeypatch.setattr(audio_in, "MAX_SECONDS", 1.0)
+    monkeypatch.setattr(audio_in, "_declared_seconds", lambda path, container, stream: None)
+    path = write(tmp_path / "long.wav", sine(440, 5, RATE), RATE)
+    fails(path, "is longer than 0 minutes, the limit")
