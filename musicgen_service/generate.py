@@ -106,13 +106,13 @@ class Generator:
     def melody(self) -> bool:
         return "self_wav" in self.model.lm.condition_provider.conditioners
 
-    def capabilities(self, max_duration: int) -> Capabilities:
+    def capabilities(self, max_duration: int, mbd_unavailable: tp.Optional[str] = None) -> Capabilities:
         return Capabilities(max_duration=max_duration, card=self.model.lm.card, melody=self.melody,
-                            name=self.model.name)
+                            name=self.model.name, mbd_unavailable=mbd_unavailable)
 
-    def generate(self, req: Request, clip: tp.Any = None) -> Generated:
+    def generate(self, req: Request, clip: tp.Any = None, mbd: tp.Any = None) -> Generated:
         """Tokens for ``req`` (``clip``: the selected input audio at the model's rate and channels),
-        decoded with EnCodec."""
+        decoded with EnCodec, or with MultiBand Diffusion when ``mbd`` is given."""
         import torch
 
         model = self.model
@@ -141,9 +141,20 @@ class Generator:
             seconds = time.perf_counter() - start
             log.info("generated %d s in %.2f s (%.2fx real time)", req.duration, seconds,
                      req.duration / max(seconds, 1e-9))
-            wav = model.compression_model.decode(tokens, None)
+            wav = self.decode(tokens, mbd)
         return Generated(wav=wav[0].float().cpu(), sample_rate=model.sample_rate, tokens=tokens,
                          seed=seed)
+
+    def decode(self, tokens: tp.Any, mbd: tp.Any = None) -> tp.Any:
+        """[1, K, T] tokens -> [1, C, samples] audio, by EnCodec or MultiBand Diffusion."""
+        if mbd is None:
+            return self.model.compression_model.decode(tokens, None)
+        from . import mbd as multiband
+
+        start = time.perf_counter()
+        wav = multiband.tokens_to_wav(mbd, self.model.compression_model, tokens)
+        log.info("decoded with MultiBand Diffusion in %.2f s", time.perf_counter() - start)
+        return wav
 
     def _set_params(self, req: Request, duration: float) -> None:
         self.model.set_generation_params(

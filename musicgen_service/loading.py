@@ -73,13 +73,20 @@ class MBDSource:
         if settings.mbd == "eager":
             self._mbd = load_mbd(settings, device)
 
-    @property
-    def enabled(self) -> bool:
-        return self._settings.mbd != "off"
+    def unavailable(self) -> tp.Optional[str]:
+        """Why a request can't use MBD on this deployment (None: it can)."""
+        if self._settings.mbd == "off":
+            return "MultiBand Diffusion is turned off on this deployment (MUSICGEN_MBD=off)"
+        missing = [f for f in weights.mbd_files() if weights.cached_file(self._settings.weights_dir, f) is None]
+        if missing:
+            return (f"MultiBand Diffusion is not installed here: {', '.join(map(str, missing))} is missing "
+                    f"from the weights folder (`{weights.DOWNLOAD_COMMAND}` fetches it)")
+        return None
 
     def get(self) -> tp.Any:
-        if not self.enabled:
-            raise RuntimeError("MultiBand Diffusion is turned off (MUSICGEN_MBD=off)")
+        reason = self.unavailable()
+        if reason:
+            raise RuntimeError(reason)
         with self._lock:
             if self._mbd is None:
                 self._mbd = load_mbd(self._settings, self._device)

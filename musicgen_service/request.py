@@ -29,6 +29,7 @@ class Capabilities:
     card: int  # codebook size: the largest meaningful top_k
     melody: bool = True  # has a chroma (melody) conditioner
     name: str = "the model"
+    mbd_unavailable: tp.Optional[str] = None  # why multi_band_diffusion can't be used, if it can't
 
 
 @dataclass(frozen=True)
@@ -116,9 +117,8 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
         bad("input_audio", f"{caps.name} has no melody conditioning: set continuation to true to "
                            "continue the audio instead, or serve a melody model")
 
-    # Not built yet (issue #4): refuse rather than silently ignore.
-    if multi_band_diffusion:
-        bad("multi_band_diffusion", "MultiBand Diffusion decoding is not supported yet")
+    if multi_band_diffusion and caps.mbd_unavailable:
+        bad("multi_band_diffusion", caps.mbd_unavailable)
 
     if problems:
         raise InputError(problems)

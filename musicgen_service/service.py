@@ -30,7 +30,7 @@ class Service:
         self.model = loading.load_musicgen(settings, device)
         self.mbd = loading.MBDSource(settings, device)
         self.generator = Generator(self.model)
-        self.capabilities = self.generator.capabilities(settings.max_duration)
+        self.capabilities = self.generator.capabilities(settings.max_duration, self.mbd.unavailable())
         self._last_output: tp.Optional[Path] = None
         log.info("ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
                  settings.model, self.model.audio_channels, self.model.sample_rate,
@@ -48,7 +48,8 @@ class Service:
                  "classifier_free_guidance=%d", self.settings.model, request.mode, request.duration,
                  request.top_k, request.top_p, request.temperature, request.classifier_free_guidance)
         clip = self._input_clip(request)
-        generated = self.generator.generate(request, clip)
+        mbd = self._mbd() if request.multi_band_diffusion else None
+        generated = self.generator.generate(request, clip, mbd)
         start = time.perf_counter()
         wav = audio_out.normalize(generated.wav, generated.sample_rate, request.normalization_strategy)
         folder = audio_out.fresh_folder()
@@ -61,6 +62,14 @@ class Service:
         log.info("normalized (%s) and wrote %s in %.2f s", request.normalization_strategy,
                  path.name, time.perf_counter() - start)
         return path
+
+    def _mbd(self) -> tp.Any:
+        """The MBD decoder (loaded on first use when lazy), checked against this model's tokens."""
+        from .mbd import check_compatible
+
+        mbd = self.mbd.get()
+        check_compatible(mbd, self.model.compression_model)
+        return mbd
 
     def _input_clip(self, request: Request) -> tp.Optional[audio_in.Clip]:
         """The selected part of input_audio at the model's rate and channels (None without audio)."""

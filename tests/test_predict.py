@@ -138,11 +138,6 @@ def test_bad_input_fails_before_generation(predictor, capsys):
     assert "seed:" not in capsys.readouterr().out
 
 
-def test_inputs_of_later_issues_are_refused_not_ignored(predictor):
-    with pytest.raises(InputError, match="multi_band_diffusion: .*not supported yet"):
-        run(predictor, multi_band_diffusion=True)
-
-
 def test_local_checkpoint_folder_as_model(tiny_weights):
     from musicgen_service.weights import musicgen_folder
 
