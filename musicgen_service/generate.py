@@ -147,13 +147,15 @@ class Generator:
 
     def decode(self, tokens: tp.Any, mbd: tp.Any = None) -> tp.Any:
         """[1, K, T] tokens -> [1, C, samples] audio, by EnCodec or MultiBand Diffusion."""
-        if mbd is None:
-            return self.model.compression_model.decode(tokens, None)
-        from . import mbd as multiband
-
         start = time.perf_counter()
-        wav = multiband.tokens_to_wav(mbd, self.model.compression_model, tokens)
-        log.info("decoded with MultiBand Diffusion in %.2f s", time.perf_counter() - start)
+        if mbd is None:
+            wav, decoder = self.model.compression_model.decode(tokens, None), "EnCodec"
+        else:
+            from . import mbd as multiband
+
+            wav = multiband.tokens_to_wav(mbd, self.model.compression_model, tokens)
+            decoder = "MultiBand Diffusion"
+        log.info("decoded with %s in %.2f s", decoder, time.perf_counter() - start)
         return wav
 
     def _set_params(self, req: Request, duration: float) -> None:

@@ -6,8 +6,10 @@ Usable without Cog (tests, benchmarks, the command line).
 """
 from __future__ import annotations
 
+import atexit
 import time
 import typing as tp
+import uuid
 from pathlib import Path
 
 from . import audio_in, audio_out
@@ -32,6 +34,7 @@ class Service:
         self.generator = Generator(self.model)
         self.capabilities = self.generator.capabilities(settings.max_duration, self.mbd.unavailable())
         self._last_output: tp.Optional[Path] = None
+        atexit.register(lambda: audio_out.remove_folder(self._last_output))
         log.info("ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
                  settings.model, self.model.audio_channels, self.model.sample_rate,
                  self.model.max_duration, time.perf_counter() - start)
@@ -41,7 +44,8 @@ class Service:
 
     def run(self, request: Request) -> Path:
         """Generate and write the audio file for a valid request; returns its path."""
-        # The previous prediction's file has been delivered by now: drop it.
+        # The previous prediction's file has been delivered (returned, encoded or uploaded by Cog)
+        # by the time the next one starts: drop it, so at most one output is ever on disk.
         audio_out.remove_folder(self._last_output)
         self._last_output = None
         log.info("model: %s; mode: %s; duration: %d s; top_k=%d top_p=%g temperature=%g "
@@ -54,7 +58,9 @@ class Service:
         wav = audio_out.normalize(generated.wav, generated.sample_rate, request.normalization_strategy)
         folder = audio_out.fresh_folder()
         try:
-            path = audio_out.write(wav, generated.sample_rate, request.output_format, folder)
+            # a unique name: uploads (`--upload-url`) of different predictions never collide
+            path = audio_out.write(wav, generated.sample_rate, request.output_format, folder,
+                                   stem=f"musicgen-{uuid.uuid4().hex[:12]}")
         except BaseException:
             audio_out.remove_folder(folder)
             raise

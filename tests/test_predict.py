@@ -52,7 +52,7 @@ def test_setup_loads_the_default_model(predictor):
 @pytest.mark.parametrize("fmt", ["wav", "mp3"])
 def test_text_to_music_file(predictor, fmt):
     path = run(predictor, output_format=fmt, duration=3)
-    assert path.suffix == f".{fmt}" and path.is_file()
+    assert path.suffix == f".{fmt}" and path.is_file() and path.name.startswith("musicgen-")
     data, rate = decode(path)
     assert rate == RATE and data.shape[0] == 2
     if fmt == "wav":

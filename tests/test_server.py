@@ -1,0 +1,246 @@
+"""The real Cog HTTP server (coglet, started by script/serve) on loopback, with the tiny weights.
+
+Three servers run in this module: the main one (outputs as data: URIs), one started with
+--upload-url, and one with no weights at all (setup must fail, readably).
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from audio_helpers import decode, melody, write
+from server_helpers import ROOT, CogServer, Peer, data_uri_bytes, request
+from seed_schema import SEED_DESCRIPTIONS, SEED_INPUTS
+
+RATE = 32000
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("peer")
+    write(folder / "intro.ogg", melody([330, 392, 494], 0.5, 44100, 2), 44100)
+    p = Peer(folder)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_weights, tmp_path_factory, peer):
+    """Start all three servers at once: their start-ups overlap."""
+    logs = tmp_path_factory.mktemp("server-logs")
+    tmp = tmp_path_factory.mktemp("server-tmp")
+    main = CogServer(tiny_weights, logs / "main.log", env={"TMPDIR": str(tmp)})
+    upload = CogServer(tiny_weights, logs / "upload.log", upload_url=f"{peer.url}/uploads/")
+    empty = tmp_path_factory.mktemp("no-weights")
+    broken = CogServer(empty, logs / "broken.log")
+    main.tmp = tmp
+    seen = main.wait()
+    main.statuses = seen
+    try:
+        yield {"main": main, "upload": upload, "broken": broken}
+    finally:
+        for server in (main, upload, broken):
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["main"]
+
+
+def audio_of(response) -> tuple:
+    assert response.status == 200, response.body
+    assert response.body["status"] == "succeeded", response.body
+    mime, data = data_uri_bytes(response.body["output"])
+    suffix = {"audio/wav": ".wav", "audio/x-wav": ".wav", "audio/wave": ".wav", "audio/mpeg": ".mp3"}[mime]
+    path = Path(f"/tmp/server-test-{time.monotonic_ns()}{suffix}")
+    path.write_bytes(data)
+    try:
+        return decode(path)
+    finally:
+        path.unlink()
+
+
+def test_health_goes_from_starting_to_ready(server):
+    assert server.statuses[-2:] == ["STARTING", "READY"]
+    setup = server.health()["setup"]
+    assert setup["status"] == "succeeded"
+    assert "ready: facebook/musicgen-stereo-melody-large" in setup["logs"]
+
+
+def test_openapi_lists_exactly_the_seed_inputs(server):
+    schema = request("GET", f"{server.url}/openapi.json").body
+    components = schema["components"]["schemas"]
+    props = components["Input"]["properties"]
+    assert sorted(props, key=lambda n: props[n]["x-order"]) == [name for name, *_ in SEED_INPUTS]
+    for name, _, default, choices in SEED_INPUTS:
+        assert props[name].get("default") == default, name
+        assert props[name]["description"] == SEED_DESCRIPTIONS[name]
+        if choices:
+            assert components[name]["enum"] == choices
+    assert components["Output"] == {"type": "string", "format": "uri", "title": "Output"}
+
+
+def test_committed_schema_matches_predict_py(tmp_path):
+    """.cog/openapi_schema.json is what the Cog SDK's generator makes of predict.py today."""
+    fresh = tmp_path / "schema.json"
+    subprocess.run([str(ROOT / "script" / "schema"), str(fresh)], check=True, cwd=ROOT, capture_output=True)
+    committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
+    assert json.loads(fresh.read_text()) == committed, "predict.py changed: run script/schema"
+
+
+@pytest.mark.parametrize("fmt, mime", [("wav", "audio/wav"), ("mp3", "audio/mpeg")])
+def test_sync_text_prediction(server, fmt, mime):
+    response = server.predict({"prompt": "lo-fi beat", "duration": 2, "output_format": fmt, "seed": 1})
+    data, rate = audio_of(response)
+    assert rate == RATE and data.shape[0] == 2
+    assert data_uri_bytes(response.body["output"])[0] == mime
+    if fmt == "wav":
+        assert data.shape[1] == 2 * RATE
+    else:
+        assert abs(data.shape[1] - 2 * RATE) <= 2 * 1152 + 529
+    logs = response.body["logs"]
+    for line in ("model: facebook/musicgen-stereo-melody-large; mode: text", "seed: 1",
+                 "generated 2.0 s / 2.0 s of audio (100%)", "generated 2 s in", "decoded with EnCodec in",
+                 "wrote musicgen-"):
+        assert line in logs, logs
+    assert logs.count("generated ") <= 12  # progress every tenth, not every token
+
+
+def test_melody_from_a_data_uri(server, tmp_path):
+    import base64
+
+    tune = write(tmp_path / "tune.wav", melody([262, 330, 392, 523], 0.5, 22050, 1), 22050)
+    uri = "data:audio/wav;base64," + base64.b64encode(tune.read_bytes()).decode()
+    response = server.predict({"prompt": "jazz", "input_audio": uri, "duration": 2, "seed": 2})
+    data, rate = audio_of(response)
+    assert (data.shape, rate) == ((2, 2 * RATE), RATE)
+    assert "mode: melody" in response.body["logs"]
+
+
+def test_continuation_from_a_url(server, peer):
+    response = server.predict({"prompt": "jazz", "input_audio": f"{peer.url}/intro.ogg", "continuation": True,
+                               "duration": 1, "output_format": "mp3", "seed": 3})
+    data, rate = audio_of(response)
+    assert rate == RATE and data.shape[0] == 2
+    assert abs(data.shape[1] - (1.5 + 1) * RATE) <= 2 * 1152 + 529  # 1.5 s of prompt + 1 s
+    assert "mode: continuation" in response.body["logs"]
+
+
+def test_async_with_webhooks_and_idempotent_put(server, peer):
+    inputs = {"prompt": "ambient", "duration": 1, "seed": 4}
+    first = server.predict(inputs, prediction_id="async-1", asynchronous=True, webhook=f"{peer.url}/hook")
+    assert first.status == 202 and first.body["id"] == "async-1"
+    again = server.predict(inputs, prediction_id="async-1", asynchronous=True, webhook=f"{peer.url}/hook")
+    assert again.status == 202 and again.body["id"] == "async-1"  # same id: the same prediction
+    final = peer.final_webhook("async-1")
+    assert final["status"] == "succeeded"
+    assert final["output"].startswith("data:audio/wav;base64,")
+    assert "seed: 4" in final["logs"]
+    time.sleep(0.5)
+    finals = [w for w in peer.webhooks if w["id"] == "async-1" and w["status"] == "succeeded"]
+    assert len(finals) == 1  # the repeated PUT did not run it twice
+
+
+def test_busy_server_answers_409(server, peer):
+    started = server.predict({"prompt": "long", "duration": 20, "seed": 5}, prediction_id="busy-1",
+                             asynchronous=True, webhook=f"{peer.url}/hook")
+    assert started.status == 202
+    second = server.predict({"prompt": "another", "duration": 1})
+    assert second.status == 409, second
+    server.cancel("busy-1")
+    assert peer.final_webhook("busy-1")["status"] == "canceled"
+
+
+def test_cancel_mid_generation_then_predict_again(server, peer):
+    before = server.rss_mb()
+    started = server.predict({"prompt": "epic", "duration": 60, "seed": 6}, prediction_id="cancel-1",
+                             asynchronous=True, webhook=f"{peer.url}/hook")
+    assert started.status == 202
+    deadline = time.time() + 60  # wait until generation is under way (a progress webhook)
+    while not any(w["id"] == "cancel-1" and "generated " in (w.get("logs") or "") for w in peer.webhooks):
+        assert time.time() < deadline, "generation never started"
+        time.sleep(0.05)
+    asked = time.monotonic()
+    assert server.cancel("cancel-1").status == 200
+    final = peer.final_webhook("cancel-1", timeout=10)
+    latency = time.monotonic() - asked
+    assert final["status"] == "canceled"
+    assert latency < 2.0, latency
+    # generation stopped: no progress lines after the cancel in a later prediction's view
+    after = server.predict({"prompt": "after", "duration": 1, "seed": 7})
+    assert after.body["status"] == "succeeded"
+    assert "60.0 s" not in after.body["logs"]
+    growth = server.rss_mb() - before
+    print(f"cancel latency {latency * 1000:.0f} ms; worker RSS {before:.0f} MB -> {before + growth:.0f} MB")
+    assert growth < 150, growth
+
+
+def test_bad_inputs_answer_422_with_details(server):
+    response = server.predict({"prompt": "x", "output_format": "flac", "duration": "long", "top_p": 3})
+    assert response.status == 422
+    fields = {d["loc"][-1] for d in response.body["detail"]}
+    assert fields == {"output_format", "duration", "top_p"}
+    assert server.predict({"prompt": "x", "duration": 0}).status == 422  # minimum 1
+    assert server.predict({"prompt": "x", "seed": -5}).status == 422  # minimum -1
+
+
+def test_cross_field_rules_fail_with_the_message_and_no_traceback(server):
+    response = server.predict({"prompt": "x", "continuation": True})
+    assert response.status == 200 and response.body["status"] == "failed"
+    assert "continuation: needs input_audio" in response.body["error"]
+    assert "Traceback" not in (response.body.get("logs") or "")
+    response = server.predict({"prompt": "x", "temperature": 0})
+    assert "temperature: must be greater than 0" in response.body["error"]
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_twenty_predictions_in_a_row(server):
+    server.predict({"prompt": "warm up", "duration": 1, "seed": 0})
+    before = server.rss_mb()
+    lengths = []
+    for i in range(20):
+        fmt = "mp3" if i % 4 == 3 else "wav"
+        data, rate = audio_of(server.predict({"prompt": f"song {i}", "duration": 1, "seed": i, "output_format": fmt}))
+        assert rate == RATE and data.shape[0] == 2
+        lengths.append(data.shape[1])
+    after = server.rss_mb()
+    print(f"worker RSS over 20 predictions: {before:.0f} MB -> {after:.0f} MB")
+    assert all(n == RATE for i, n in enumerate(lengths) if i % 4 != 3)
+    assert after - before < 100, (before, after)
+    # only the last prediction's output is still on disk (removed when the next one starts)
+    leftovers = [p for p in server.tmp.glob("musicgen-*")]
+    assert len(leftovers) <= 1, leftovers
+
+
+def test_upload_url_receives_the_file(servers, peer):
+    upload = servers["upload"]
+    upload.wait()
+    response = upload.predict({"prompt": "uploaded", "duration": 1, "seed": 8})
+    assert response.body["status"] == "succeeded", response.body
+    url = response.body["output"]
+    assert url.startswith(f"{peer.url}/stored/uploads/musicgen-") and url.endswith(".wav")
+    uploaded = peer.uploads[url[len(f"{peer.url}/stored"):]]
+    path = Path(f"/tmp/upload-test-{time.monotonic_ns()}.wav")
+    path.write_bytes(uploaded)
+    try:
+        data, rate = decode(path)
+    finally:
+        path.unlink()
+    assert (data.shape, rate) == ((2, RATE), RATE)
+
+
+def test_missing_weights_fail_setup_readably(servers):
+    broken = servers["broken"]
+    broken.wait(until=("SETUP_FAILED",))
+    setup = broken.health()["setup"]
+    assert setup["status"] == "failed"
+    assert "facebook/musicgen-stereo-melody-large/state_dict.bin" in setup["logs"]
+    assert "script/download-weights" in setup["logs"]
