@@ -68,19 +68,21 @@ def _torch_save(obj: tp.Any, path: Path) -> Path:
     return path
 
 
-def encodec_config(channels: int = 1) -> tp.Dict[str, tp.Any]:
-    """A small EnCodec with the real 32 kHz rate and 640-sample hop (50 frames/s)."""
+def encodec_config(channels: int = 1, dimension: int = 16, n_filters: int = 2,
+                   lstm: int = 0) -> tp.Dict[str, tp.Any]:
+    """EnCodec at the real 32 kHz rate and 640-sample hop (50 frames/s); small by default.
+    ``dimension=128, n_filters=64, lstm=2`` is MusicGen's (encodec_large_nq4_s640)."""
     return {
         "device": "cpu", "dtype": "float32", "sample_rate": SAMPLE_RATE, "channels": channels,
         "compression_model": "encodec",
         "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": SAMPLE_RATE,
                     "channels": channels, "causal": False, "renormalize": False},
-        "seanet": {"dimension": 16, "channels": channels, "causal": False, "n_filters": 2,
+        "seanet": {"dimension": dimension, "channels": channels, "causal": False, "n_filters": n_filters,
                    "n_residual_layers": 1, "ratios": [8, 5, 4, 4], "activation": "ELU",
                    "activation_params": {"alpha": 1.0}, "norm": "weight_norm", "norm_params": {},
                    "kernel_size": 7, "residual_kernel_size": 3, "last_kernel_size": 7,
                    "dilation_base": 2, "pad_mode": "constant", "true_skip": True, "compress": 2,
-                   "lstm": 0, "disable_norm_outer_blocks": 0,
+                   "lstm": lstm, "disable_norm_outer_blocks": 0,
                    "decoder": {"trim_right_ratio": 1.0, "final_activation": None,
                                "final_activation_params": None},
                    "encoder": {}},
@@ -90,8 +92,11 @@ def encodec_config(channels: int = 1) -> tp.Dict[str, tp.Any]:
     }
 
 
-def lm_config(channels: int, melody: bool) -> tp.Dict[str, tp.Any]:
-    """A two-layer LM shaped like MusicGen's (delay pattern, T5 text, chroma for melody models)."""
+def lm_config(channels: int, melody: bool, dim: int = 32, num_heads: int = 2, num_layers: int = 2,
+              hidden_scale: int = 4) -> tp.Dict[str, tp.Any]:
+    """An LM configured like MusicGen's (lm/musicgen_lm.yaml: delay pattern, T5 text through
+    cross-attention; conditioner/chroma2music.yaml for melody models), two layers wide 32 by
+    default; ``dim=1024, num_heads=16, num_layers=24`` is musicgen-small."""
     n_q = 4 * channels
     delays = [d for d in range(4) for _ in range(channels)]  # stereo: [0, 0, 1, 1, 2, 2, 3, 3]
     t5 = {"model": "t5", "t5": {"name": "t5-base", "finetune": False, "word_dropout": 0.3,
@@ -114,7 +119,8 @@ def lm_config(channels: int, melody: bool) -> tp.Dict[str, tp.Any]:
         "codebooks_pattern": {"modeling": "delay",
                               "delay": {"delays": delays, "flatten_first": 0, "empty_initial": 0}},
         "transformer_lm": {
-            "dim": 32, "num_heads": 2, "num_layers": 2, "hidden_scale": 2, "n_q": n_q, "card": CARD,
+            "dim": dim, "num_heads": num_heads, "num_layers": num_layers, "hidden_scale": hidden_scale,
+            "n_q": n_q, "card": CARD,
             "dropout": 0.0, "emb_lr": None, "activation": "gelu", "norm_first": True,
             "bias_ff": False, "bias_attn": False, "bias_proj": False, "past_context": None,
             "causal": True, "custom": False, "memory_efficient": True,
@@ -134,15 +140,17 @@ def lm_config(channels: int, melody: bool) -> tp.Dict[str, tp.Any]:
     }
 
 
-def mbd_band_config(codec_dim: int) -> tp.Dict[str, tp.Any]:
-    """One band of MultiBand Diffusion (solver/diffusion/default.yaml + a very small U-Net)."""
+def mbd_band_config(codec_dim: int, hidden: int = 8, depth: int = 3, stride: int = 4,
+                    growth: float = 2) -> tp.Dict[str, tp.Any]:
+    """One band of MultiBand Diffusion (solver/diffusion/default.yaml), a very small U-Net by
+    default; ``hidden=48, depth=4, growth=4`` is model/score/basic.yaml's."""
     return {
         "channels": 1,
         "schedule": {"repartition": "power", "variable_step_batch": True, "beta_t0": 1.0e-5,
                      "beta_t1": 2.9e-2, "beta_exp": 7.5, "num_steps": 1000, "variance": "beta",
                      "clip": 5.0, "rescale": 1.0, "n_bands": None, "noise_scale": 1.0},
-        "diffusion_unet": {"hidden": 8, "depth": 3, "res_blocks": 1, "norm_groups": 4, "kernel": 8,
-                           "stride": 4, "growth": 2, "max_channels": 10_000, "dropout": 0.0,
+        "diffusion_unet": {"hidden": hidden, "depth": depth, "res_blocks": 1, "norm_groups": 4, "kernel": 8,
+                           "stride": stride, "growth": growth, "max_channels": 10_000, "dropout": 0.0,
                            "emb_all_layers": True, "bilstm": False, "transformer": False,
                            "codec_dim": codec_dim},
         "processor": {"name": "multi_band_processor", "use": False, "n_bands": 8,
@@ -167,23 +175,32 @@ def _randomize_codebooks(model: tp.Any) -> None:
             buf.fill_(1.0)
 
 
-def build_encodec(seed: int = 0) -> tp.Tuple[tp.Any, tp.Dict[str, tp.Any]]:
+def build_encodec(cfg: tp.Optional[tp.Dict[str, tp.Any]] = None, seed: int = 0) -> tp.Any:
     import torch
     from omegaconf import OmegaConf
     from audiocraft.models import builders
 
     torch.manual_seed(seed)
-    cfg = encodec_config()
-    model = builders.get_compression_model(OmegaConf.create(cfg)).eval()
+    model = builders.get_compression_model(OmegaConf.create(cfg or encodec_config())).eval()
     with torch.no_grad():
         _randomize_codebooks(model)
-    return model, cfg
+    return model
 
 
-def write_t5(cache_dir: Path, work: Path) -> None:
+def tiny_t5_config() -> tp.Any:
+    """audiocraft's T5Conditioner fixes t5-base's hidden size at 768; the rest is shrunk."""
+    from transformers import T5Config
+
+    return T5Config(vocab_size=128 + 100, d_model=768, d_kv=8, d_ff=32, num_layers=1,
+                    num_decoder_layers=1, num_heads=2, decoder_start_token_id=0)
+
+
+def write_t5(cache_dir: Path, work: Path, config: tp.Any = None) -> None:
+    """t5-base's files: config + weights of a random T5 (``config``, tiny by default) and a
+    sentencepiece tokenizer trained on a few sentences."""
     import sentencepiece as spm
     import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from transformers import T5ForConditionalGeneration
 
     corpus = io.StringIO("\n".join(_SENTENCES * 4))
     spm.SentencePieceTrainer.train(
@@ -191,10 +208,7 @@ def write_t5(cache_dir: Path, work: Path) -> None:
         vocab_size=128, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         hard_vocab_limit=False, minloglevel=2)
     torch.manual_seed(0)
-    # audiocraft's T5Conditioner fixes t5-base's hidden size at 768; the rest is shrunk.
-    config = T5Config(vocab_size=128 + 100, d_model=768, d_kv=8, d_ff=32, num_layers=1,
-                      num_decoder_layers=1, num_heads=2, decoder_start_token_id=0)
-    T5ForConditionalGeneration(config).save_pretrained(work / "t5", safe_serialization=True)
+    T5ForConditionalGeneration(config or tiny_t5_config()).save_pretrained(work / "t5", safe_serialization=True)
     weights.write_repo(cache_dir, "t5-base", {
         "config.json": work / "t5" / "config.json",
         "model.safetensors": work / "t5" / "model.safetensors",
@@ -202,15 +216,20 @@ def write_t5(cache_dir: Path, work: Path) -> None:
     })
 
 
-def write_demucs(cache_dir: Path, work: Path) -> None:
-    """An HTDemucs with the real sources and rate, saved as demucs' hub export does."""
+TINY_DEMUCS = {"channels": 4, "depth": 2, "nfft": 512, "t_layers": 0, "dconv_depth": 1, "dconv_comp": 2,
+               "rewrite": False, "segment": Fraction(2)}
+REAL_DEMUCS = {"segment": Fraction(39, 5)}  # htdemucs: HTDemucs' defaults, 7.8 s segments
+
+
+def write_demucs(cache_dir: Path, work: Path, arch: tp.Optional[tp.Dict[str, tp.Any]] = None) -> None:
+    """An HTDemucs with the real sources and rate (``arch``: constructor arguments, tiny by
+    default), saved as demucs' hub export does."""
     import torch
     from demucs.htdemucs import HTDemucs
     from safetensors.torch import save_file
 
-    kwargs = {"sources": ["drums", "bass", "other", "vocals"], "audio_channels": 2,
-              "samplerate": 44100, "segment": Fraction(2), "channels": 4, "depth": 2,
-              "nfft": 512, "t_layers": 0, "dconv_depth": 1, "dconv_comp": 2, "rewrite": False}
+    kwargs = {"sources": ["drums", "bass", "other", "vocals"], "audio_channels": 2, "samplerate": 44100,
+              **(TINY_DEMUCS if arch is None else arch)}
     torch.manual_seed(0)
     model = HTDemucs(**kwargs)
 
@@ -231,32 +250,43 @@ def write_demucs(cache_dir: Path, work: Path) -> None:
     })
 
 
-def write_musicgen(cache_dir: Path, work: Path, model_id: str, channels: int, melody: bool,
+def write_musicgen(cache_dir: Path, work: Path, model_id: str, cfg: tp.Dict[str, tp.Any],
+                   codec_cfg: tp.Optional[tp.Dict[str, tp.Any]] = None, half: bool = False,
                    seed: int = 0) -> None:
-    """Needs t5-base (and HTDemucs for melody) in ``cache_dir`` already: the LM's conditioners
+    """An audiocraft checkpoint pair for the LM config ``cfg``, built by audiocraft's builders
+    with their own random initialisation; ``half`` stores fp16 state dicts, as the hub does.
+    Needs t5-base (and HTDemucs for melody) in ``cache_dir`` already: the LM's conditioners
     load them when the real builder constructs it."""
     import torch
     from omegaconf import OmegaConf
     from audiocraft.models import builders
 
-    codec, codec_cfg = build_encodec(seed)
+    codec_cfg = codec_cfg or encodec_config()
+    codec = build_encodec(codec_cfg, seed)
     torch.manual_seed(seed + 1)
-    cfg = lm_config(channels, melody)
     lm = builders.get_lm_model(OmegaConf.create(cfg)).eval()
+
+    def state(module: tp.Any) -> tp.Dict[str, tp.Any]:
+        return {k: v.half() if half and v.is_floating_point() else v for k, v in module.state_dict().items()}
+
     folder = work / model_id.replace("/", "--")
     folder.mkdir(parents=True, exist_ok=True)
     meta = {"version": "1.3.0", "exported": True}
     files = {
         weights.LM_FILE: _torch_save(
-            {"xp.cfg": _yaml(cfg), "best_state": lm.state_dict(), **meta}, folder / weights.LM_FILE),
+            {"xp.cfg": _yaml(cfg), "best_state": state(lm), **meta}, folder / weights.LM_FILE),
         weights.COMPRESSION_FILE: _torch_save(
-            {"xp.cfg": _yaml(codec_cfg), "best_state": codec.state_dict(), **meta},
+            {"xp.cfg": _yaml(codec_cfg), "best_state": state(codec), **meta},
             folder / weights.COMPRESSION_FILE),
     }
+    del lm
     weights.write_repo(cache_dir, model_id, files)
+    for f in files.values():
+        f.unlink()  # the cache holds its own copy
 
 
-def write_mbd(cache_dir: Path, work: Path, n_bands: int = 2) -> None:
+def write_mbd(cache_dir: Path, work: Path, n_bands: int = 2,
+              band_cfg: tp.Optional[tp.Dict[str, tp.Any]] = None) -> None:
     """MultiBand Diffusion in the format ``loaders.load_diffusion_models`` reads: omegaconf
     configs pickled next to each band's U-Net and processor states."""
     import torch
@@ -264,10 +294,10 @@ def write_mbd(cache_dir: Path, work: Path, n_bands: int = 2) -> None:
     from audiocraft.models import builders
 
     torch.manual_seed(7)
-    codec_dim = encodec_config()["seanet"]["dimension"]
+    band_cfg = band_cfg or mbd_band_config(encodec_config()["seanet"]["dimension"])
     pkg: tp.Dict[tp.Any, tp.Any] = {"sample_rate": SAMPLE_RATE, "n_bands": n_bands}
     for band in range(n_bands):
-        cfg = OmegaConf.create(mbd_band_config(codec_dim))
+        cfg = OmegaConf.create(band_cfg)
         model = builders.get_diffusion_model(cfg)
         processor = builders.get_processor(cfg.processor, sample_rate=SAMPLE_RATE)
         pkg[band] = {"cfg": cfg, "model_state": model.state_dict(),
@@ -286,9 +316,8 @@ def write_tiny_set(cache_dir: Path, models: tp.Iterable[str] = tuple(MODELS)) ->
         write_t5(cache_dir, work)
         write_demucs(cache_dir, work)
         for model_id in models:
-            channels, melody = MODELS[model_id]
-            write_musicgen(cache_dir, work, model_id, channels, melody)
+            write_musicgen(cache_dir, work, model_id, lm_config(*MODELS[model_id]))
         if weights.MBD_CODEC_REPO not in models:  # MBD decodes with musicgen-small's EnCodec
-            write_musicgen(cache_dir, work, weights.MBD_CODEC_REPO, *MODELS[weights.MBD_CODEC_REPO])
+            write_musicgen(cache_dir, work, weights.MBD_CODEC_REPO, lm_config(*MODELS[weights.MBD_CODEC_REPO]))
         write_mbd(cache_dir, work)
     return cache_dir
