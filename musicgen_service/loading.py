@@ -1,18 +1,39 @@
-"""Building the models from the weights folder through audiocraft's own loaders.
+"""Building the models from the weights folder, at the speed of the disk.
 
-- MusicGen: ``MusicGen.get_pretrained(<folder>)`` on the checkpoint folder that
-  :mod:`.weights` resolved (a hub snapshot or a local fine-tune); its T5 and
-  demucs conditioners load from the same hub cache, offline.
-- MultiBand Diffusion: ``MultiBandDiffusion.get_mbd_musicgen``, with torch's safe
-  loading kept on and only the omegaconf classes its checkpoint pickles allowed.
-  Loaded in ``setup()`` (``MUSICGEN_MBD=eager``) or on first use (``lazy``).
+Every model is built by audiocraft's (or transformers', or demucs') own builders
+from its checkpoint's own format, with two changes to how stock audiocraft does
+it (``MusicGen.get_pretrained``):
+
+- **no throw-away initialisation**: modules are built inside transformers'
+  ``no_init_weights`` (torch.nn.init functions become no-ops), because every
+  parameter and buffer is overwritten right after by a strict
+  ``load_state_dict``. Stock audiocraft first fills 420M+ parameters with random
+  numbers, which is most of its load time;
+- **mapped checkpoints**: ``torch.load(mmap=True)`` maps the file; weights are
+  read from the page cache straight into the parameters (converted to the
+  device's dtype on the way), so no second full copy of the checkpoint is held
+  in memory.
+
+Measured on musicgen-small (fp16 checkpoint of 840 MB, 2 CPU cores): see
+bench/results/ (``setup_speedup_vs_stock``). ``_load_lm`` and ``_load_compression``
+follow audiocraft 1.3.0's ``loaders.load_lm_model`` / ``load_compression_model``
+step by step so that each step can be timed; a test checks they give the same
+parameters and the same tokens as the stock loader.
+
+MultiBand Diffusion loads through ``MultiBandDiffusion.get_mbd_musicgen`` itself,
+in the same fast context, with torch's safe loading kept on and only the
+omegaconf classes its checkpoint pickles allowed. It is loaded in ``setup()``
+(``MUSICGEN_MBD=eager``) or on first use (``lazy``).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
+import time
 import typing as tp
+from pathlib import Path
 
 from . import weights
 from .logs import get_logger, timed
@@ -22,6 +43,10 @@ log = get_logger()
 # audiocraft imports xformers unconditionally but runs its 'torch' attention backend; xformers' warning
 # that its own compiled kernels don't match this torch build is noise on the prediction page.
 logging.getLogger("xformers").setLevel(logging.ERROR)
+
+# What audiocraft's loaders.load_lm_model removes from a checkpoint's config before building.
+_TRAINING_ONLY_PARAMS = ("conditioners.self_wav.chroma_stem.cache_path",
+                         "conditioners.args.merge_text_conditions_p", "conditioners.args.drop_desc_p")
 
 
 def omegaconf_safe_globals() -> tp.List[tp.Any]:
@@ -35,18 +60,111 @@ def omegaconf_safe_globals() -> tp.List[tp.Any]:
             IntegerNode, StringNode, tp.Any, dict, list, int, collections.defaultdict]
 
 
+@contextlib.contextmanager
+def fast_build() -> tp.Iterator[None]:
+    """Build modules without random initialisation, and map (not read) checkpoints that
+    ``torch.load`` opens, for the duration of the block. Only for modules whose every weight is
+    loaded strictly afterwards."""
+    from torch.utils.serialization import config
+    from transformers.modeling_utils import no_init_weights
+
+    mmap = config.load.mmap
+    config.load.mmap = True
+    try:
+        with no_init_weights():
+            yield
+    finally:
+        config.load.mmap = mmap
+
+
+def _lm_dtype(device: str) -> str:
+    return "float32" if device == "cpu" else "float16"  # as audiocraft's loaders choose
+
+
+def _load_lm(pkg: tp.Dict[str, tp.Any], device: str, timings: tp.Dict[str, float]) -> tp.Any:
+    """``loaders.load_lm_model`` from a mapped checkpoint, built without random initialisation."""
+    from omegaconf import OmegaConf
+    from audiocraft.models import builders, loaders
+
+    start = time.perf_counter()
+    cfg = OmegaConf.create(pkg["xp.cfg"])
+    cfg.device, cfg.dtype = str(device), _lm_dtype(device)
+    for name in _TRAINING_ONLY_PARAMS:
+        loaders._delete_param(cfg, name)
+    timings["map"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with fast_build():
+        lm = builders.get_lm_model(cfg)  # builds the T5 / chroma conditioners, which load their weights
+    timings["build"] = time.perf_counter() - start
+    start = time.perf_counter()
+    lm.load_state_dict(pkg["best_state"])  # reads the mapped file into the parameters, on the device
+    lm.eval()
+    lm.cfg = cfg
+    _sync(device)
+    timings["load weights"] = time.perf_counter() - start
+    return lm
+
+
+def _load_compression(path: Path, device: str, timings: tp.Dict[str, float]) -> tp.Any:
+    """``loaders.load_compression_model``, from the mapped checkpoint, without random initialisation."""
+    from omegaconf import OmegaConf
+    from audiocraft.models import builders, loaders
+
+    start = time.perf_counter()
+    pkg = weights.map_checkpoint(path)
+    if "pretrained" in pkg:  # a pointer to a released codec: audiocraft's own path
+        with fast_build():
+            return loaders.load_compression_model(path, device=device)
+    cfg = OmegaConf.create(pkg["xp.cfg"])
+    cfg.device = str(device)
+    timings["map"] = time.perf_counter() - start
+    start = time.perf_counter()
+    with fast_build():
+        model = builders.get_compression_model(cfg)
+    timings["build"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model.load_state_dict(pkg["best_state"])
+    model.eval()
+    _sync(device)
+    timings["load weights"] = time.perf_counter() - start
+    return model
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _log_parts(what: str, timings: tp.Dict[str, float]) -> None:
+    log.info("%s: %.2f s (%s)", what, sum(timings.values()),
+             ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+
+
 def load_musicgen(settings: Settings, device: str) -> tp.Any:
     """MusicGen for ``settings.model`` on ``device``; a clear error if any file is missing."""
+    from omegaconf import OmegaConf
+
     folder = weights.musicgen_folder(settings.weights_dir, settings.model)
-    cfg = weights.read_lm_config(folder / weights.LM_FILE)
-    weights.require(settings.weights_dir, weights.conditioner_files(cfg),
+    lm_pkg = weights.map_checkpoint(folder / weights.LM_FILE)
+    weights.require(settings.weights_dir, weights.conditioner_files(OmegaConf.create(lm_pkg["xp.cfg"])),
                     f"the model {settings.model} (its text/melody conditioners)")
     weights.use_hub_cache(settings.weights_dir)  # the conditioners read t5-base / htdemucs from it
-    from audiocraft.models import MusicGen
-
-    with timed(f"loaded {settings.model} on {device}", log):
-        model = MusicGen.get_pretrained(str(folder), device=device)
-    model.name = settings.model
+    with timed("imported audiocraft", log):
+        from audiocraft.models import MusicGen
+    lm_timings: tp.Dict[str, float] = {}
+    lm = _load_lm(lm_pkg, device, lm_timings)
+    del lm_pkg
+    _log_parts(f"loaded the LM ({sum(p.numel() for p in lm.parameters()) / 1e6:.0f}M parameters, "
+               "with its T5 / chroma conditioners)", lm_timings)
+    codec_timings: tp.Dict[str, float] = {}
+    codec = _load_compression(folder / weights.COMPRESSION_FILE, device, codec_timings)
+    _log_parts("loaded EnCodec", codec_timings)
+    model = MusicGen(settings.model, codec, lm)
+    if "self_wav" in lm.condition_provider.conditioners:  # as MusicGen.get_pretrained sets them
+        lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
+        lm.condition_provider.conditioners["self_wav"]._use_masking = False
     return model
 
 
@@ -58,8 +176,10 @@ def load_mbd(settings: Settings, device: str) -> tp.Any:
     from audiocraft.models import MultiBandDiffusion
 
     with timed(f"loaded MultiBand Diffusion on {device}", log):
-        with torch.serialization.safe_globals(omegaconf_safe_globals()):
-            return MultiBandDiffusion.get_mbd_musicgen(device=device)
+        with torch.serialization.safe_globals(omegaconf_safe_globals()), fast_build():
+            mbd = MultiBandDiffusion.get_mbd_musicgen(device=device)
+        _sync(device)
+    return mbd
 
 
 class MBDSource:

@@ -150,14 +150,20 @@ def mbd_files() -> tp.List[HubFile]:
     return [HubFile(MBD_REPO, MBD_FILE), HubFile(MBD_CODEC_REPO, COMPRESSION_FILE)]
 
 
+def map_checkpoint(path: Path) -> tp.Dict[str, tp.Any]:
+    """An audiocraft checkpoint (``{'xp.cfg': yaml, 'best_state': ...}``), memory-mapped: only its
+    pickled header is read now, each tensor's bytes when first used. Safe loading stays on."""
+    import torch
+
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
 def read_lm_config(lm_checkpoint: Path) -> tp.Any:
     """The training config stored in an audiocraft LM checkpoint (``xp.cfg``), without reading
-    the weights: the file is memory-mapped and only its pickled header is parsed."""
-    import torch
+    the weights."""
     from omegaconf import OmegaConf
 
-    pkg = torch.load(lm_checkpoint, map_location="cpu", mmap=True, weights_only=True)
-    return OmegaConf.create(pkg["xp.cfg"])
+    return OmegaConf.create(map_checkpoint(lm_checkpoint)["xp.cfg"])
 
 
 def write_repo(cache_dir: Path, repo_id: str, files: tp.Mapping[str, Path]) -> Path:
