@@ -97,10 +97,16 @@ class Progress:
 
 
 class Generator:
-    """Runs one request at a time on a loaded MusicGen."""
+    """Runs one request at a time on a loaded MusicGen, decoding in ``decoding_mode``
+    (see :mod:`.decoding`: ``stock``, ``exact`` or ``fast``)."""
 
-    def __init__(self, model: tp.Any):
+    def __init__(self, model: tp.Any, decoding_mode: str = "stock"):
+        from .decoding import Decoder
+
         self.model = model
+        start = time.perf_counter()
+        self.decoder = Decoder(model.lm, decoding_mode)
+        log.info("decoding: %s (prepared in %.2f s)", self.decoder.describe(), time.perf_counter() - start)
 
     @property
     def melody(self) -> bool:
@@ -134,7 +140,7 @@ class Generator:
             # +0.5 frame: audiocraft truncates duration * frame_rate to an int
             self._set_params(req, duration=(prompt_frames + new_frames + 0.5) / fr)
             progress = Progress(new_frames, prompt_frames, fr, int(EXTEND_STRIDE * fr))
-            with _windows_followed_by(model.lm, progress):
+            with _windows_followed_by(model.lm, progress, self.decoder.generate):
                 tokens = model._generate_tokens(attributes, context)
             if head is not None and head.shape[-1]:
                 tokens = torch.cat([head, tokens], dim=-1)
@@ -165,15 +171,17 @@ class Generator:
 
 
 class _windows_followed_by:
-    """Give each window's ``lm.generate`` call (audiocraft calls it once per extension window) a
-    progress callback that knows where the window starts."""
+    """Route each window's ``lm.generate`` call (audiocraft calls it once per extension window) to
+    ``generate_fn`` (the chosen decoder), with a progress callback that knows where the window
+    starts."""
 
-    def __init__(self, lm: tp.Any, progress: Progress):
+    def __init__(self, lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any]):
         self.lm = lm
         self.progress = progress
+        self.generate_fn = generate_fn
 
     def __enter__(self) -> None:
-        stock_generate = self.lm.generate
+        stock_generate = self.generate_fn
         progress = self.progress
 
         def generate(prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any,

@@ -31,7 +31,7 @@ class Service:
         log.info("weights: %s; model: %s; device: %s", settings.weights_dir, settings.model, device)
         self.model = loading.load_musicgen(settings, device)
         self.mbd = loading.MBDSource(settings, device)
-        self.generator = Generator(self.model)
+        self.generator = Generator(self.model, settings.decoder)
         self.capabilities = self.generator.capabilities(settings.max_duration, self.mbd.unavailable())
         self._last_output: tp.Optional[Path] = None
         atexit.register(lambda: audio_out.remove_folder(self._last_output))

@@ -11,6 +11,7 @@ environment at all.
 | ``MUSICGEN_DEVICE``        | ``cuda`` when available, else ``cpu``    | torch device for every model |
 | ``MUSICGEN_MBD``           | ``lazy``                                 | MultiBand Diffusion: ``eager`` (load in setup), ``lazy`` (load on first use) or ``off`` |
 | ``MUSICGEN_MAX_DURATION``  | ``300``                                  | longest ``duration`` (seconds) a request may ask for |
+| ``MUSICGEN_DECODER``       | ``fast``                                 | LM decoding: ``fast``, ``exact`` or ``stock`` (see ``decoding``) |
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "facebook/musicgen-stereo-melody-large"
 DEFAULT_MAX_DURATION = 300
 MBD_MODES = ("eager", "lazy", "off")
+DECODERS = ("fast", "exact", "stock")
+DEFAULT_DECODER = "fast"
 
 
 class SettingsError(ValueError):
@@ -37,8 +40,11 @@ class Settings:
     device: str = "auto"
     mbd: str = "lazy"
     max_duration: int = DEFAULT_MAX_DURATION
+    decoder: str = DEFAULT_DECODER
 
     def __post_init__(self) -> None:
+        if self.decoder not in DECODERS:
+            raise SettingsError(f"MUSICGEN_DECODER must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
         if self.mbd not in MBD_MODES:
             raise SettingsError(f"MUSICGEN_MBD must be one of {', '.join(MBD_MODES)}; got {self.mbd!r}")
         if self.max_duration < 1:
@@ -59,6 +65,7 @@ class Settings:
             device=env.get("MUSICGEN_DEVICE") or "auto",
             mbd=(env.get("MUSICGEN_MBD") or "lazy").lower(),
             max_duration=max_duration,
+            decoder=(env.get("MUSICGEN_DECODER") or DEFAULT_DECODER).lower(),
         )
 
     def resolved_device(self) -> str:

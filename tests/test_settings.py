@@ -9,14 +9,15 @@ def test_defaults_without_environment():
     s = Settings.from_env({})
     assert s.model == DEFAULT_MODEL == "facebook/musicgen-stereo-melody-large"
     assert s.weights_dir == PROJECT_ROOT / "weights"
-    assert (s.device, s.mbd, s.max_duration) == ("auto", "lazy", 300)
+    assert (s.device, s.mbd, s.max_duration, s.decoder) == ("auto", "lazy", 300, "fast")
 
 
 def test_environment_overrides(tmp_path):
     s = Settings.from_env({"MUSICGEN_WEIGHTS": str(tmp_path), "MUSICGEN_MODEL": "facebook/musicgen-small",
-                           "MUSICGEN_DEVICE": "cpu", "MUSICGEN_MBD": "EAGER", "MUSICGEN_MAX_DURATION": "60"})
-    assert (s.weights_dir, s.model, s.device, s.mbd, s.max_duration) == (
-        tmp_path, "facebook/musicgen-small", "cpu", "eager", 60)
+                           "MUSICGEN_DEVICE": "cpu", "MUSICGEN_MBD": "EAGER", "MUSICGEN_MAX_DURATION": "60",
+                           "MUSICGEN_DECODER": "Exact"})
+    assert (s.weights_dir, s.model, s.device, s.mbd, s.max_duration, s.decoder) == (
+        tmp_path, "facebook/musicgen-small", "cpu", "eager", 60, "exact")
     assert s.resolved_device() == "cpu"
 
 
@@ -28,6 +29,7 @@ def test_relative_weights_folder_is_made_absolute():
     ({"MUSICGEN_MBD": "sometimes"}, "MUSICGEN_MBD"),
     ({"MUSICGEN_MAX_DURATION": "long"}, "MUSICGEN_MAX_DURATION"),
     ({"MUSICGEN_MAX_DURATION": "0"}, "MUSICGEN_MAX_DURATION"),
+    ({"MUSICGEN_DECODER": "turbo"}, "MUSICGEN_DECODER"),
 ])
 def test_bad_settings_are_named(env, message):
     with pytest.raises(SettingsError, match=message):
