@@ -133,12 +133,13 @@ def timed(device: str, fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
     return time.perf_counter() - start, out
 
 
-def run_ours(service: tp.Any, duration: int, melody_file: tp.Optional[Path]) -> tp.Tuple[float, tp.Any]:
+def run_ours(service: tp.Any, generator: tp.Any, duration: int,
+             melody_file: tp.Optional[Path]) -> tp.Tuple[float, tp.Any]:
+    """Our predictor's generation (request, tokens, EnCodec decode) with one decoder."""
     request = service.parse(prompt=PROMPT, duration=duration, seed=SEED,
                             input_audio=str(melody_file) if melody_file else None)
     clip = service._input_clip(request)
-    return timed(service.settings.resolved_device(),
-                 lambda: service.generator.generate(request, clip).tokens)
+    return timed(service.settings.resolved_device(), lambda: generator.generate(request, clip).tokens)
 
 
 def run_stock(model: tp.Any, duration: int, melody_wav: tp.Any, device: str) -> tp.Tuple[float, tp.Any]:
@@ -220,16 +221,18 @@ def melody_file(folder: Path, seconds: float = 10.0) -> Path:
 
 def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequence[int], device: str,
                      dtype_name: str, bw: tp.Dict[str, float], with_hf: bool, mbd_seconds: float,
-                     tmp: Path, t5_config: tp.Any) -> tp.Dict[str, tp.Any]:
+                     tmp: Path, t5_config: tp.Any, modes: tp.Sequence[str]) -> tp.Dict[str, tp.Any]:
     import torch
 
+    from musicgen_service.generate import Generator
     from musicgen_service.service import Service
     from musicgen_service.settings import Settings
 
     model_id = models.model_id(scale, melody)
     log(f"generation: {model_id} on {device}")
-    service = Service(Settings(weights_dir=cache, model=model_id, device=device, mbd="lazy"))
+    service = Service(Settings(weights_dir=cache, model=model_id, device=device, mbd="lazy", decoder="stock"))
     model = service.model
+    generators = {mode: Generator(model, mode) for mode in modes}
     lm_bytes = streamed_bytes(model.lm)
     floor_s = lm_bytes / (bw["read_GBps"] * 1e9)
     melody_path = melody_file(tmp) if melody else None
@@ -240,27 +243,44 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
         data, _ = soundfile.read(str(melody_path), dtype="float32")
         melody_wav = torch.from_numpy(data)[None].to(model.device)
     rows = []
+    reference_tokens = None
     for duration in durations:
         steps = duration * 50 + 3
-        ours_s, ours_tokens = run_ours(service, duration, melody_path)
         stock_s, stock_tokens = run_stock(model, duration, melody_wav, device)
-        row = {"duration_s": duration, "steps": steps,
-               "ours_s": round(ours_s, 2), "stock_s": round(stock_s, 2),
-               "ours_s_per_step": round(ours_s / steps, 4), "stock_s_per_step": round(stock_s / steps, 4),
-               "ours_rtf": round(ours_s / duration, 2), "stock_rtf": round(stock_s / duration, 2),
-               "speedup_vs_audiocraft": round(stock_s / ours_s, 2),
-               "same_tokens_as_stock": bool(torch.equal(ours_tokens.cpu(), stock_tokens.cpu())),
-               "floor_s_per_step": round(floor_s, 4),
-               "ours_fraction_of_floor": round(floor_s / (ours_s / steps), 3)}
-        decode_s, _ = timed(device, lambda: model.compression_model.decode(ours_tokens, None))
+        row: tp.Dict[str, tp.Any] = {"duration_s": duration, "steps": steps, "stock_s": round(stock_s, 2),
+                                     "stock_s_per_step": round(stock_s / steps, 4),
+                                     "floor_s_per_step": round(floor_s, 4), "modes": {}}
+        log(f"  {duration} s: stock audiocraft {stock_s:.1f} s")
+        for mode, generator in generators.items():
+            seconds, tokens = run_ours(service, generator, duration, melody_path)
+            row["modes"][mode] = {
+                "decoder": generator.decoder.describe(), "s": round(seconds, 2),
+                "s_per_step": round(seconds / steps, 4), "rtf": round(seconds / duration, 3),
+                "speedup_vs_audiocraft": round(stock_s / seconds, 2),
+                "same_tokens_as_stock": bool(torch.equal(tokens.cpu(), stock_tokens.cpu())),
+                "fraction_of_floor": round(floor_s / (seconds / steps), 3)}
+            if mode == "exact" and reference_tokens is None:
+                reference_tokens = tokens
+            log(f"  {duration} s: ours ({generator.decoder.describe()}) {seconds:.1f} s")
+        decode_s, _ = timed(device, lambda: model.compression_model.decode(stock_tokens, None))
         row["encodec_decode_s"] = round(decode_s, 3)
         rows.append(row)
-        log(f"  {duration} s: ours {ours_s:.1f} s, stock {stock_s:.1f} s")
     result: tp.Dict[str, tp.Any] = {"model": model_id, "scale": scale, "melody": melody, "dtype": dtype_name,
                                     "lm_params_M": round(sum(p.numel() for p in model.lm.parameters()) / 1e6, 1),
                                     "streamed_MB_per_step": round(lm_bytes / 1e6, 1), "rows": rows}
+    fast = generators.get("fast")
+    exact = generators.get("exact")
+    if fast is not None and exact is not None and fast.decoder.mode == "fast" and reference_tokens is not None \
+            and not melody:
+        from bench.quality import teacher_forced
+
+        q = teacher_forced(model, exact.decoder.runner, fast.decoder.runner, PROMPT, reference_tokens)
+        fast_tokens = run_ours(service, fast, durations[0], None)[1]
+        q["free_running_token_agreement"] = round((fast_tokens == reference_tokens).float().mean().item(), 3)
+        result["fast_vs_exact_quality"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in q.items()}
+        log(f"  fast vs exact: {result['fast_vs_exact_quality']}")
     if mbd_seconds and not melody:
-        tokens = run_ours(service, 1, None)[1][..., :max(1, int(mbd_seconds * 50))]
+        tokens = run_ours(service, generators[modes[0]], 1, None)[1][..., :max(1, int(mbd_seconds * 50))]
         mbd = service._mbd()
         mbd_s, _ = timed(device, lambda: service.generator.decode(tokens, mbd))
         enc_s, _ = timed(device, lambda: service.generator.decode(tokens))
@@ -269,7 +289,7 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
         log(f"  MBD decode of {mbd_seconds} s: {mbd_s:.2f} s (EnCodec {enc_s:.3f} s)")
     if not melody:
         result["profile_stock_top_ops"] = profile_stock(model, device)
-    del service, model
+    del service, model, generators
     gc.collect()
     if with_hf and not melody:
         log("  building transformers' MusicGen")
@@ -280,7 +300,9 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
             hf_s = run_hf(hf, row["duration_s"], device)
             row["transformers_s"] = round(hf_s, 2)
             row["transformers_s_per_step"] = round(hf_s / row["steps"], 4)
-            row["ours_vs_transformers"] = round(hf_s / row["ours_s"], 2)
+            row["transformers_speedup_vs_audiocraft"] = round(row["stock_s"] / hf_s, 2)
+            for m in row["modes"].values():
+                m["speedup_vs_transformers"] = round(hf_s / m["s"], 2)
             log(f"  {row['duration_s']} s: transformers {hf_s:.1f} s")
         del hf
         gc.collect()
@@ -288,6 +310,10 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
 
 
 # ---------------------------------------------------------------------------------------- report
+
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x"
+
 
 def markdown(report: tp.Dict[str, tp.Any]) -> str:
     m = report["machine"]
@@ -303,23 +329,42 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
                   f"| ours | {o['setup_s']} | {o['imports_s']} | {o['peak_rss_mb']} | {o['final_rss_mb']} |",
                   f"| stock `MusicGen.get_pretrained` | {s['setup_s']} | {s['imports_s']} | {s['peak_rss_mb']} | "
                   f"{s['final_rss_mb']} |", "",
-                  f"setup_speedup_vs_stock: {cold['setup_speedup_vs_stock']}x. Phases of our setup "
-                  "(cProfile attribution, inflated by the profiler): "
-                  + ", ".join(f"{k} {v} s" for k, v in cold["phases_s"].items()), ""]
+                  f"setup_speedup_vs_stock: {cold['setup_speedup_vs_stock']}x."
+                  + (" Phases of our setup (cProfile attribution, inflated by the profiler): "
+                     + ", ".join(f"{k} {v} s" for k, v in cold["phases_s"].items()) + "."
+                     if cold["phases_s"] else ""), ""]
     for gen in report["generation"]:
-        lines += [f"## Generation: {gen['model']} ({gen['lm_params_M']}M LM parameters, {gen['dtype']}, "
+        lines += [f"## Generation: {gen['model']} ({gen['lm_params_M']}M LM parameters, "
                   f"{'melody' if gen['melody'] else 'text only'})", "",
-                  f"Weights streamed per step: {gen['streamed_MB_per_step']} MB; bandwidth floor "
-                  f"{gen['rows'][0]['floor_s_per_step'] * 1000:.1f} ms/step.", "",
-                  "| audio s | steps | ours s/step | stock s/step | transformers s/step | ours RTF | "
-                  "speedup vs audiocraft | vs transformers | same tokens | fraction of floor | EnCodec decode s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"Weights streamed per step: {gen['streamed_MB_per_step']} MB; memory-bandwidth floor "
+                  f"{gen['rows'][0]['floor_s_per_step'] * 1000:.1f} ms/step. Times include T5 and the EnCodec "
+                  "decode (both well under 1%).", "",
+                  "| audio s | path | s | s/step | RTF | speedup vs audiocraft | vs transformers | same tokens as stock "
+                  "| fraction of floor |", "|---|---|---|---|---|---|---|---|---|"]
         for r in gen["rows"]:
-            lines.append(f"| {r['duration_s']} | {r['steps']} | {r['ours_s_per_step']} | {r['stock_s_per_step']} | "
-                         f"{r.get('transformers_s_per_step', '-')} | {r['ours_rtf']} | "
-                         f"{r['speedup_vs_audiocraft']}x | {str(r.get('ours_vs_transformers', '-')) + 'x' if 'ours_vs_transformers' in r else '-'} | "
-                         f"{'yes' if r['same_tokens_as_stock'] else 'no'} | {r['ours_fraction_of_floor']} | "
-                         f"{r['encodec_decode_s']} |")
+            lines.append(f"| {r['duration_s']} | stock audiocraft | {r['stock_s']} | {r['stock_s_per_step']} | "
+                         f"{r['stock_s'] / r['duration_s']:.3f} | 1.00x | "
+                         f"{_x(r['transformers_s'] / r['stock_s']) if 'transformers_s' in r else '-'} | yes | "
+                         f"{r['floor_s_per_step'] / r['stock_s_per_step']:.3f} |")
+            if "transformers_s" in r:
+                lines.append(f"| {r['duration_s']} | transformers | {r['transformers_s']} | "
+                             f"{r['transformers_s_per_step']} | {r['transformers_s'] / r['duration_s']:.3f} | "
+                             f"{_x(r['transformers_speedup_vs_audiocraft'])} | 1.00x | - | "
+                             f"{r['floor_s_per_step'] / r['transformers_s_per_step']:.3f} |")
+            for mode, m in r["modes"].items():
+                lines.append(f"| {r['duration_s']} | ours: {m['decoder']} | {m['s']} | {m['s_per_step']} | {m['rtf']} | "
+                             f"{_x(m['speedup_vs_audiocraft'])} | "
+                             f"{_x(m['speedup_vs_transformers']) if 'speedup_vs_transformers' in m else '-'} | "
+                             f"{'yes' if m['same_tokens_as_stock'] else 'no'} | {m['fraction_of_floor']} |")
+        lines += ["", "EnCodec decode: " + ", ".join(f"{r['duration_s']} s of audio in {r['encodec_decode_s']} s"
+                                                     for r in gen["rows"]) + "."]
+        if "fast_vs_exact_quality" in gen:
+            q = gen["fast_vs_exact_quality"]
+            lines += ["", f"Fast vs exact, teacher-forced over {q['steps']} steps: KL mean {q['kl_mean']:.2e} "
+                          f"(max {q['kl_max']:.2e}) nats, total variation {q['total_variation_mean']:.4f}, "
+                          f"top-1 agreement {q['top1_agreement']:.1%}, max |logit diff| "
+                          f"{q['max_abs_logit_diff']:.3f}; free-running token agreement "
+                          f"{q['free_running_token_agreement']:.1%}."]
         if "mbd" in gen:
             b = gen["mbd"]
             lines += ["", f"MBD decode of {b['seconds_of_audio']:g} s: {b['mbd_decode_s']} s "
@@ -342,10 +387,12 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parser.add_argument("--melody-scales", default=None,
                         help="scales to also run with the melody conditioner (default: the first scale)")
     parser.add_argument("--durations", default=None, help="seconds of audio, comma list (default 8,30)")
+    parser.add_argument("--melody-durations", default=None, help="for the melody runs (default: 8)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="LM dtype for transformers' model (default: float32 on "
                         "CPU, float16 on CUDA, like audiocraft)")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--modes", default="exact,fast", help="our decoders to run (stock, exact, fast)")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--mbd-seconds", type=float, default=None,
                         help="seconds of audio for the MBD decode (default: 0.2 quick, 1 on CPU, 8 on GPU)")
@@ -358,9 +405,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     default_melody = "" if args.quick else scales[0]
     melody_scales = [m for m in (args.melody_scales if args.melody_scales is not None else default_melody).split(",") if m]
     durations = [int(d) for d in (args.durations or ("1,2" if args.quick else "8,30")).split(",")]
+    melody_durations = [int(d) for d in (args.melody_durations or str(durations[0])).split(",")]
     mbd_seconds = args.mbd_seconds if args.mbd_seconds is not None else {"quick": 0.04, "cpu": 1, "gpu": 8}[mode]
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     cache = (args.work / ("quick" if args.quick else "full")).resolve()
+    modes = [m for m in args.modes.split(",") if m]
     out = args.out or ROOT / "bench" / "results" / mode
 
     from musicgen_service import weights
@@ -386,11 +435,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
         for scale in scales:
             report["generation"].append(bench_generation(
                 cache, scale, False, durations, args.device, dtype, report["bandwidth"],
-                not args.no_transformers, mbd_seconds, Path(tmp), t5_config))
+                not args.no_transformers, mbd_seconds, Path(tmp), t5_config, modes))
         for scale in melody_scales:
             report["generation"].append(bench_generation(
-                cache, scale, True, durations, args.device, dtype, report["bandwidth"], False, 0, Path(tmp),
-                t5_config))
+                cache, scale, True, melody_durations, args.device, dtype, report["bandwidth"], False, 0,
+                Path(tmp), t5_config, modes))
     report["total_s"] = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
