@@ -138,7 +138,7 @@ def run_ours(service: tp.Any, generator: tp.Any, duration: int,
     """Our predictor's generation (request, tokens, EnCodec decode) with one decoder."""
     request = service.parse(prompt=PROMPT, duration=duration, seed=SEED,
                             input_audio=str(melody_file) if melody_file else None)
-    clip = service._input_clip(request)
+    clip = service.input_clip(request)
     return timed(service.settings.resolved_device(), lambda: generator.generate(request, clip).tokens)
 
 
@@ -281,7 +281,7 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
         log(f"  fast vs exact: {result['fast_vs_exact_quality']}")
     if mbd_seconds and not melody:
         tokens = run_ours(service, generators[modes[0]], 1, None)[1][..., :max(1, int(mbd_seconds * 50))]
-        mbd = service._mbd()
+        mbd = service.mbd_decoder()
         mbd_s, _ = timed(device, lambda: service.generator.decode(tokens, mbd))
         enc_s, _ = timed(device, lambda: service.generator.decode(tokens))
         result["mbd"] = {"seconds_of_audio": mbd_seconds, "mbd_decode_s": round(mbd_s, 3),

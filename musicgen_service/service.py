@@ -51,8 +51,8 @@ class Service:
         log.info("model: %s; mode: %s; duration: %d s; top_k=%d top_p=%g temperature=%g "
                  "classifier_free_guidance=%d", self.settings.model, request.mode, request.duration,
                  request.top_k, request.top_p, request.temperature, request.classifier_free_guidance)
-        clip = self._input_clip(request)
-        mbd = self._mbd() if request.multi_band_diffusion else None
+        clip = self.input_clip(request)
+        mbd = self.mbd_decoder() if request.multi_band_diffusion else None
         generated = self.generator.generate(request, clip, mbd)
         start = time.perf_counter()
         wav = audio_out.normalize(generated.wav, generated.sample_rate, request.normalization_strategy)
@@ -69,7 +69,7 @@ class Service:
                  path.name, time.perf_counter() - start)
         return path
 
-    def _mbd(self) -> tp.Any:
+    def mbd_decoder(self) -> tp.Any:
         """The MBD decoder (loaded on first use when lazy), checked against this model's tokens."""
         from .mbd import check_compatible
 
@@ -77,7 +77,7 @@ class Service:
         check_compatible(mbd, self.model.compression_model)
         return mbd
 
-    def _input_clip(self, request: Request) -> tp.Optional[audio_in.Clip]:
+    def input_clip(self, request: Request) -> tp.Optional[audio_in.Clip]:
         """The selected part of input_audio at the model's rate and channels (None without audio)."""
         if request.input_audio is None:
             return None

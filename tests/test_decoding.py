@@ -36,7 +36,7 @@ def tokens(service, mode: str, **inputs) -> torch.Tensor:
     req = service.parse(**{"prompt": "lo-fi beat", "duration": 1, "seed": 5, **inputs})
     generator = Generator(service.model, mode)
     assert generator.decoder.mode == mode, generator.decoder.describe()
-    return generator.generate(req, service._input_clip(req)).tokens
+    return generator.generate(req, service.input_clip(req)).tokens
 
 
 @pytest.mark.parametrize("sampling", [
@@ -90,7 +90,7 @@ def test_static_steps_match_dynamic_steps(text_service):
 
 
 @pytest.mark.skipif(fast_dtype(torch.device("cpu")) is None, reason="no reduced precision on this CPU")
-def test_fast_mode_runs_every_mode_and_stays_close(text_service, melody_service, tune):
+def test_fast_mode_runs_every_mode(text_service, melody_service, tune):
     for service, inputs in ((text_service, {"duration": 2}), (melody_service, {"input_audio": str(tune)}),
                             (melody_service, {"input_audio": str(tune), "continuation": True}),
                             (text_service, {"duration": 31})):
@@ -98,10 +98,21 @@ def test_fast_mode_runs_every_mode_and_stays_close(text_service, melody_service,
         exact = tokens(service, "exact", **inputs)
         assert fast.shape == exact.shape
         assert fast.min() >= 0 and fast.max() < service.model.lm.card
-    # greedy: reduced precision moves few argmaxes over the first steps
-    greedy = {"top_k": 1, "duration": 1}
-    agree = (tokens(text_service, "fast", **greedy) == tokens(text_service, "exact", **greedy)).float().mean()
-    assert agree > 0.5, agree
+
+
+@pytest.mark.parametrize("dtype, max_kl", [(torch.float16, 1e-5), (torch.bfloat16, 1e-3)])
+def test_fast_precision_stays_close_to_exact(text_service, melody_service, dtype, max_kl):
+    """Teacher-forced on the same tokens, next-token distributions barely move (bench/quality.py
+    measures the same at real size)."""
+    from bench.quality import teacher_forced
+    from musicgen_service.decoding.runner import Runner
+
+    for service in (text_service, melody_service):
+        model = service.model
+        reference = tokens(service, "exact")
+        q = teacher_forced(model, Runner(model.lm), Runner(model.lm, dtype), "lo-fi beat", reference)
+        assert q["kl_mean"] < max_kl, q
+        assert q["top1_agreement"] > 0.9, q
 
 
 def test_unsupported_models_fall_back_to_stock(text_service, capsys):

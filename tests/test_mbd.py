@@ -42,8 +42,8 @@ def test_eager_loads_in_setup_and_lazy_on_first_use(mono, tiny_weights):
     assert mono.mbd._mbd is not None  # MUSICGEN_MBD=eager
     lazy = make_service(tiny_weights, MONO_MELODY)  # the default: lazy
     assert lazy.mbd._mbd is None
-    first = lazy._mbd()
-    assert first is not None and lazy._mbd() is first  # loaded once
+    first = lazy.mbd_decoder()
+    assert first is not None and lazy.mbd_decoder() is first  # loaded once
 
 
 @pytest.mark.parametrize("which", ["mono", "stereo"])
@@ -54,7 +54,7 @@ def test_mbd_decodes_every_mode(which, mode, mono, service, tune):
     if mode != "text":
         inputs.update(input_audio=str(tune), continuation=mode == "continuation", continuation_end=1)
     req = svc.parse(**inputs)
-    out = svc.generator.generate(req, svc._input_clip(req), svc._mbd())
+    out = svc.generator.generate(req, svc.input_clip(req), svc.mbd_decoder())
     channels = 1 if which == "mono" else 2
     seconds = 2 if mode == "continuation" else 1  # continuation: 1 s of prompt + 1 s of new music
     assert out.wav.shape == (channels, seconds * RATE) and out.sample_rate == RATE
@@ -79,9 +79,9 @@ def test_long_outputs_are_decoded_in_crossfaded_windows(mono, monkeypatch):
     monkeypatch.setattr(multiband, "OVERLAP_SECONDS", 0.2)
     tokens = mono.generator.generate(mono.parse(prompt="x", duration=3, seed=1)).tokens  # 150 frames
     calls = []
-    real = mono._mbd().tokens_to_wav
-    monkeypatch.setattr(mono._mbd(), "tokens_to_wav", lambda codes: calls.append(codes.shape[-1]) or real(codes))
-    wav = multiband.tokens_to_wav(mono._mbd(), mono.model.compression_model, tokens)
+    real = mono.mbd_decoder().tokens_to_wav
+    monkeypatch.setattr(mono.mbd_decoder(), "tokens_to_wav", lambda codes: calls.append(codes.shape[-1]) or real(codes))
+    wav = multiband.tokens_to_wav(mono.mbd_decoder(), mono.model.compression_model, tokens)
     assert wav.shape == (1, 1, 3 * RATE)
     assert calls == [50, 50, 50, 30]  # 1 s windows every 0.8 s; the last one is shorter
 
@@ -122,5 +122,5 @@ def test_incompatible_tokens_are_refused(mono):
     cfg["rvq"]["n_q"] = 8
     other = builders.get_compression_model(OmegaConf.create(cfg))
     with pytest.raises(InputError, match="multi_band_diffusion: this model's tokens .* 8 codebooks"):
-        multiband.check_compatible(mono._mbd(), other)
-    multiband.check_compatible(mono._mbd(), mono.model.compression_model)  # the real pairing is fine
+        multiband.check_compatible(mono.mbd_decoder(), other)
+    multiband.check_compatible(mono.mbd_decoder(), mono.model.compression_model)  # the real pairing is fine

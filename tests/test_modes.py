@@ -32,7 +32,7 @@ def tunes(tmp_path_factory):
 
 def generate(service, **inputs):
     req = service.parse(**{"prompt": "jazz", "duration": 2, "seed": 11, **inputs})
-    return service.generator.generate(req, service._input_clip(req))
+    return service.generator.generate(req, service.input_clip(req))
 
 
 def test_melody_reaches_the_conditioner(melody_service, tunes):
