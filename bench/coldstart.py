@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stock", action="store_true", help="audiocraft's MusicGen.get_pretrained")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--decoder", default="fast", help="our setup's decoder (stock: model loading only)")
     args = parser.parse_args()
 
     from musicgen_service import weights
@@ -73,7 +74,8 @@ def main() -> None:
 
     from musicgen_service.settings import Settings
 
-    settings = Settings(weights_dir=args.weights, model=args.model, device=args.device, mbd="lazy")
+    settings = Settings(weights_dir=args.weights, model=args.model, device=args.device, mbd="lazy",
+                        decoder=args.decoder)
     if args.stock:
         from audiocraft.models import MusicGen
 

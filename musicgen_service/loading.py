@@ -4,8 +4,8 @@ Every model is built by audiocraft's (or transformers', or demucs') own builders
 from its checkpoint's own format, with two changes to how stock audiocraft does
 it (``MusicGen.get_pretrained``):
 
-- **no throw-away initialisation**: modules are built inside transformers'
-  ``no_init_weights`` (torch.nn.init functions become no-ops), because every
+- **no throw-away initialisation**: modules are built with the torch.nn.init
+  functions turned into no-ops (:func:`fast_build`), because every
   parameter and buffer is overwritten right after by a strict
   ``load_state_dict``. Stock audiocraft first fills 420M+ parameters with random
   numbers, which is most of its load time;
@@ -60,21 +60,43 @@ def omegaconf_safe_globals() -> tp.List[tp.Any]:
             IntegerNode, StringNode, tp.Any, dict, list, int, collections.defaultdict]
 
 
+def _skip(*args: tp.Any, **kwargs: tp.Any) -> None:
+    return None
+
+
 @contextlib.contextmanager
 def fast_build() -> tp.Iterator[None]:
     """Build modules without random initialisation, and map (not read) checkpoints that
     ``torch.load`` opens, for the duration of the block. Only for modules whose every weight is
-    loaded strictly afterwards."""
-    from torch.utils.serialization import config
-    from transformers.modeling_utils import no_init_weights
+    loaded strictly afterwards.
 
+    Like transformers' ``no_init_weights``, the ``torch.nn.init`` functions become no-ops. That
+    context cannot simply be used here: the T5 conditioner's ``from_pretrained``, called in the middle
+    of audiocraft's LM builder, enters and leaves its own ``no_init_weights``, whose exit puts the real
+    functions back (from ``transformers.modeling_utils.TORCH_INIT_FUNCTIONS``) before the LM's own
+    layers are built. So that table points at the no-op too while the block runs.
+    """
+    import torch
+    from torch.utils.serialization import config
+    from transformers import modeling_utils
+
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(torch.nn.init, n))]
+    saved_init = {n: getattr(torch.nn.init, n) for n in names}
+    saved_table = dict(modeling_utils.TORCH_INIT_FUNCTIONS)
     mmap = config.load.mmap
-    config.load.mmap = True
     try:
-        with no_init_weights():
-            yield
+        for n in names:
+            setattr(torch.nn.init, n, _skip)
+        for n in saved_table:
+            modeling_utils.TORCH_INIT_FUNCTIONS[n] = _skip
+        config.load.mmap = True
+        yield
     finally:
         config.load.mmap = mmap
+        modeling_utils.TORCH_INIT_FUNCTIONS.update(saved_table)
+        for n, fn in saved_init.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def _lm_dtype(device: str) -> str:

@@ -18,6 +18,7 @@ def test_quick_benchmark(tmp_path):
     cold = report["cold_start"][0]
     assert cold["ours"]["setup_s"] > 0 and cold["stock"]["setup_s"] > 0 and cold["setup_speedup_vs_stock"] > 0
     assert cold["ours"]["peak_rss_mb"] >= cold["ours"]["final_rss_mb"] > 0
+    assert cold["ours_full"]["setup_s"] > 0
     gen = report["generation"][0]
     assert report["bandwidth"]["read_GBps"] > 0 and gen["streamed_MB_per_step"] > 0
     for row in gen["rows"]:

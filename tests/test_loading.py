@@ -60,12 +60,28 @@ def test_fast_mbd_equals_stock(tiny_weights):
     _same_state(fast.codec_model, stock.codec_model)
 
 
-def test_fast_build_restores_initialisation_and_loading():
+def test_fast_build_skips_initialisation_even_across_transformers_loading(tiny_weights):
+    """transformers' own no_init_weights (entered by from_pretrained inside audiocraft's builder)
+    must not switch initialisation back on for the modules built after it."""
     from torch.utils.serialization import config
+    from transformers import T5EncoderModel
 
     before = torch.nn.init.normal_
     with loading.fast_build():
         assert torch.nn.init.normal_ is not before and config.load.mmap is True
+        T5EncoderModel.from_pretrained("t5-base")  # enters and leaves no_init_weights
+        assert torch.nn.init.kaiming_uniform_ is loading._skip
+        torch.manual_seed(0)
+        calls = []
+        original = torch.Tensor.uniform_
+        torch.Tensor.uniform_ = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+        try:
+            torch.nn.Linear(8, 8)
+        finally:
+            torch.Tensor.uniform_ = original
+        assert calls == []  # no random numbers drawn for a module about to be loaded
     assert torch.nn.init.normal_ is before and config.load.mmap is False
-    torch.manual_seed(0)
+    from transformers import modeling_utils
+
+    assert modeling_utils.TORCH_INIT_FUNCTIONS["normal_"] is before
     assert torch.nn.Linear(4, 4).weight.abs().sum() > 0  # real initialisation is back

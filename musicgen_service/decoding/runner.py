@@ -14,9 +14,10 @@ In ``exact`` precision it calls the same torch operators, in the same order, on
 tensors with the same values as stock audiocraft, so its logits are bitwise
 equal and sampling gives the same tokens (tests/test_decoding.py checks it).
 In ``fast`` precision the weights are converted once to ``compute_dtype``
-(bf16 on CPUs that have native bf16 matrix units, fp16/bf16 on GPUs), the key/value
-caches are kept in that dtype and the four output heads are fused into one
-matrix product; the residual stream, norms and sampling stay in fp32.
+(fp16 or bf16, see :func:`~musicgen_service.decoding.fast_dtype`), the key/value
+caches are kept in that dtype on GPUs (fp32 on CPUs, where reduced-precision
+attention kernels are slow) and the four output heads are fused into one matrix
+product; the residual stream, norms and sampling stay in the stock dtype.
 
 ``static=True`` keeps every shape fixed across steps (attention over the whole
 cache with an additive mask, cache writes at a position held in a tensor): the
@@ -159,7 +160,9 @@ class Window:
         param = r.layers[0].in_w
         self.device = param.device
         self.act_dtype = r.lm.emb[0].weight.dtype  # the residual stream's dtype (as stock)
-        self.kv_dtype = param.dtype if r.exact else r.dtype
+        # Attention in reduced precision pays on GPUs; on CPUs torch's fp16/bf16 attention kernels
+        # are 6-15x slower than fp32 ones (measured at 400-1000 keys), so the caches stay fp32 there.
+        self.kv_dtype = param.dtype if r.exact or self.device.type != "cuda" else r.dtype
         # prepended conditions (melody models) enter the sequence at the first step
         self.prefix = sum(c.shape[1] for name, (c, _) in condition_tensors.items()
                           if r.lm.fuser.cond2fuse[name] == "prepend")
@@ -190,8 +193,8 @@ class Window:
             for layer in r.layers:  # once per window instead of once per step
                 k = self._heads(F.linear(cross, layer.cross_k_w, layer.cross_k_b))
                 v = self._heads(F.linear(cross, layer.cross_v_w, layer.cross_v_b))
-                self.cross_k.append(k if r.exact else k.to(r.dtype))
-                self.cross_v.append(v if r.exact else v.to(r.dtype))
+                self.cross_k.append(k.to(self.kv_dtype))
+                self.cross_v.append(v.to(self.kv_dtype))
         T = x.shape[1]
         x = x + r.positional_scale * self.pos_emb[:, :T]
         x = self._layers(x, T, causal=T > 1)
@@ -247,7 +250,7 @@ class Window:
             x = x + L.scale1(self._linear(self._merge(a), L.out_w, L.out_b).to(x.dtype))
             if L.cross_q_w is not None:
                 h = L.norm_cross(x)
-                q = self._heads(self._linear(h, L.cross_q_w, L.cross_q_b))
+                q = self._heads(self._linear(h, L.cross_q_w, L.cross_q_b)).to(self.kv_dtype)
                 a = F.scaled_dot_product_attention(q, self.cross_k[i], self.cross_v[i])
                 x = x + L.scale_cross(self._linear(self._merge(a), L.cross_out_w, L.cross_out_b).to(x.dtype))
             h = L.norm2(x)
