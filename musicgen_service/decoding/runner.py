@@ -162,7 +162,7 @@ class Window:
         self.act_dtype = r.lm.emb[0].weight.dtype  # the residual stream's dtype (as stock)
         # Attention in reduced precision pays on GPUs; on CPUs torch's fp16/bf16 attention kernels
         # are 6-15x slower than fp32 ones (measured at 400-1000 keys), so the caches stay fp32 there.
-        self.kv_dtype = param.dtype if r.exact or self.device.type != "cuda" else r.dtype
+        self.kv_dtype = r.dtype if not r.exact and self.device.type == "cuda" else self.act_dtype
         # prepended conditions (melody models) enter the sequence at the first step
         self.prefix = sum(c.shape[1] for name, (c, _) in condition_tensors.items()
                           if r.lm.fuser.cond2fuse[name] == "prepend")
