@@ -150,14 +150,24 @@ class CogServer:
         raise TimeoutError(f"server not {until} after {timeout} s: {seen}; {self.log_path.read_text()[-3000:]}")
 
     def predict(self, inputs: dict, prediction_id: tp.Optional[str] = None, asynchronous: bool = False,
-                webhook: tp.Optional[str] = None, timeout: float = 300) -> Response:
+                webhook: tp.Optional[str] = None, timeout: float = 300, retry_busy: float = 10) -> Response:
+        """One prediction. The server answers a sync request a moment before it frees its slot, so a
+        request sent right after the previous answer can get 409 "At capacity"; like any client, retry
+        those for up to ``retry_busy`` seconds (0: return the 409, for the test of the busy answer)."""
         body: tp.Dict[str, tp.Any] = {"input": inputs}
         if webhook:
             body["webhook"] = webhook
         headers = {"Prefer": "respond-async"} if asynchronous else {}
         if prediction_id:
-            return request("PUT", f"{self.url}/predictions/{prediction_id}", body, headers, timeout)
-        return request("POST", f"{self.url}/predictions", body, headers, timeout)
+            method, url = "PUT", f"{self.url}/predictions/{prediction_id}"
+        else:
+            method, url = "POST", f"{self.url}/predictions"
+        deadline = time.monotonic() + retry_busy
+        while True:
+            response = request(method, url, body, headers, timeout)
+            if response.status != 409 or time.monotonic() >= deadline:
+                return response
+            time.sleep(0.05)
 
     def cancel(self, prediction_id: str) -> Response:
         return request("POST", f"{self.url}/predictions/{prediction_id}/cancel", timeout=10)

@@ -155,7 +155,7 @@ def test_busy_server_answers_409(server, peer):
     started = server.predict({"prompt": "long", "duration": 20, "seed": 5}, prediction_id="busy-1",
                              asynchronous=True, webhook=f"{peer.url}/hook")
     assert started.status == 202
-    second = server.predict({"prompt": "another", "duration": 1})
+    second = server.predict({"prompt": "another", "duration": 1}, retry_busy=0)
     assert second.status == 409, second
     server.cancel("busy-1")
     assert peer.final_webhook("busy-1")["status"] == "canceled"
