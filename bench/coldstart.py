@@ -1,7 +1,7 @@
 """One cold start, in a fresh process: import + ``setup()`` of our predictor (or stock audiocraft's
 ``MusicGen.get_pretrained``) on a weights folder. Prints one JSON object.
 
-    python bench/coldstart.py --weights DIR --model ID [--device cpu] [--stock] [--profile]
+    python bench/coldstart.py --weights DIR --model ID [--device cpu] [--stock] [--profile] [--mbd eager]
 
 ``--profile`` runs setup under cProfile and attributes its time to phases (checkpoint read, model
 build, T5 load, demucs load, state copy, device transfer) by the cumulative time of the library
@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--stock", action="store_true", help="audiocraft's MusicGen.get_pretrained")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--decoder", default="fast", help="our setup's decoder (stock: model loading only)")
+    parser.add_argument("--mbd", default="lazy", choices=["lazy", "eager"],
+                        help="eager: our setup also loads MultiBand Diffusion (its cost on every boot)")
     args = parser.parse_args()
 
     from musicgen_service import weights
@@ -74,7 +76,7 @@ def main() -> None:
 
     from musicgen_service.settings import Settings
 
-    settings = Settings(weights_dir=args.weights, model=args.model, device=args.device, mbd="lazy",
+    settings = Settings(weights_dir=args.weights, model=args.model, device=args.device, mbd=args.mbd,
                         decoder=args.decoder)
     if args.stock:
         from audiocraft.models import MusicGen
@@ -102,7 +104,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     result = {"imports_s": round(imports, 3), "setup_s": round(seconds, 3),
               "peak_rss_mb": round(status_mb("VmHWM"), 1), "final_rss_mb": round(status_mb("VmRSS"), 1),
-              "stock": args.stock}
+              "stock": args.stock, "mbd": args.mbd}
     if profiler is not None:
         import pstats
 
