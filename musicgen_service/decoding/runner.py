@@ -168,8 +168,12 @@ class Window:
                           if r.lm.fuser.cond2fuse[name] == "prepend")
         self.capacity = self.prefix + max_steps
         shape = (batch, r.heads, self.capacity, r.head_dim)
-        self.k = [torch.empty(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
-        self.v = [torch.empty(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
+        # The dynamic step only reads the written part of the caches. The static step attends to the
+        # whole cache under a -inf mask, and masked garbage still poisons it (NaN * 0 = NaN), so its
+        # caches start zeroed.
+        alloc = torch.zeros if static else torch.empty
+        self.k = [alloc(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
+        self.v = [alloc(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
         self.pos = 0
         self.pos_tensor = torch.zeros((), dtype=torch.long, device=self.device)  # static mode's position
         self.key_positions = torch.arange(self.capacity, device=self.device)
