@@ -277,7 +277,8 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
             and not melody:
         from bench.quality import teacher_forced
 
-        q = teacher_forced(model, exact.decoder.runner, fast.decoder.runner, PROMPT, reference_tokens)
+        with model.autocast:  # exact runs under stock's autocast (fp16 on GPUs); fast turns it off
+            q = teacher_forced(model, exact.decoder.runner, fast.decoder.runner, PROMPT, reference_tokens)
         fast_tokens = run_ours(service, fast, durations[0], None)[1]
         q["free_running_token_agreement"] = round((fast_tokens == reference_tokens).float().mean().item(), 3)
         result["fast_vs_exact_quality"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in q.items()}

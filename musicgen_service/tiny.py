@@ -195,9 +195,10 @@ def tiny_t5_config() -> tp.Any:
                     num_decoder_layers=1, num_heads=2, decoder_start_token_id=0)
 
 
-def write_t5(cache_dir: Path, work: Path, config: tp.Any = None) -> None:
+def write_t5(cache_dir: Path, work: Path, config: tp.Any = None, device: str = "cpu") -> None:
     """t5-base's files: config + weights of a random T5 (``config``, tiny by default) and a
-    sentencepiece tokenizer trained on a few sentences."""
+    sentencepiece tokenizer trained on a few sentences. ``device``: where the random weights are
+    drawn (a GPU draws a real-size model's in a fraction of the CPU's time)."""
     import sentencepiece as spm
     import torch
     from transformers import T5ForConditionalGeneration
@@ -208,7 +209,9 @@ def write_t5(cache_dir: Path, work: Path, config: tp.Any = None) -> None:
         vocab_size=128, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
         hard_vocab_limit=False, minloglevel=2)
     torch.manual_seed(0)
-    T5ForConditionalGeneration(config or tiny_t5_config()).save_pretrained(work / "t5", safe_serialization=True)
+    with torch.device(device):
+        t5 = T5ForConditionalGeneration(config or tiny_t5_config())
+    t5.save_pretrained(work / "t5", safe_serialization=True)
     weights.write_repo(cache_dir, "t5-base", {
         "config.json": work / "t5" / "config.json",
         "model.safetensors": work / "t5" / "model.safetensors",
@@ -252,9 +255,10 @@ def write_demucs(cache_dir: Path, work: Path, arch: tp.Optional[tp.Dict[str, tp.
 
 def write_musicgen(cache_dir: Path, work: Path, model_id: str, cfg: tp.Dict[str, tp.Any],
                    codec_cfg: tp.Optional[tp.Dict[str, tp.Any]] = None, half: bool = False,
-                   seed: int = 0) -> None:
+                   seed: int = 0, device: str = "cpu") -> None:
     """An audiocraft checkpoint pair for the LM config ``cfg``, built by audiocraft's builders
-    with their own random initialisation; ``half`` stores fp16 state dicts, as the hub does.
+    with their own random initialisation (the LM on ``device``); ``half`` stores fp16 state dicts,
+    as the hub does.
     Needs t5-base (and HTDemucs for melody) in ``cache_dir`` already: the LM's conditioners
     load them when the real builder constructs it."""
     import torch
@@ -264,10 +268,10 @@ def write_musicgen(cache_dir: Path, work: Path, model_id: str, cfg: tp.Dict[str,
     codec_cfg = codec_cfg or encodec_config()
     codec = build_encodec(codec_cfg, seed)
     torch.manual_seed(seed + 1)
-    lm = builders.get_lm_model(OmegaConf.create(cfg)).eval()
+    lm = builders.get_lm_model(OmegaConf.create({**cfg, "device": device})).eval()
 
     def state(module: tp.Any) -> tp.Dict[str, tp.Any]:
-        return {k: v.half() if half and v.is_floating_point() else v for k, v in module.state_dict().items()}
+        return {k: (v.half() if half and v.is_floating_point() else v).cpu() for k, v in module.state_dict().items()}
 
     folder = work / model_id.replace("/", "--")
     folder.mkdir(parents=True, exist_ok=True)
@@ -286,9 +290,9 @@ def write_musicgen(cache_dir: Path, work: Path, model_id: str, cfg: tp.Dict[str,
 
 
 def write_mbd(cache_dir: Path, work: Path, n_bands: int = 2,
-              band_cfg: tp.Optional[tp.Dict[str, tp.Any]] = None) -> None:
+              band_cfg: tp.Optional[tp.Dict[str, tp.Any]] = None, device: str = "cpu") -> None:
     """MultiBand Diffusion in the format ``loaders.load_diffusion_models`` reads: omegaconf
-    configs pickled next to each band's U-Net and processor states."""
+    configs pickled next to each band's U-Net and processor states (U-Nets drawn on ``device``)."""
     import torch
     from omegaconf import OmegaConf
     from audiocraft.models import builders
@@ -298,9 +302,10 @@ def write_mbd(cache_dir: Path, work: Path, n_bands: int = 2,
     pkg: tp.Dict[tp.Any, tp.Any] = {"sample_rate": SAMPLE_RATE, "n_bands": n_bands}
     for band in range(n_bands):
         cfg = OmegaConf.create(band_cfg)
-        model = builders.get_diffusion_model(cfg)
+        with torch.device(device):
+            model = builders.get_diffusion_model(cfg)
         processor = builders.get_processor(cfg.processor, sample_rate=SAMPLE_RATE)
-        pkg[band] = {"cfg": cfg, "model_state": model.state_dict(),
+        pkg[band] = {"cfg": cfg, "model_state": {k: v.cpu() for k, v in model.state_dict().items()},
                      "processor_state": processor.state_dict()}
     weights.write_repo(cache_dir, weights.MBD_REPO,
                        {weights.MBD_FILE: _torch_save(pkg, work / weights.MBD_FILE)})

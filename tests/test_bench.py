@@ -3,7 +3,9 @@ Not a timed test: speeds are reported, never asserted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,3 +33,25 @@ def test_quick_benchmark(tmp_path):
     assert gen["profile_stock_top_ops"]
     markdown = out.with_suffix(".md").read_text()
     assert "speedup vs audiocraft" in markdown and "Cold start" in markdown
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """bench/gpu_check.py's whole flow on the CPU at the xsmall scale (--dry), so the one-call GPU
+    check cannot rot between GPU loans: every step runs, and its report has the headline fields."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == {}, report["errors"]
+    head = report["headline"]
+    for key in ("device", "default_text_8s_s", "default_melody_30s_s", "fast_speedup_vs_audiocraft_8s",
+                "cuda_graph_failures", "seed_reproducible", "exact_vs_stock_agreement", "fast_vs_exact_kl_mean"):
+        assert key in head, key
+    assert head["cuda_graph_failures"] == 0 and head["seed_reproducible"] is True
+    assert head["exact_vs_stock_agreement"] == 1.0  # on the CPU, exact is stock's arithmetic
+    steps = report["steps"]
+    assert all(isinstance(step, dict) and "result" in step for step in steps.values()), steps
+    assert steps["default_fast_1s"]["result"]["decoder"].endswith("static steps")
+    assert steps["default_fast_1s"]["result"]["graphs"]["eager_steps"] > 0

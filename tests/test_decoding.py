@@ -64,29 +64,159 @@ def test_exact_equals_stock_melody_and_continuation(melody_service, tune):
         assert torch.equal(tokens(melody_service, "exact", **inputs), tokens(melody_service, "stock", **inputs)), inputs
 
 
-def test_exact_equals_stock_past_the_window(text_service):
-    exact = tokens(text_service, "exact", duration=33)
-    assert exact.shape[-1] == 33 * 50
-    assert torch.equal(exact, tokens(text_service, "stock", duration=33))
+@pytest.fixture(scope="module")
+def exact_33s(text_service):
+    return tokens(text_service, "exact", duration=33)
 
 
-def test_static_steps_match_dynamic_steps(text_service):
-    """The fixed-shape step a CUDA graph records computes what the dynamic step computes."""
+def test_exact_equals_stock_past_the_window(text_service, exact_33s):
+    assert exact_33s.shape[-1] == 33 * 50
+    assert torch.equal(exact_33s, tokens(text_service, "stock", duration=33))
+
+
+def _cfg_tensors(lm, prompt: str = "jazz"):
     from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout, ConditioningAttributes
 
+    conditions = [ConditioningAttributes(text={"description": prompt})]
+    conditions = conditions + ClassifierFreeGuidanceDropout(p=1.0)(conditions)
+    return lm.condition_provider(lm.condition_provider.tokenize(conditions))
+
+
+def _steps(runner, tensors, seq, static: bool, kv_dtype=None, max_steps: int = 20):
+    """Logits of a prefill over seq[..., :4] then one step per later column, dynamic or static."""
+    from musicgen_service.decoding.runner import StaticCaches
+
+    caches = StaticCaches(runner, 2, kv_dtype) if static else None
+    window = runner.start(tensors, 2, max_steps, caches=caches, kv_dtype=kv_dtype)
+    out = [window.prefill(seq[..., :4])]
+    for t in range(4, seq.shape[-1]):
+        out.append(window.static_step(seq[..., t:t + 1]) if static else window.step(seq[..., t:t + 1]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("max_steps, steps", [(20, 12), (1503, 600)])
+def test_static_steps_match_dynamic_steps(text_service, max_steps, steps):
+    """The fixed-shape step a CUDA graph records computes what the dynamic step computes, for a
+    short window and for a 30 s one (an attention span of 1536 keys, mostly masked)."""
     from musicgen_service.decoding.runner import Runner
 
     lm = text_service.model.lm
-    conditions = [ConditioningAttributes(text={"description": "jazz"})]
-    conditions = conditions + ClassifierFreeGuidanceDropout(p=1.0)(conditions)
-    tensors = lm.condition_provider(lm.condition_provider.tokenize(conditions))
+    tensors = _cfg_tensors(lm)
     runner = Runner(lm)
     torch.manual_seed(0)
-    seq = torch.randint(0, lm.card, (2, lm.n_q, 12))
-    dyn, sta = runner.start(tensors, 2, 20), runner.start(tensors, 2, 20, static=True)
-    torch.testing.assert_close(dyn.prefill(seq[..., :4]), sta.prefill(seq[..., :4]), rtol=0, atol=0)
-    for t in range(4, 12):
-        torch.testing.assert_close(dyn.step(seq[..., t:t + 1]), sta.step(seq[..., t:t + 1]), rtol=1e-5, atol=1e-5)
+    seq = torch.randint(0, lm.card, (2, lm.n_q, steps))
+    dyn = _steps(runner, tensors, seq, False, max_steps=max_steps)
+    sta = _steps(runner, tensors, seq, True, max_steps=max_steps)
+    torch.testing.assert_close(dyn[0], sta[0], rtol=0, atol=0)  # the prefill is the same code
+    torch.testing.assert_close(dyn, sta, rtol=1e-5, atol=1e-5)
+
+
+def _gpu_like(lm, dtype):
+    """The LM laid out as audiocraft builds it on GPUs: transformer layers in the reduced dtype,
+    embeddings, output norm and heads in fp32 (stock relies on autocast to reconcile them)."""
+    import copy
+
+    lm = copy.deepcopy(lm)
+    lm.transformer.to(dtype)
+    return lm
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_runner_has_explicit_dtypes(text_service, dtype):
+    """The GPU configuration on the CPU: reduced-precision layers and caches, the static step
+    against the dynamic one, with autocast on and off: the same logits either way, no dtype error
+    (stock's layout fails outside autocast: 'expected scalar type Float but found Half')."""
+    from musicgen_service.decoding.runner import Runner
+
+    lm = _gpu_like(text_service.model.lm, dtype)
+    runner = Runner(lm, dtype)
+    tensors = _cfg_tensors(lm)
+    torch.manual_seed(0)
+    seq = torch.randint(0, lm.card, (2, lm.n_q, 10))
+    results = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for static in (False, True):
+                results[autocast, static] = _steps(runner, tensors, seq, static, kv_dtype=dtype)
+    for static in (False, True):
+        assert torch.equal(results[False, static], results[True, static])
+    assert results[False, False].dtype == torch.float32
+    torch.testing.assert_close(results[False, False], results[False, True], rtol=0.02, atol=0.02)
+
+
+def _seeded(fn, seed):
+    torch.manual_seed(seed)
+    out = fn()
+    return out, torch.rand(4)  # the random stream's state afterwards
+
+
+@pytest.mark.parametrize("params", [
+    dict(use_sampling=True, temp=1.0, top_k=250, top_p=0.0), dict(use_sampling=True, temp=0.7, top_k=20, top_p=0.0),
+    dict(use_sampling=True, temp=1.0, top_k=0, top_p=0.9), dict(use_sampling=True, temp=1.3, top_k=250, top_p=0.5),
+    dict(use_sampling=True, temp=1.0, top_k=0, top_p=0.0), dict(use_sampling=True, temp=1.0, top_k=2048, top_p=0.0),
+    dict(use_sampling=True, temp=1.0, top_k=1, top_p=0.0), dict(use_sampling=False, temp=1.0, top_k=250, top_p=0.0),
+])
+def test_step_sampler_gives_audiocraft_tokens(params):
+    """The graph-safe sampler (parameters in tensors, one sort, multinomial as argmax(p / Exp(1)))
+    against audiocraft's sampling functions: the same tokens for the same seed, and the random
+    stream left where audiocraft leaves it (greedy draws once more: its tokens need no randomness)."""
+    from musicgen_service.decoding.loop import sample
+    from musicgen_service.decoding.sampling import StepSampler
+
+    sampler = StepSampler(torch.device("cpu"), 2048)
+    sampler.set(cfg_coef=3.0, **params)
+    gen = torch.Generator().manual_seed(0)
+    for seed in range(10):
+        logits = torch.randn(2, 4, 2048, generator=gen) * (1 + seed)
+        ours, after_ours = _seeded(lambda: sampler(logits), seed)
+        theirs, after_theirs = _seeded(lambda: sample(logits.clone(), **params), seed)
+        assert torch.equal(ours, theirs), (params, seed)
+        assert params["use_sampling"] is False or torch.equal(after_ours, after_theirs)
+    all_logits = torch.randn(4, 4, 2048, generator=gen)
+    cond, uncond = all_logits.split(2)
+    assert torch.equal(sampler.guide(all_logits, 2), uncond + (cond - uncond) * 3.0)
+
+
+def _static_decoder(lm, dtype=torch.float32):
+    decoder = Decoder(lm, "fast", dtype=dtype, static_steps=True)
+    assert decoder.describe() == f"fast, {str(dtype).replace('torch.', '')}, static steps"
+    return decoder
+
+
+def _tokens_with(service, decoder, **inputs):
+    generator = Generator(service.model, "stock")
+    generator.decoder = decoder
+    req = service.parse(**{"prompt": "lo-fi beat", "duration": 1, "seed": 5, **inputs})
+    return generator.generate(req, service.input_clip(req)).tokens
+
+
+def test_static_loop_gives_the_exact_tokens(text_service, melody_service, tune):
+    """The whole static step (layers, guidance, sampling, token write: what a CUDA graph replays),
+    run eagerly in fp32, against the exact decoder, same seed: text (cross-attention), melody
+    (prepended chroma), continuation (a prompt). Within one short span the masked attention adds
+    only exact zeros, so the tokens are the same; one decoder serves every window (its caches are
+    reused and cleared), and the same request twice gives the same tokens."""
+    for service, inputs in ((text_service, {"duration": 2}), (melody_service, {"input_audio": str(tune)}),
+                            (melody_service, {"input_audio": str(tune), "continuation": True, "top_p": 0.9}),
+                            (text_service, {"duration": 2, "temperature": 0.7, "top_k": 20})):
+        decoder = _static_decoder(service.model.lm)
+        static = _tokens_with(service, decoder, **inputs)
+        assert torch.equal(static, tokens(service, "exact", **inputs)), inputs
+        assert torch.equal(static, _tokens_with(service, decoder, **inputs)), inputs
+        assert decoder.graphs.eager_steps > 0 and decoder.graphs.failures == 0
+
+
+def test_static_loop_past_the_window(text_service, exact_33s):
+    """Two extension windows through the static loop: the caches grow to a 30 s span, and the
+    second window starts from the first one's prompt. Over a long span, masked attention is not
+    bitwise the dynamic one (test_static_steps_match_dynamic_steps bounds the difference at 1e-5),
+    and once one sampled token differs, the rest of the free-running sequence does too: so the
+    output is checked for its shape, its range and the first window's opening."""
+    static = _tokens_with(text_service, _static_decoder(text_service.model.lm), duration=33)
+    exact = exact_33s
+    assert static.shape == exact.shape == (1, 4, 33 * 50)
+    assert static.min() >= 0 and static.max() < text_service.model.lm.card
+    assert torch.equal(static[..., :50], exact[..., :50])
 
 
 @pytest.mark.skipif(fast_dtype(torch.device("cpu")) is None, reason="no reduced precision on this CPU")

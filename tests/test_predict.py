@@ -89,9 +89,26 @@ def test_seed_is_logged_and_random_when_absent(predictor, capsys):
     assert "(random)" in capsys.readouterr().out
 
 
-def test_sampling_parameters_reach_audiocraft(mono_service):
-    # top_k=1 and a tiny top_p are greedy: the seed no longer matters.
-    assert torch.equal(tokens(mono_service, top_k=1, seed=1), tokens(mono_service, top_k=1, seed=2))
+def test_sampling_parameters_reach_audiocraft(mono_service, monkeypatch):
+    # top_k=1 keeps the most likely token: every one sampled is a maximum of its distribution (with
+    # reduced-precision logits several tokens can tie for it, and the seed picks among those).
+    from musicgen_service.decoding import loop
+
+    seen = []
+    sample = loop.sample
+
+    def recording(logits, *args):
+        out = sample(logits.clone(), *args)
+        seen.append((logits, out))
+        return out
+
+    monkeypatch.setattr(loop, "sample", recording)
+    tokens(mono_service, top_k=1, seed=1)
+    monkeypatch.undo()
+    assert seen and all(torch.equal(logits.gather(-1, out), logits.max(-1, keepdim=True).values)
+                        for logits, out in seen)
+    # a tiny top_p keeps exactly one token (the first in sorted order, ties or not): the seed no
+    # longer matters.
     assert torch.equal(tokens(mono_service, top_p=1e-9, seed=1), tokens(mono_service, top_p=1e-9, seed=2))
     base = tokens(mono_service, seed=5)
     assert not torch.equal(base, tokens(mono_service, seed=6))

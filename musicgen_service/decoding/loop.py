@@ -7,6 +7,14 @@ of masked pattern positions and the final checks. What differs is where the
 logits come from (:meth:`Window.prefill` / :meth:`Window.step`), and that nothing
 inside the loop waits for the device: masked positions are set with
 ``torch.where`` instead of boolean indexing, and progress is counted on the host.
+
+Two ways through the steps:
+
+- dynamic (``exact``; ``fast`` on CPUs): :meth:`Window.step` and :func:`sample`,
+  audiocraft's own sampling functions;
+- static (``fast`` on CUDA): whole steps on fixed buffers, replayed from CUDA
+  graphs (:class:`.graphs.StepGraphs`; sampling by :class:`.sampling.StepSampler`,
+  which gives :func:`sample`'s tokens for the same seed).
 """
 from __future__ import annotations
 
@@ -63,35 +71,35 @@ def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.
     assert start_offset_sequence is not None
     gen_sequence_len = gen_sequence.shape[-1]
     batch = 2 * B if condition_tensors else B
+    cfg = bool(condition_tensors)
 
-    window = runner.start(condition_tensors, batch, gen_sequence_len,
-                          static=decoder.graphs is not None)
-    graphs = decoder.graphs.bind(window) if decoder.graphs is not None else None
-    special = torch.full((), lm.special_token_id, dtype=torch.long, device=device)
-    prev_offset = 0
-    for offset in range(start_offset_sequence, gen_sequence_len):
-        curr_sequence = gen_sequence[..., prev_offset:offset]
-        if condition_tensors:
-            curr_sequence = torch.cat([curr_sequence, curr_sequence], dim=0)
-        if prev_offset == 0:
-            all_logits = window.prefill(curr_sequence)
-        elif graphs is not None:
-            all_logits = graphs.step(curr_sequence)
-        else:
-            all_logits = window.step(curr_sequence)
-        if condition_tensors:
-            cond_logits, uncond_logits = all_logits.split(B, dim=0)  # [B, K, card]
-            logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
-        else:
-            logits = all_logits
-        next_token = sample(logits, use_sampling, temp, top_k, top_p)  # [B, K, 1]
-        valid_mask = mask[..., offset:offset + 1].expand(B, -1, -1)
-        next_token = torch.where(valid_mask, next_token, special)
-        current = gen_sequence[..., offset:offset + 1]
-        gen_sequence[..., offset:offset + 1] = torch.where(current == unknown_token, next_token, current)
-        prev_offset = offset
-        if callback is not None:
-            callback(1 + offset - start_offset_sequence, gen_sequence_len - start_offset_sequence)
+    if decoder.graphs is not None:
+        graphs = decoder.graphs
+        window = runner.start(condition_tensors, batch, gen_sequence_len, caches=graphs.caches_for(batch))
+        graphs.sampler.set(use_sampling, temp, top_k, top_p, cfg_coef)
+        graphs.run(window, gen_sequence, mask, start_offset_sequence, cfg, callback)
+    else:
+        window = runner.start(condition_tensors, batch, gen_sequence_len)
+        special = torch.full((), lm.special_token_id, dtype=torch.long, device=device)
+        prev_offset = 0
+        for offset in range(start_offset_sequence, gen_sequence_len):
+            curr_sequence = gen_sequence[..., prev_offset:offset]
+            if cfg:
+                curr_sequence = torch.cat([curr_sequence, curr_sequence], dim=0)
+            all_logits = window.prefill(curr_sequence) if prev_offset == 0 else window.step(curr_sequence)
+            if cfg:
+                cond_logits, uncond_logits = all_logits.split(B, dim=0)  # [B, K, card]
+                logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
+            else:
+                logits = all_logits
+            next_token = sample(logits, use_sampling, temp, top_k, top_p)  # [B, K, 1]
+            valid_mask = mask[..., offset:offset + 1].expand(B, -1, -1)
+            next_token = torch.where(valid_mask, next_token, special)
+            current = gen_sequence[..., offset:offset + 1]
+            gen_sequence[..., offset:offset + 1] = torch.where(current == unknown_token, next_token, current)
+            prev_offset = offset
+            if callback is not None:
+                callback(1 + offset - start_offset_sequence, gen_sequence_len - start_offset_sequence)
 
     assert not (gen_sequence == unknown_token).any()
     assert (gen_sequence == torch.where(mask[None, ...].expand(B, -1, -1), gen_sequence,

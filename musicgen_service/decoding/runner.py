@@ -6,30 +6,52 @@ layer's key/value cache with ``torch.cat`` (a full copy per step), and spends
 milliseconds per step in einops and streaming-state bookkeeping. This runner
 reads the same weights and does the same arithmetic, except that:
 
-- cross-attention keys/values are computed once per window (``start``);
+- cross-attention keys/values are computed once per window (``prefill``);
 - keys/values go into caches allocated once and written in place;
 - positional embeddings are computed once for the whole window.
 
-In ``exact`` precision it calls the same torch operators, in the same order, on
-tensors with the same values as stock audiocraft, so its logits are bitwise
-equal and sampling gives the same tokens (tests/test_decoding.py checks it).
-In ``fast`` precision the weights are converted once to ``compute_dtype``
-(fp16 or bf16, see :func:`~musicgen_service.decoding.fast_dtype`), the key/value
-caches are kept in that dtype on GPUs (fp32 on CPUs, where reduced-precision
-attention kernels are slow) and the four output heads are fused into one matrix
-product; the residual stream, norms and sampling stay in the stock dtype.
+Precision and dtypes:
 
-``static=True`` keeps every shape fixed across steps (attention over the whole
-cache with an additive mask, cache writes at a position held in a tensor): the
-form a CUDA graph can capture (see :mod:`.graphs`).
+- ``exact`` (``compute_dtype=None``): the same torch operators, in the same
+  order, on tensors with the same values as stock audiocraft, under whatever
+  autocast stock runs under (audiocraft's fp16 autocast on GPUs, none on CPUs),
+  so on the CPU its logits are bitwise equal to stock's (tests/test_decoding.py).
+- ``fast``: the weights are converted once to ``compute_dtype`` and every step
+  runs with autocast **off** and explicit casts: conditions are cast once per
+  window to the residual stream's dtype (the embeddings' dtype: fp32, as stock,
+  whose transformer layers are fp16 on GPUs but whose embeddings, output norm
+  and heads stay fp32), layer norms run in that dtype (what autocast does for
+  stock), each matrix product casts its input to its weight's dtype and its
+  output back, attention runs in the caches' dtype, logits are fp32. The result
+  is the same with autocast on or off (tested on CPU); the output heads are one
+  matrix product.
+
+Two step forms:
+
+- dynamic (:meth:`Window.step`): attends to the written part of the caches;
+- static (:meth:`Window.static_step`): every shape fixed across steps and
+  windows (attention over a fixed span of the cache under an additive mask,
+  cache writes at a position held in a device tensor, cross-attention over a
+  padded length under a mask): the form a CUDA graph can record (:mod:`.graphs`).
+  Its caches live in a :class:`StaticCaches` that outlives windows, so a graph
+  recorded once serves every later window and prediction of the same shape.
 """
 from __future__ import annotations
 
+import contextlib
 import typing as tp
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# Static caches grow in these steps: a graph is recorded per (span, cross length) pair.
+SPAN_STEP = 256
+CROSS_STEP = 64
+
+
+def round_up(n: int, step: int) -> int:
+    return max(step, -(-n // step) * step)
 
 
 def unsupported_reason(lm: tp.Any) -> tp.Optional[str]:
@@ -44,6 +66,10 @@ def unsupported_reason(lm: tp.Any) -> tp.Optional[str]:
         return "sum / input_interpolate condition fusing"
     if lm.fuser.cross_attention_pos_emb:
         return "cross-attention positional embedding"
+    norms = [lm.out_norm] + [n for layer in tr.layers for n in (layer.norm1, layer.norm2,
+                                                                 getattr(layer, "norm_cross", None))]
+    if any(n is not None and type(n) is not torch.nn.LayerNorm for n in norms):
+        return "a normalization other than LayerNorm"
     for layer in tr.layers:
         attn = layer.self_attn
         if not layer.norm_first or not attn.custom or attn.rope is not None or attn.qk_layer_norm \
@@ -88,6 +114,22 @@ def _cast(t: tp.Optional[torch.Tensor], dtype: tp.Optional[torch.dtype]) -> tp.O
     return t.detach().to(dtype).contiguous()
 
 
+class _Norm:
+    """A LayerNorm computed in the residual stream's dtype. audiocraft builds the transformer's
+    norms in the LM's dtype (fp16 on GPUs) but its embeddings, output norm and heads in fp32, so the
+    residual stream is fp32 and stock relies on autocast, which runs ``layer_norm`` in fp32: this
+    is that, explicitly (the weights cast once)."""
+
+    def __init__(self, ln: torch.nn.LayerNorm, dtype: torch.dtype):
+        self.shape = ln.normalized_shape
+        self.eps = ln.eps
+        self.weight = _cast(ln.weight, dtype)
+        self.bias = _cast(ln.bias, dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+
+
 class Runner:
     """One LM's weights, prepared for step-by-step decoding in one precision."""
 
@@ -105,16 +147,21 @@ class Runner:
         self.head_dim = self.dim // self.heads
         self.max_period = tr.max_period
         self.positional_scale = tr.positional_scale
+        self.act_dtype = lm.emb[0].weight.dtype  # the residual stream's dtype (as stock)
+        self.device = lm.emb[0].weight.device
         d = compute_dtype
+
+        def norm(module: tp.Any) -> tp.Any:  # exact: the module itself, under stock's autocast
+            return module if self.exact or module is None else _Norm(module, self.act_dtype)
         self.layers: tp.List[_Layer] = []
         for layer in tr.layers:
             sa, ca = layer.self_attn, layer.cross_attention
             dim = self.dim
             self.layers.append(_Layer(
-                norm1=layer.norm1, in_w=_cast(sa.in_proj_weight, d), in_b=_cast(sa.in_proj_bias, d),
+                norm1=norm(layer.norm1), in_w=_cast(sa.in_proj_weight, d), in_b=_cast(sa.in_proj_bias, d),
                 out_w=_cast(sa.out_proj.weight, d), out_b=_cast(sa.out_proj.bias, d),
                 scale1=layer.layer_scale_1,
-                norm_cross=getattr(layer, "norm_cross", None),
+                norm_cross=norm(getattr(layer, "norm_cross", None)),
                 cross_q_w=None if ca is None else _cast(ca.in_proj_weight[:dim], d),
                 cross_q_b=None if ca is None or ca.in_proj_bias is None else _cast(ca.in_proj_bias[:dim], d),
                 # used once per window, in the parameters' dtype, as stock slices them
@@ -125,11 +172,12 @@ class Runner:
                 cross_out_w=None if ca is None else _cast(ca.out_proj.weight, d),
                 cross_out_b=None if ca is None else _cast(ca.out_proj.bias, d),
                 scale_cross=getattr(layer, "layer_scale_cross", None),
-                norm2=layer.norm2, w1=_cast(layer.linear1.weight, d), b1=_cast(layer.linear1.bias, d),
+                norm2=norm(layer.norm2), w1=_cast(layer.linear1.weight, d), b1=_cast(layer.linear1.bias, d),
                 w2=_cast(layer.linear2.weight, d), b2=_cast(layer.linear2.bias, d),
                 scale2=layer.layer_scale_2, activation=layer.activation))
+        self.has_cross = self.layers[0].cross_q_w is not None
         self.emb = list(lm.emb)
-        self.out_norm = lm.out_norm
+        self.out_norm = norm(lm.out_norm)
         if self.exact:
             self.heads_w = [lin.weight for lin in lm.linears]
             self.heads_b = [lin.bias for lin in lm.linears]
@@ -141,49 +189,128 @@ class Runner:
         self.n_q = lm.n_q
         self.prepend = len(lm.fuser.fuse2cond["prepend"]) > 0
 
-    # --------------------------------------------------------------------------------- window
+    def default_kv_dtype(self) -> torch.dtype:
+        """The caches' dtype: reduced precision pays on GPUs; on CPUs torch's fp16/bf16 attention
+        kernels are 6-15x slower than fp32 ones (measured at 400-1000 keys), so ``fast`` keeps fp32
+        caches there. ``exact`` keeps stock's (the residual stream's dtype)."""
+        if not self.exact and self.device.type == "cuda":
+            return self.dtype
+        return self.act_dtype
+
+    def autocast(self) -> tp.ContextManager[tp.Any]:
+        """``fast`` computes with explicit dtypes and autocast off; ``exact`` under stock's autocast."""
+        if self.exact:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
     def start(self, condition_tensors: tp.Dict[str, tp.Any], batch: int, max_steps: int,
-              static: bool = False) -> "Window":
-        return Window(self, condition_tensors, batch, max_steps, static)
+              caches: tp.Optional["StaticCaches"] = None, kv_dtype: tp.Optional[torch.dtype] = None) -> "Window":
+        """A window of ``max_steps`` positions (plus prepended conditions). ``caches``: the static
+        form's persistent caches (see :class:`StaticCaches`); None: caches of this window's own."""
+        return Window(self, condition_tensors, batch, max_steps, caches, kv_dtype)
+
+
+class StaticCaches:
+    """Key/value caches (self- and cross-attention) that outlive windows, for the static step.
+
+    Sized in steps of ``SPAN_STEP`` positions and ``CROSS_STEP`` cross-attention keys; they grow
+    (and bump ``generation``, so graphs recorded on the old buffers are dropped) when a window needs
+    more. Zeroed when allocated: masked positions must hold finite values (a -inf weight times a
+    NaN is NaN), and positions beyond a window only ever hold earlier windows' finite values.
+    """
+
+    def __init__(self, runner: Runner, batch: int, kv_dtype: tp.Optional[torch.dtype] = None):
+        self.runner = runner
+        self.batch = batch
+        self.dtype = kv_dtype or runner.default_kv_dtype()
+        self.capacity = 0
+        self.cross_capacity = 0
+        self.k: tp.List[torch.Tensor] = []
+        self.v: tp.List[torch.Tensor] = []
+        self.cross_k: tp.List[torch.Tensor] = []
+        self.cross_v: tp.List[torch.Tensor] = []
+        self.cross_mask: tp.Optional[torch.Tensor] = None
+        self.pos = torch.zeros((), dtype=torch.long, device=runner.device)  # the static step's position
+        self.generation = 0
+
+    def ensure(self, capacity: int, cross_len: int) -> None:
+        r = self.runner
+        zeros = lambda n: [torch.zeros((self.batch, r.heads, n, r.head_dim), device=r.device,  # noqa: E731
+                                       dtype=self.dtype) for _ in r.layers]
+        if capacity > self.capacity:
+            self.capacity = round_up(capacity, SPAN_STEP)
+            self.k, self.v = [], []  # free before allocating
+            self.k, self.v = zeros(self.capacity), zeros(self.capacity)
+            self.generation += 1
+        if r.has_cross and cross_len > self.cross_capacity:
+            self.cross_capacity = round_up(cross_len, CROSS_STEP)
+            self.cross_k, self.cross_v = [], []
+            self.cross_k, self.cross_v = zeros(self.cross_capacity), zeros(self.cross_capacity)
+            self.cross_mask = torch.zeros((1, 1, 1, self.cross_capacity), device=r.device, dtype=self.dtype)
+            self.generation += 1
+
+    def clear(self) -> None:
+        """Zero every buffer, so that a window's results never depend on what earlier windows left
+        in the masked positions (a memset: ~0.4 ms for the largest model's 1.6 GB on an H200)."""
+        for t in self.k + self.v + self.cross_k + self.cross_v:
+            t.zero_()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.cross_k + self.cross_v)
 
 
 class Window:
     """The state of one ``generate`` call: caches, cached cross-attention, position."""
 
     def __init__(self, runner: Runner, condition_tensors: tp.Dict[str, tp.Any], batch: int,
-                 max_steps: int, static: bool):
+                 max_steps: int, caches: tp.Optional[StaticCaches], kv_dtype: tp.Optional[torch.dtype]):
         self.r = r = runner
-        self.conditions = condition_tensors
         self.batch = batch
-        self.static = static
-        param = r.layers[0].in_w
-        self.device = param.device
-        self.act_dtype = r.lm.emb[0].weight.dtype  # the residual stream's dtype (as stock)
-        # Attention in reduced precision pays on GPUs; on CPUs torch's fp16/bf16 attention kernels
-        # are 6-15x slower than fp32 ones (measured at 400-1000 keys), so the caches stay fp32 there.
-        self.kv_dtype = r.dtype if not r.exact and self.device.type == "cuda" else self.act_dtype
+        self.device = r.device
+        self.act_dtype = r.act_dtype
+        if not r.exact:  # explicit dtypes: conditions enter in the residual stream's dtype
+            condition_tensors = {name: (c.to(self.act_dtype), m) for name, (c, m) in condition_tensors.items()}
+        self.conditions = condition_tensors
         # prepended conditions (melody models) enter the sequence at the first step
         self.prefix = sum(c.shape[1] for name, (c, _) in condition_tensors.items()
                           if r.lm.fuser.cond2fuse[name] == "prepend")
-        self.capacity = self.prefix + max_steps
-        shape = (batch, r.heads, self.capacity, r.head_dim)
-        # The dynamic step only reads the written part of the caches. The static step attends to the
-        # whole cache under a -inf mask, and masked garbage still poisons it (NaN * 0 = NaN), so its
-        # caches start zeroed.
-        alloc = torch.zeros if static else torch.empty
-        self.k = [alloc(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
-        self.v = [alloc(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
+        self.length = self.prefix + max_steps
+        cross_len = sum(c.shape[1] for name, (c, _) in condition_tensors.items()
+                        if r.lm.fuser.cond2fuse[name] == "cross")
+        self.static = caches is not None
+        if caches is not None:
+            caches.ensure(self.length, cross_len)
+            caches.clear()
+            self.kv_dtype = caches.dtype
+            self.span = round_up(self.length, SPAN_STEP)  # the static step attends to this many keys
+            self.k = [t[:, :, :self.span] for t in caches.k]
+            self.v = [t[:, :, :self.span] for t in caches.v]
+            self.cross_span = round_up(cross_len, CROSS_STEP) if r.has_cross else 0
+            self.cross_k = [t[:, :, :self.cross_span] for t in caches.cross_k]
+            self.cross_v = [t[:, :, :self.cross_span] for t in caches.cross_v]
+            self.cross_mask = None if caches.cross_mask is None else caches.cross_mask[..., :self.cross_span]
+        else:
+            self.kv_dtype = kv_dtype or r.default_kv_dtype()
+            self.span = self.length
+            shape = (batch, r.heads, self.length, r.head_dim)
+            self.k = [torch.empty(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
+            self.v = [torch.empty(shape, device=self.device, dtype=self.kv_dtype) for _ in r.layers]
+            self.cross_span = cross_len
+            self.cross_k, self.cross_v = [], []
+            self.cross_mask = None
+        self.cross_len = cross_len
         self.pos = 0
-        self.pos_tensor = torch.zeros((), dtype=torch.long, device=self.device)  # static mode's position
-        self.key_positions = torch.arange(self.capacity, device=self.device)
-        positions = torch.arange(self.capacity, device=self.device).view(1, -1, 1)
+        # the position as a device tensor (the static step's; shared by the windows of one StaticCaches)
+        self.pos_tensor = caches.pos if caches is not None else torch.zeros((), dtype=torch.long, device=self.device)
+        self.key_positions = torch.arange(self.span, device=self.device)
+        positions = torch.arange(self.span, device=self.device).view(1, -1, 1)
         from audiocraft.modules.transformer import create_sin_embedding
 
         self.pos_emb = create_sin_embedding(positions, r.dim, max_period=r.max_period, dtype=self.act_dtype)
-        self.cross_k: tp.List[tp.Optional[torch.Tensor]] = []
-        self.cross_v: tp.List[tp.Optional[torch.Tensor]] = []
-        self.cross_src: tp.Optional[torch.Tensor] = None
+
+    def shape_key(self) -> tp.Tuple[int, int, int]:
+        """What a recorded static step depends on, besides the caches' buffers."""
+        return (self.batch, self.span, self.cross_span)
 
     # --------------------------------------------------------------------------------- steps
 
@@ -191,18 +318,28 @@ class Window:
         """The first step: the prompt (and any prepended conditions), causally. Returns the logits
         of the sequence's last position, [B, K, card]."""
         r = self.r
-        x = self._embed(sequence)
-        x, cross = r.lm.fuser(x, self.conditions)  # audiocraft's fuser: prepend / cross-attention
-        if cross is not None:
-            for layer in r.layers:  # once per window instead of once per step
-                k = self._heads(F.linear(cross, layer.cross_k_w, layer.cross_k_b))
-                v = self._heads(F.linear(cross, layer.cross_v_w, layer.cross_v_b))
-                self.cross_k.append(k.to(self.kv_dtype))
-                self.cross_v.append(v.to(self.kv_dtype))
-        T = x.shape[1]
-        x = x + r.positional_scale * self.pos_emb[:, :T]
-        x = self._layers(x, T, causal=T > 1)
-        logits = self._logits(x, all_positions=True)  # [B, K, S_total, card] like stock
+        with r.autocast():
+            x = self._embed(sequence)
+            x, cross = r.lm.fuser(x, self.conditions)  # audiocraft's fuser: prepend / cross-attention
+            if cross is not None:
+                L = cross.shape[1]
+                for i, layer in enumerate(r.layers):  # once per window instead of once per step
+                    src = cross if r.exact else cross.to(layer.cross_k_w.dtype)
+                    k = self._heads(F.linear(src, layer.cross_k_w, layer.cross_k_b)).to(self.kv_dtype)
+                    v = self._heads(F.linear(src, layer.cross_v_w, layer.cross_v_b)).to(self.kv_dtype)
+                    if self.static:
+                        self.cross_k[i][:, :, :L].copy_(k)
+                        self.cross_v[i][:, :, :L].copy_(v)
+                    else:
+                        self.cross_k.append(k)
+                        self.cross_v.append(v)
+                if self.cross_mask is not None:  # padded keys of the static form: masked out
+                    self.cross_mask.fill_(float("-inf"))
+                    self.cross_mask[..., :L] = 0
+            T = x.shape[1]
+            x = x + r.positional_scale * self.pos_emb[:, :T]
+            x = self._layers(x, T, causal=T > 1, static=False)
+            logits = self._logits(x, all_positions=True)  # [B, K, S_total, card] like stock
         if r.prepend:
             logits = logits[:, :, -sequence.shape[-1]:]
         self.pos = T
@@ -210,13 +347,29 @@ class Window:
         return logits[:, :, -1]
 
     def step(self, sequence: torch.Tensor) -> torch.Tensor:
-        """One new position, [B, K, 1] tokens -> [B, K, card] logits."""
+        """One new position, [B, K, 1] tokens -> [B, K, card] logits (dynamic shapes)."""
         r = self.r
-        x = self._embed(sequence)
-        x = x + r.positional_scale * self._pos_emb_now()
-        x = self._layers(x, 1, causal=False)
-        logits = self._logits(x, all_positions=False)[:, :, -1]
+        with r.autocast():
+            x = self._embed(sequence)
+            x = x + r.positional_scale * self.pos_emb[:, self.pos:self.pos + 1]
+            x = self._layers(x, 1, causal=False, static=False)
+            logits = self._logits(x, all_positions=False)[:, :, -1]
         self.pos += 1
+        self.pos_tensor.add_(1)
+        return logits
+
+    def static_step(self, sequence: torch.Tensor) -> torch.Tensor:
+        """:meth:`step` with fixed shapes: the position lives in ``pos_tensor`` (which it advances),
+        attention covers ``span`` keys under a mask. What a CUDA graph records; ``self.pos`` (the
+        host's copy) is left to the caller."""
+        r = self.r
+        with r.autocast():
+            x = self._embed(sequence)
+            x = x + r.positional_scale * self.pos_emb.index_select(1, self.pos_tensor.view(1))
+            self._mask = torch.zeros(self.span, dtype=self.kv_dtype, device=self.device).masked_fill(
+                self.key_positions > self.pos_tensor, float("-inf")).view(1, 1, 1, -1)
+            x = self._layers(x, 1, causal=False, static=True)
+            logits = self._logits(x, all_positions=False)[:, :, -1]
         self.pos_tensor.add_(1)
         return logits
 
@@ -224,11 +377,6 @@ class Window:
 
     def _embed(self, sequence: torch.Tensor) -> torch.Tensor:
         return sum([self.r.emb[k](sequence[:, k]) for k in range(self.r.n_q)])  # stock's order
-
-    def _pos_emb_now(self) -> torch.Tensor:
-        if self.static:
-            return self.pos_emb.index_select(1, self.pos_tensor.view(1))
-        return self.pos_emb[:, self.pos:self.pos + 1]
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         B, T, _ = t.shape
@@ -243,19 +391,23 @@ class Window:
             return F.linear(x, w, b)
         return F.linear(x.to(w.dtype), w, b)
 
-    def _layers(self, x: torch.Tensor, T: int, causal: bool) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, T: int, causal: bool, static: bool) -> torch.Tensor:
         r = self.r
         for i, L in enumerate(r.layers):
             h = L.norm1(x)
             qkv = self._linear(h, L.in_w, L.in_b)
             B = qkv.shape[0]
             q, k, v = qkv.view(B, T, 3, r.heads, r.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-            a = self._self_attention(i, q, k, v, T, causal)
+            a = self._self_attention(i, q, k, v, T, causal, static)
             x = x + L.scale1(self._linear(self._merge(a), L.out_w, L.out_b).to(x.dtype))
             if L.cross_q_w is not None:
                 h = L.norm_cross(x)
                 q = self._heads(self._linear(h, L.cross_q_w, L.cross_q_b)).to(self.kv_dtype)
-                a = F.scaled_dot_product_attention(q, self.cross_k[i], self.cross_v[i])
+                if static:
+                    a = F.scaled_dot_product_attention(q, self.cross_k[i], self.cross_v[i], attn_mask=self.cross_mask)
+                else:
+                    a = F.scaled_dot_product_attention(q, self.cross_k[i][:, :, :self.cross_len],
+                                                       self.cross_v[i][:, :, :self.cross_len])
                 x = x + L.scale_cross(self._linear(self._merge(a), L.cross_out_w, L.cross_out_b).to(x.dtype))
             h = L.norm2(x)
             f = L.activation(self._linear(h, L.w1, L.b1))
@@ -263,14 +415,12 @@ class Window:
         return x
 
     def _self_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int,
-                        causal: bool) -> torch.Tensor:
+                        causal: bool, static: bool) -> torch.Tensor:
         kc, vc = self.k[i], self.v[i]
-        if self.static and not causal:  # fixed shapes: write at pos_tensor, attend to all with a mask
+        if static:  # fixed shapes: write at pos_tensor, attend to the whole span under the step's mask
             kc.index_copy_(2, self.pos_tensor.view(1), k.to(kc.dtype))
             vc.index_copy_(2, self.pos_tensor.view(1), v.to(vc.dtype))
-            mask = torch.zeros(self.capacity, dtype=kc.dtype, device=self.device).masked_fill(
-                self.key_positions > self.pos_tensor, float("-inf")).view(1, 1, 1, -1)
-            return F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=mask)
+            return F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=self._mask)
         end = self.pos + T
         kc[:, :, self.pos:end] = k
         vc[:, :, self.pos:end] = v

@@ -1,0 +1,461 @@
+"""The one-call GPU check: the GPU path end to end on real-size random models, in one run.
+
+    # on a bare H100/H200 (torch 2.11, no package index), with ../shared/tools/gpu-bundle's archive
+    # copied to .gpu/site.tar.xz (see bench/README.md for the exact device call):
+    python3 bench/gpu_check.py --out $OUT/gpu.json
+    # the same flow on the CPU at the xsmall scale (the test suite runs it):
+    python3 bench/gpu_check.py --dry --out /tmp/gpu-dry.json
+
+It writes the real-size random model sets (on the GPU: seconds instead of minutes), then measures,
+in order of importance, writing the JSON after every step so that a run cut short still reports:
+
+1. the Predictor with the default model (facebook/musicgen-stereo-melody-large): text 8 s (twice:
+   the first request of a shape records its CUDA graph; the same seed must give the same file),
+   melody 8 s and 30 s, text 30 s, continuation, 60 s, mp3, MultiBand Diffusion on;
+2. stock audiocraft ``generate`` vs our ``exact`` and ``fast`` decoders, default model, 8 s;
+3. the same on musicgen-small, with transformers' MusicGen, and fast-vs-exact quality
+   (teacher-forced KL and top-1 agreement, bench/quality.py);
+4. what ``exact`` promises on CUDA: stock's agreement with itself (same seed, twice) and
+   ``exact``'s with stock (musicgen-small, 2 s).
+
+Top-level ``"headline"``: device, default_text_8s_s, default_melody_30s_s,
+fast_speedup_vs_audiocraft_8s, cuda_graph_failures, and more. ``--budget`` seconds (default 450)
+bounds the run: steps that would start after it are marked skipped.
+
+``--dry``: CPU, the xsmall LM (with the test suite's tiny T5, htdemucs, EnCodec and MBD), durations
+1/2/3 s instead of 8/30/60 s (extension windows are tested in tests/test_decoding.py); the ``fast`` decoder runs its static steps eagerly (what a GPU records
+as graphs).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import typing as tp
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import models  # noqa: E402
+
+PROMPT = "lo-fi hip hop beat with warm piano chords and vinyl crackle"
+SEED = 1234
+
+
+def log(message: str) -> None:
+    print(f"[gpu-check] {message}", file=sys.stderr, flush=True)
+
+
+class Report:
+    """The JSON report, written after every step; each step is timed, and its error recorded."""
+
+    def __init__(self, path: Path, budget_s: float, device: str):
+        self.path = path
+        self.start = time.perf_counter()
+        self.budget_s = budget_s
+        self.data: tp.Dict[str, tp.Any] = {"headline": {"device": device}, "steps": {}, "errors": {}}
+        self.device = device
+
+    @property
+    def headline(self) -> tp.Dict[str, tp.Any]:
+        return self.data["headline"]
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def run(self, name: str, fn: tp.Callable[[], tp.Any]) -> tp.Any:
+        if self.elapsed() > self.budget_s:
+            self.data["steps"][name] = "skipped: over budget"
+            log(f"{name}: skipped (over the {self.budget_s:.0f} s budget)")
+            self.write()
+            return None
+        log(f"{name} ...")
+        start = time.perf_counter()
+        try:
+            result = fn()
+            self.data["steps"][name] = {"s": round(time.perf_counter() - start, 2), "result": result}
+            log(f"{name}: {json.dumps(result)[:600]}")
+            return result
+        except Exception as exc:
+            self.data["errors"][name] = "".join(traceback.format_exception(exc))[-3000:]
+            self.data["steps"][name] = {"s": round(time.perf_counter() - start, 2), "error": f"{type(exc).__name__}: {exc}"}
+            log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+            return None
+        finally:
+            self.data["total_s"] = round(self.elapsed(), 1)
+            self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device: str) -> tp.Optional[float]:
+    if device.startswith("cuda"):
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    return None
+
+
+def timed(device: str, fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def audio_file(folder: Path, seconds: float, name: str) -> Path:
+    """A stereo test tune (a melody of sine tones) as wav."""
+    import numpy as np
+    import soundfile
+
+    rate = 32000
+    notes = [262, 330, 392, 523, 440, 349, 294, 247]
+    n = int(rate * seconds)
+    t = np.arange(n) / rate
+    freq = np.array(notes)[(t * 2).astype(int) % len(notes)]
+    wav = 0.4 * np.sin(2 * np.pi * np.cumsum(freq) / rate)
+    path = folder / name
+    soundfile.write(str(path), np.stack([wav, wav * 0.8], axis=1).astype(np.float32), rate)
+    return path
+
+
+def file_seconds(path: Path) -> float:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        samples = sum(frame.samples for frame in container.decode(stream))
+        return samples / stream.rate
+
+
+def graph_stats(decoder: tp.Any) -> tp.Optional[tp.Dict[str, tp.Any]]:
+    graphs = getattr(decoder, "graphs", None)
+    return None if graphs is None else graphs.stats()
+
+
+# ---------------------------------------------------------------------------------------- steps
+
+PREDICT_DEFAULTS = dict(prompt=PROMPT, input_audio=None, duration=8, continuation=False, continuation_start=0,
+                        continuation_end=None, multi_band_diffusion=False, normalization_strategy="loudness",
+                        top_k=250, top_p=0.0, temperature=1.0, classifier_free_guidance=3, output_format="wav",
+                        seed=SEED)
+
+
+def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], tmp: Path, dry: bool) -> tp.Any:
+    from predict import Predictor
+
+    state: tp.Dict[str, tp.Any] = {}
+
+    def setup() -> tp.Dict[str, tp.Any]:
+        reset_peak(device)
+        predictor = Predictor()
+        seconds, _ = timed(device, predictor.setup)
+        if dry:  # the static loop a GPU records, run eagerly on the CPU
+            from musicgen_service.decoding import Decoder
+
+            predictor.service.generator.decoder = Decoder(predictor.service.model.lm, "fast", static_steps=True)
+        state["predictor"] = predictor
+        return {"setup_s": round(seconds, 2), "decoder": predictor.service.generator.decoder.describe(),
+                "peak_gpu_GB": peak_gb(device)}
+
+    report.run("predictor_setup", setup)
+    predictor = state.get("predictor")
+    if predictor is None:
+        return None
+    decoder = predictor.service.generator.decoder
+    short, long, longer = durations["short"], durations["long"], durations["longer"]
+    melody = audio_file(tmp, long + 2, "melody.wav")
+    clip = audio_file(tmp, 10 if not dry else 2, "clip.wav")
+    hashes: tp.Dict[str, str] = {}
+    tokens: tp.Dict[str, tp.Any] = {}
+    generate = predictor.service.generator.generate
+
+    def keep_tokens(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:  # the tokens of the last prediction
+        out = generate(*args, **kwargs)
+        tokens["last"] = out.tokens.cpu()
+        return out
+
+    predictor.service.generator.generate = keep_tokens
+
+    def predict(name: str, expect_s: float, **inputs: tp.Any) -> tp.Callable[[], tp.Dict[str, tp.Any]]:
+        def run() -> tp.Dict[str, tp.Any]:
+            import hashlib
+
+            reset_peak(device)
+            before = dict(graph_stats(decoder) or {})
+            seconds, path = timed(device, lambda: predictor.predict(**{**PREDICT_DEFAULTS, **inputs}))
+            got = file_seconds(Path(path))
+            hashes[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+            tokens[name] = tokens["last"]
+            after = graph_stats(decoder) or {}
+            out = {"s": round(seconds, 3), "audio_s": round(got, 2), "expected_audio_s": expect_s,
+                   "rtf": round(seconds / max(got, 1e-9), 3), "peak_gpu_GB": peak_gb(device),
+                   "file": Path(path).name}
+            if after:
+                out["graphs"] = {k: after[k] - before.get(k, 0) if isinstance(after[k], (int, float)) else after[k]
+                                 for k in after}
+            if abs(got - expect_s) > 0.1:
+                raise AssertionError(f"{name}: {got:.2f} s of audio, expected {expect_s}")
+            return out
+        return run
+
+    r = report.run(f"text_{short}s_first", predict(f"text_{short}s_first", short, duration=short))
+    r2 = report.run(f"text_{short}s", predict(f"text_{short}s", short, duration=short))
+    if r2:
+        report.headline["default_text_8s_s"] = r2["s"]
+        report.headline["default_text_8s_first_request_s"] = r["s"] if r else None
+        report.headline["seed_reproducible"] = hashes.get(f"text_{short}s_first") == hashes.get(f"text_{short}s")
+        first, again = tokens.get(f"text_{short}s_first"), tokens.get(f"text_{short}s")
+        if first is not None and again is not None:
+            report.headline["seed_reproducible_tokens"] = round((first == again).float().mean().item(), 4)
+    r = report.run(f"melody_{long}s", predict(f"melody_{long}s", long, duration=long, input_audio=melody))
+    if r:
+        report.headline["default_melody_30s_s"] = r["s"]
+    report.run(f"melody_{short}s", predict(f"melody_{short}s", short, duration=short, input_audio=melody))
+    r = report.run(f"text_{long}s", predict(f"text_{long}s", long, duration=long))
+    if r:
+        report.headline["default_text_30s_s"] = r["s"]
+    clip_s = 10 if not dry else 2
+    report.run("continuation", predict("continuation", clip_s + short, duration=short, input_audio=clip,
+                                       continuation=True))
+    r = report.run(f"text_{longer}s", predict(f"text_{longer}s", longer, duration=longer))
+    if r:
+        report.headline[f"default_text_{longer}s_s"] = r["s"]
+    report.run(f"mp3_{short}s", predict(f"mp3_{short}s", short, duration=short, output_format="mp3"))
+    r = report.run(f"mbd_{short}s", predict(f"mbd_{short}s", short, duration=short, multi_band_diffusion=True))
+    if r:
+        report.headline["default_mbd_8s_s"] = r["s"]
+    stats = graph_stats(decoder)
+    report.data["predictor_graphs"] = stats
+    report.write()
+    return predictor
+
+
+def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, duration: int,
+                       modes: tp.Sequence[str], with_hf: bool, dry: bool, hf_scale: str,
+                       t5_config: tp.Any) -> tp.Dict[str, tp.Any]:
+    """stock audiocraft vs our decoders on one model (same seed, one process), then transformers'."""
+    import torch
+
+    from bench.run import run_hf, build_hf, run_stock
+    from musicgen_service.generate import Generator
+
+    model = service.model
+    steps = duration * 50 + 3
+    results: tp.Dict[str, tp.Any] = {"duration_s": duration, "steps": steps}
+
+    def stock() -> tp.Dict[str, tp.Any]:
+        seconds, tokens = run_stock(model, duration, None, device)
+        results["_stock_tokens"] = tokens
+        return {"s": round(seconds, 2), "ms_per_step": round(1000 * seconds / steps, 2)}
+
+    r = report.run(f"{name}_stock_{duration}s", stock)
+    stock_s = r["s"] if r else None
+    for mode in modes:
+        def ours(mode: str = mode) -> tp.Dict[str, tp.Any]:
+            generator = Generator(model, mode)
+            if dry and mode == "fast":
+                from musicgen_service.decoding import Decoder
+
+                generator.decoder = Decoder(model.lm, "fast", static_steps=True)
+            request = service.parse(prompt=PROMPT, duration=duration, seed=SEED)
+            if mode == "fast":  # the first request of a shape records its graphs: timed separately
+                first, _ = timed(device, lambda: generator.generate(request).tokens)
+            seconds, tokens = timed(device, lambda: generator.generate(request).tokens)
+            out: tp.Dict[str, tp.Any] = {"decoder": generator.decoder.describe(), "s": round(seconds, 3),
+                                         "ms_per_step": round(1000 * seconds / steps, 2)}
+            if mode == "fast":
+                out["first_request_s"] = round(first, 3)
+                out["graphs"] = graph_stats(generator.decoder)
+            if stock_s:
+                out["speedup_vs_audiocraft"] = round(stock_s / seconds, 2)
+            if "_stock_tokens" in results:
+                out["token_agreement_with_stock"] = round(
+                    (tokens.cpu() == results["_stock_tokens"].cpu()).float().mean().item(), 4)
+            results[f"_{mode}_tokens"] = tokens
+            results[mode] = out
+            del generator
+            gc.collect()
+            return out
+
+        report.run(f"{name}_{mode}_{duration}s", ours)
+    if with_hf:
+        def hf() -> tp.Dict[str, tp.Any]:
+            model_hf = build_hf(hf_scale, device, torch.float16 if device.startswith("cuda") else torch.float32,
+                                t5_config)
+            run_hf(model_hf, 1, device)  # warm-up
+            seconds = run_hf(model_hf, duration, device)
+            del model_hf
+            gc.collect()
+            out = {"s": round(seconds, 2), "ms_per_step": round(1000 * seconds / steps, 2)}
+            if "fast" in results:
+                out["fast_speedup_vs_transformers"] = round(seconds / results["fast"]["s"], 2)
+            return out
+
+        results["transformers"] = report.run(f"{name}_transformers_{duration}s", hf)
+    return results
+
+
+def quality(report: Report, service: tp.Any, reference: tp.Any, device: str) -> None:
+    def run() -> tp.Dict[str, tp.Any]:
+        import torch
+
+        from bench.quality import teacher_forced
+        from musicgen_service.decoding import fast_dtype
+        from musicgen_service.decoding.runner import Runner
+
+        model = service.model
+        dtype = fast_dtype(next(model.lm.parameters()).device) or torch.float16
+        with model.autocast:  # exact runs under stock's autocast; fast turns it off inside
+            q = teacher_forced(model, Runner(model.lm), Runner(model.lm, dtype), PROMPT, reference)
+        return {k: (round(v, 8) if isinstance(v, float) else v) for k, v in q.items()}
+
+    r = report.run("small_fast_vs_exact_quality", run)
+    if r:
+        report.headline["fast_vs_exact_kl_mean"] = r["kl_mean"]
+        report.headline["fast_vs_exact_top1"] = r["top1_agreement"]
+
+
+def exact_promise(report: Report, service: tp.Any, device: str, duration: int) -> None:
+    """Stock against itself and exact against stock, same seed: what 'exact' can promise here."""
+    def run() -> tp.Dict[str, tp.Any]:
+        from bench.run import run_stock
+        from musicgen_service.generate import Generator
+
+        model = service.model
+        _, a = run_stock(model, duration, None, device)
+        _, b = run_stock(model, duration, None, device)
+        request = service.parse(prompt=PROMPT, duration=duration, seed=SEED)
+        exact = Generator(model, "exact").generate(request).tokens
+        agree = lambda x, y: round((x.cpu() == y.cpu()).float().mean().item(), 4)  # noqa: E731
+        first_diff = (exact.cpu() != a.cpu()).nonzero()
+        return {"stock_vs_stock": agree(a, b), "exact_vs_stock": agree(exact, a),
+                "first_difference_frame": int(first_diff[0, -1]) if len(first_diff) else None}
+
+    r = report.run(f"exact_promise_{duration}s", run)
+    if r:
+        report.headline["stock_self_agreement"] = r["stock_vs_stock"]
+        report.headline["exact_vs_stock_agreement"] = r["exact_vs_stock"]
+
+
+# ---------------------------------------------------------------------------------------- main
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry", action="store_true", help="CPU, xsmall scale: the same flow, for the test suite")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
+    parser.add_argument("--work", type=Path, default=None, help="where model sets are written (default: a temp dir)")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds after which no new step starts")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = "cpu" if args.dry else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        log("no CUDA device: use --dry on a CPU")
+        return 2
+    work = Path(args.work or tempfile.mkdtemp(prefix="musicgen-gpu-check-")).resolve()
+    cache = work / "weights"
+    from musicgen_service import tiny, weights
+
+    weights.use_hub_cache(cache)  # before anything imports the hub libraries
+    scale = "xsmall" if args.dry else "large"
+    # the default model (facebook/musicgen-stereo-melody-large; its xsmall twin in a dry run)
+    os.environ.update({"MUSICGEN_WEIGHTS": str(cache), "MUSICGEN_DEVICE": device, "MUSICGEN_MBD": "lazy",
+                       "MUSICGEN_DECODER": "fast", "MUSICGEN_MODEL": models.model_id(scale, True, True)})
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)"
+    report = Report(args.out, args.budget, name)
+    small = "xsmall" if args.dry else "small"
+    durations = {"short": 1, "long": 2, "longer": 3} if args.dry else {"short": 8, "long": 30, "longer": 60}
+
+    def environment() -> tp.Dict[str, tp.Any]:
+        from bench.run import bandwidth, machine
+
+        return {**machine(), "bandwidth": bandwidth(device)}
+
+    report.run("environment", environment)
+
+    def write_models() -> tp.Dict[str, tp.Any]:
+        times = {}
+        for key, (sc, melody, stereo) in {"default": (scale, True, True), "small": (small, False, False)}.items():
+            start = time.perf_counter()
+            models.ensure_set(cache, sc, melody, real_t5=not args.dry, stereo=stereo, device=device, log=log,
+                              real_codec=not args.dry)
+            times[key] = round(time.perf_counter() - start, 1)
+        return {"write_s": times}
+
+    report.run("write_models", write_models)
+    with tempfile.TemporaryDirectory() as tmp:
+        predictor = predictor_steps(report, device, durations, Path(tmp), args.dry)
+        failures = 0
+        if predictor is not None:
+            service = predictor.service
+            short = durations["short"]
+            res = decoder_comparison(report, "default", service, device, short, ["exact", "fast"], False, args.dry,
+                                     scale, None)
+            if res.get("fast", {}).get("speedup_vs_audiocraft"):
+                report.headline["fast_speedup_vs_audiocraft_8s"] = res["fast"]["speedup_vs_audiocraft"]
+                report.headline["default_fast_ms_per_step"] = res["fast"]["ms_per_step"]
+            if res.get("exact", {}).get("speedup_vs_audiocraft"):
+                report.headline["exact_speedup_vs_audiocraft_8s"] = res["exact"]["speedup_vs_audiocraft"]
+            failures += (service.generator.decoder.graphs.failures if service.generator.decoder.graphs else 0)
+            del predictor, service
+            gc.collect()
+            torch.cuda.empty_cache() if device == "cuda" else None
+
+        def small_service() -> tp.Any:
+            from musicgen_service.service import Service
+            from musicgen_service.settings import Settings
+
+            return Service(Settings(weights_dir=cache, model=models.model_id(small, False), device=device,
+                                    mbd="off", decoder="stock"))
+
+        holder: tp.Dict[str, tp.Any] = {}
+        report.run("small_setup", lambda: holder.update(service=small_service()) or {"ok": True})
+        if "service" in holder:
+            service = holder["service"]
+            t5_config = models.real_t5_config() if not args.dry else tiny.tiny_t5_config()
+            res = decoder_comparison(report, "small", service, device, durations["short"], ["exact", "fast"], True,
+                                     args.dry, small, t5_config)
+            if "_exact_tokens" in res:
+                quality(report, service, res["_exact_tokens"], device)
+            exact_promise(report, service, device, 2)
+    report.headline["cuda_graph_failures"] = failures + sum(
+        step["result"]["graphs"]["failures"] for step in report.data["steps"].values()
+        if isinstance(step, dict) and isinstance(step.get("result"), dict)
+        and isinstance(step["result"].get("graphs"), dict) and "first_request_s" in step["result"])
+    report.headline["errors"] = len(report.data["errors"])
+    report.write()
+    log(f"done in {report.elapsed():.0f} s: {json.dumps(report.headline)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
