@@ -1,8 +1,11 @@
 """The project's contract files: cog.yaml, pins, and the public input schema of predict.py."""
 from __future__ import annotations
 
+import ast
 import inspect
+import io
 import json
+import tokenize
 import typing as tp
 from pathlib import Path
 
@@ -70,3 +73,52 @@ def test_predict_has_the_seed_schema():
         assert field.choices == choices, name
         assert field.description == SEED_DESCRIPTIONS[name], name
     assert tp.get_type_hints(__import__("predict").Predictor.predict)["return"] is cog.Path
+
+
+def _input_calls() -> tp.Dict[str, ast.Call]:
+    """predict()'s ``Input(...)`` calls in predict.py, by parameter name, as the parser sees them."""
+    tree = ast.parse((ROOT / "predict.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
+    predict = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "predict")
+    params = predict.args.args[len(predict.args.args) - len(predict.args.defaults):]
+    return {a.arg: d for a, d in zip(params, predict.args.defaults)
+            if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "Input"}
+
+
+def test_predict_inputs_are_literals_that_cogs_static_schema_parser_reads():
+    """`cog build` (Cog >= 0.23) makes the image's OpenAPI schema by parsing predict.py, not by running
+    it (replicate/cog pkg/schema/python/inputs.go parseInputCall, literals.go): ``choices`` must be a
+    list literal (an imported name or ``list(X)`` fails the build), ``ge``/``le`` number literals
+    (anything else is dropped without a word), a description one string literal (implicitly joined
+    literals are copied with the quotes and whitespace between them) and a default a literal.
+    This checks those rules with Python's own parser; it is a model of Cog's, not Cog's."""
+    source = (ROOT / "predict.py").read_text()
+    calls = _input_calls()
+    assert list(calls) == [name for name, *_ in SEED_INPUTS]
+    for name, call in calls.items():
+        for kw in call.keywords:
+            text = ast.get_source_segment(source, kw.value)
+            where = f"{name}: {kw.arg}={text}"
+            if kw.arg == "description":
+                tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                          if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+                assert len(tokens) == 1 and tokens[0].type == tokenize.STRING, where
+                assert text[0] in "\"'" and "\\" not in text, where
+            elif kw.arg == "choices":
+                assert isinstance(kw.value, ast.List), where
+                assert all(isinstance(e, ast.Constant) for e in kw.value.elts), where
+            elif kw.arg in ("ge", "le"):
+                float(text)  # Cog parses the text itself as a number
+            elif kw.arg == "default":
+                ast.literal_eval(kw.value)
+            else:
+                raise AssertionError(f"{where}: not checked against Cog's static parser")
+
+
+def test_predict_literals_are_the_request_rules():
+    from musicgen_service.request import MAX_SEED, NORMALIZATION_STRATEGIES, OUTPUT_FORMATS
+
+    fields = {name: field for name, _, field in _predict_inputs()}
+    assert fields["normalization_strategy"].choices == list(NORMALIZATION_STRATEGIES)
+    assert fields["output_format"].choices == list(OUTPUT_FORMATS)
+    assert fields["seed"].le == MAX_SEED
