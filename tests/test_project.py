@@ -12,16 +12,25 @@ from pathlib import Path
 import pytest
 import yaml
 
+import cog_image
 from seed_schema import SEED_DESCRIPTIONS, SEED_INPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 COG_SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"
 
+def _cog_schema() -> tp.Dict[str, tp.Any]:
+    """The cog.yaml schema copied here, plus ``build.sdk_version``: the copy predates it, Cog's own
+    (pkg/config/data/config_schema_v1.0.json) has it since 0.18."""
+    schema = json.loads(COG_SCHEMA.read_text())
+    schema["properties"]["build"]["properties"]["sdk_version"] = {"type": "string"}
+    return schema
+
+
 def test_cog_yaml_is_valid_for_cog():
     import jsonschema
 
     config = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    jsonschema.validate(config, json.loads(COG_SCHEMA.read_text()))
+    jsonschema.validate(config, _cog_schema())
     assert config["predict"] == "predict.py:Predictor"
     assert config["build"]["gpu"] is True
     assert str(config["build"]["python_version"]) == "3.11"
@@ -32,8 +41,7 @@ def test_cog_schema_rejects_a_broken_config():
     import jsonschema
 
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"build": {"gpu": "yes", "python_packagez": []}},
-                            json.loads(COG_SCHEMA.read_text()))
+        jsonschema.validate({"build": {"gpu": "yes", "python_packagez": []}}, _cog_schema())
 
 
 def _requirements(name: str) -> tp.List[str]:
@@ -51,6 +59,39 @@ def test_requirements_are_pinned_and_nodeps_match_cog_yaml():
     for req in _requirements("requirements-nodeps.txt"):
         assert req in run, f"cog.yaml run does not install {req}"
     assert "--no-deps" in run
+
+
+def test_cog_yaml_run_installs_the_way_cogs_python_allows():
+    """A `run:` line is a bare RUN (replicate/cog pkg/dockerfile/standard_generator.go runCommands):
+    it gets none of the flags Cog gives its own installs, its Python is uv-managed and externally
+    managed (PEP 668), and only `python` is on PATH. test_image_build.py runs the line itself."""
+    for line in cog_image.run_lines(cog_image.cog_config(ROOT)):
+        if "pip install" in line:
+            assert line.startswith("python -m pip install "), line
+            assert "--break-system-packages" in line.split(), line
+            assert "--no-cache-dir" in line.split(), line  # no pip cache left in the image
+
+
+def test_cog_sdk_in_the_image_is_the_one_tested():
+    sdk = str(cog_image.cog_config(ROOT)["build"]["sdk_version"])
+    assert f"cog=={sdk}" in _requirements("requirements-dev.txt")
+    assert not any(r.startswith(("cog==", "coglet==")) for r in _requirements("requirements.txt"))
+
+
+def test_dockerignore_keeps_the_model_and_leaves_out_local_state():
+    patterns = cog_image.dockerignore_patterns(ROOT)
+    for kept in ("predict.py", "cog.yaml", "requirements.txt", "musicgen_service/service.py",
+                 "weights/README.md", "weights/models--t5-base/blobs/0123abcd",
+                 "weights/models--t5-base/snapshots/f00d/config.json", "bench/results/cpu.md"):
+        assert not cog_image.dockerignored(kept, patterns), kept
+    for dropped in (".git/HEAD", ".venv/bin/python", ".venv-schema/bin/python", ".gpu/site.tar.xz",
+                    "bench/work/models--facebook--musicgen-small/blobs/0123abcd",
+                    "musicgen_service/__pycache__/service.cpython-311.pyc", ".pytest_cache/README.md",
+                    "output.wav", "output-2.mp3"):
+        assert cog_image.dockerignored(dropped, patterns), dropped
+    context = cog_image.build_context(ROOT)
+    assert "predict.py" in context and "musicgen_service/weights.py" in context
+    assert not any(f.startswith((".cog/", ".venv/", ".git/")) for f in context)
 
 
 def _predict_inputs() -> tp.List[tp.Tuple[str, tp.Any, tp.Any]]:
