@@ -4,12 +4,16 @@ Names, order, types, defaults, enums and descriptions are the model page's
 (14 inputs, one ``uri`` output). Every rule is checked, with a message naming
 the field, in ``musicgen_service.request``; the work happens in
 ``musicgen_service.service``.
+
+`cog build` (Cog >= 0.23) reads this file without running it (a static parser,
+replicate/cog pkg/schema/python): every ``Input()`` argument is written as a plain
+literal (one string per description, literal lists and numbers), since imported
+names, ``list(X)`` and implicitly joined strings are not resolved there. A test keeps
+these literals equal to ``musicgen_service.request``'s rules.
 """
 from typing import Optional
 
 from cog import BasePredictor, Input, Path
-
-from musicgen_service.request import MAX_SEED, NORMALIZATION_STRATEGIES, OUTPUT_FORMATS
 
 
 class Predictor(BasePredictor):
@@ -24,49 +28,41 @@ class Predictor(BasePredictor):
         prompt: Optional[str] = Input(
             description="A description of the music you want to generate.", default=None),
         input_audio: Optional[Path] = Input(
-            description="An audio file that will influence the generated music. If `continuation` is "
-                        "`True`, the generated music will be a continuation of the audio file. Otherwise, "
-                        "the generated music will mimic the audio file's melody.",
+            description="An audio file that will influence the generated music. If `continuation` is `True`, the generated music will be a continuation of the audio file. Otherwise, the generated music will mimic the audio file's melody.",
             default=None),
         duration: int = Input(
             description="Duration of the generated audio in seconds.", default=8, ge=1),
         continuation: bool = Input(
-            description="If `True`, generated music will continue `melody`. Otherwise, generated music "
-                        "will mimic `audio_input`'s melody.",
+            description="If `True`, generated music will continue `melody`. Otherwise, generated music will mimic `audio_input`'s melody.",
             default=False),
         continuation_start: int = Input(
             description="Start time of the audio file to use for continuation.", default=0, ge=0),
         continuation_end: Optional[int] = Input(
-            description="End time of the audio file to use for continuation. If -1 or None, will "
-                        "default to the end of the audio clip.",
+            description="End time of the audio file to use for continuation. If -1 or None, will default to the end of the audio clip.",
             default=None, ge=-1),
         multi_band_diffusion: bool = Input(
-            description="If `True`, the EnCodec tokens will be decoded with MultiBand Diffusion. Only "
-                        "works with non-stereo models.",
+            description="If `True`, the EnCodec tokens will be decoded with MultiBand Diffusion. Only works with non-stereo models.",
             default=False),
         normalization_strategy: str = Input(
             description="Strategy for normalizing audio.", default="loudness",
-            choices=list(NORMALIZATION_STRATEGIES)),
+            choices=["loudness", "clip", "peak", "rms"]),
         top_k: int = Input(
             description="Reduces sampling to the k most likely tokens.", default=250, ge=0),
         top_p: float = Input(
-            description="Reduces sampling to tokens with cumulative probability of p. When set to `0` "
-                        "(default), top_k sampling is used.",
+            description="Reduces sampling to tokens with cumulative probability of p. When set to `0` (default), top_k sampling is used.",
             default=0.0, ge=0.0, le=1.0),
         temperature: float = Input(
-            description="Controls the 'conservativeness' of the sampling process. Higher temperature "
-                        "means more diversity.",
+            description="Controls the 'conservativeness' of the sampling process. Higher temperature means more diversity.",
             default=1.0, ge=0.0),
         classifier_free_guidance: int = Input(
-            description="Increases the influence of inputs on the output. Higher values produce "
-                        "lower-varience outputs that adhere more closely to inputs.",
+            description="Increases the influence of inputs on the output. Higher values produce lower-varience outputs that adhere more closely to inputs.",
             default=3, ge=0),
         output_format: str = Input(
             description="Output format for generated audio.", default="wav",
-            choices=list(OUTPUT_FORMATS)),
+            choices=["wav", "mp3"]),
         seed: Optional[int] = Input(
             description="Seed for random number generator. If None or -1, a random seed will be used.",
-            default=None, ge=-1, le=MAX_SEED),
+            default=None, ge=-1, le=4294967295),
     ) -> Path:
         return Path(self.service.predict(
             prompt=prompt, input_audio=input_audio, duration=duration, continuation=continuation,

@@ -91,10 +91,16 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from .errors import InputError
+    from .settings import SettingsError
+    from .weights import WeightsMissingError
 
     predictor = load_predictor()
     inputs = parse_inputs(args.input, predictor.predict)
-    predictor.setup()
+    try:
+        predictor.setup()
+    except (SettingsError, WeightsMissingError) as exc:  # a setting or the weights folder: one line
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         result = Path(predictor.predict(**inputs))
     except InputError as exc:

@@ -195,6 +195,21 @@ def test_command_line_predict_writes_playable_files(tiny_weights, tmp_path):
     assert (data.shape, rate) == ((2, 2 * RATE), RATE)
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("MUSICGEN_WEIGHTS", "error: weights: the model facebook/musicgen-stereo-melody-large needs"),
+    ("MUSICGEN_DECODER", "error: MUSICGEN_DECODER must be one of fast, exact, stock; got 'turbo'"),
+])
+def test_command_line_setup_problems_are_one_line(tmp_path, setting, message):
+    value = str(tmp_path) if setting == "MUSICGEN_WEIGHTS" else "turbo"  # an empty folder; a bad value
+    proc = subprocess.run([str(ROOT / "script" / "predict"), "-i", "prompt=jazz"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, setting: value})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert proc.stderr.startswith(message), proc.stderr
+    if setting == "MUSICGEN_WEIGHTS":
+        assert "Run `script/download-weights`" in proc.stderr
+
+
 def test_command_line_mp3_and_errors(tiny_weights, tmp_path, monkeypatch, capsys):
     from musicgen_service import cli
 

@@ -1,24 +1,36 @@
 """The project's contract files: cog.yaml, pins, and the public input schema of predict.py."""
 from __future__ import annotations
 
+import ast
 import inspect
+import io
 import json
+import tokenize
 import typing as tp
 from pathlib import Path
 
 import pytest
 import yaml
 
+import cog_image
 from seed_schema import SEED_DESCRIPTIONS, SEED_INPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 COG_SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"
 
+def _cog_schema() -> tp.Dict[str, tp.Any]:
+    """The cog.yaml schema copied here, plus ``build.sdk_version``: the copy predates it, Cog's own
+    (pkg/config/data/config_schema_v1.0.json) has it since 0.18."""
+    schema = json.loads(COG_SCHEMA.read_text())
+    schema["properties"]["build"]["properties"]["sdk_version"] = {"type": "string"}
+    return schema
+
+
 def test_cog_yaml_is_valid_for_cog():
     import jsonschema
 
     config = yaml.safe_load((ROOT / "cog.yaml").read_text())
-    jsonschema.validate(config, json.loads(COG_SCHEMA.read_text()))
+    jsonschema.validate(config, _cog_schema())
     assert config["predict"] == "predict.py:Predictor"
     assert config["build"]["gpu"] is True
     assert str(config["build"]["python_version"]) == "3.11"
@@ -29,8 +41,7 @@ def test_cog_schema_rejects_a_broken_config():
     import jsonschema
 
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"build": {"gpu": "yes", "python_packagez": []}},
-                            json.loads(COG_SCHEMA.read_text()))
+        jsonschema.validate({"build": {"gpu": "yes", "python_packagez": []}}, _cog_schema())
 
 
 def _requirements(name: str) -> tp.List[str]:
@@ -48,6 +59,39 @@ def test_requirements_are_pinned_and_nodeps_match_cog_yaml():
     for req in _requirements("requirements-nodeps.txt"):
         assert req in run, f"cog.yaml run does not install {req}"
     assert "--no-deps" in run
+
+
+def test_cog_yaml_run_installs_the_way_cogs_python_allows():
+    """A `run:` line is a bare RUN (replicate/cog pkg/dockerfile/standard_generator.go runCommands):
+    it gets none of the flags Cog gives its own installs, its Python is uv-managed and externally
+    managed (PEP 668), and only `python` is on PATH. test_image_build.py runs the line itself."""
+    for line in cog_image.run_lines(cog_image.cog_config(ROOT)):
+        if "pip install" in line:
+            assert line.startswith("python -m pip install "), line
+            assert "--break-system-packages" in line.split(), line
+            assert "--no-cache-dir" in line.split(), line  # no pip cache left in the image
+
+
+def test_cog_sdk_in_the_image_is_the_one_tested():
+    sdk = str(cog_image.cog_config(ROOT)["build"]["sdk_version"])
+    assert f"cog=={sdk}" in _requirements("requirements-dev.txt")
+    assert not any(r.startswith(("cog==", "coglet==")) for r in _requirements("requirements.txt"))
+
+
+def test_dockerignore_keeps_the_model_and_leaves_out_local_state():
+    patterns = cog_image.dockerignore_patterns(ROOT)
+    for kept in ("predict.py", "cog.yaml", "requirements.txt", "musicgen_service/service.py",
+                 "weights/README.md", "weights/models--t5-base/blobs/0123abcd",
+                 "weights/models--t5-base/snapshots/f00d/config.json", "bench/results/cpu.md"):
+        assert not cog_image.dockerignored(kept, patterns), kept
+    for dropped in (".git/HEAD", ".venv/bin/python", ".venv-schema/bin/python", ".gpu/site.tar.xz",
+                    "bench/work/models--facebook--musicgen-small/blobs/0123abcd",
+                    "musicgen_service/__pycache__/service.cpython-311.pyc", ".pytest_cache/README.md",
+                    "output.wav", "output-2.mp3"):
+        assert cog_image.dockerignored(dropped, patterns), dropped
+    context = cog_image.build_context(ROOT)
+    assert "predict.py" in context and "musicgen_service/weights.py" in context
+    assert not any(f.startswith((".cog/", ".venv/", ".git/")) for f in context)
 
 
 def _predict_inputs() -> tp.List[tp.Tuple[str, tp.Any, tp.Any]]:
@@ -70,3 +114,52 @@ def test_predict_has_the_seed_schema():
         assert field.choices == choices, name
         assert field.description == SEED_DESCRIPTIONS[name], name
     assert tp.get_type_hints(__import__("predict").Predictor.predict)["return"] is cog.Path
+
+
+def _input_calls() -> tp.Dict[str, ast.Call]:
+    """predict()'s ``Input(...)`` calls in predict.py, by parameter name, as the parser sees them."""
+    tree = ast.parse((ROOT / "predict.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
+    predict = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "predict")
+    params = predict.args.args[len(predict.args.args) - len(predict.args.defaults):]
+    return {a.arg: d for a, d in zip(params, predict.args.defaults)
+            if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "Input"}
+
+
+def test_predict_inputs_are_literals_that_cogs_static_schema_parser_reads():
+    """`cog build` (Cog >= 0.23) makes the image's OpenAPI schema by parsing predict.py, not by running
+    it (replicate/cog pkg/schema/python/inputs.go parseInputCall, literals.go): ``choices`` must be a
+    list literal (an imported name or ``list(X)`` fails the build), ``ge``/``le`` number literals
+    (anything else is dropped without a word), a description one string literal (implicitly joined
+    literals are copied with the quotes and whitespace between them) and a default a literal.
+    This checks those rules with Python's own parser; it is a model of Cog's, not Cog's."""
+    source = (ROOT / "predict.py").read_text()
+    calls = _input_calls()
+    assert list(calls) == [name for name, *_ in SEED_INPUTS]
+    for name, call in calls.items():
+        for kw in call.keywords:
+            text = ast.get_source_segment(source, kw.value)
+            where = f"{name}: {kw.arg}={text}"
+            if kw.arg == "description":
+                tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                          if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+                assert len(tokens) == 1 and tokens[0].type == tokenize.STRING, where
+                assert text[0] in "\"'" and "\\" not in text, where
+            elif kw.arg == "choices":
+                assert isinstance(kw.value, ast.List), where
+                assert all(isinstance(e, ast.Constant) for e in kw.value.elts), where
+            elif kw.arg in ("ge", "le"):
+                float(text)  # Cog parses the text itself as a number
+            elif kw.arg == "default":
+                ast.literal_eval(kw.value)
+            else:
+                raise AssertionError(f"{where}: not checked against Cog's static parser")
+
+
+def test_predict_literals_are_the_request_rules():
+    from musicgen_service.request import MAX_SEED, NORMALIZATION_STRATEGIES, OUTPUT_FORMATS
+
+    fields = {name: field for name, _, field in _predict_inputs()}
+    assert fields["normalization_strategy"].choices == list(NORMALIZATION_STRATEGIES)
+    assert fields["output_format"].choices == list(OUTPUT_FORMATS)
+    assert fields["seed"].le == MAX_SEED
