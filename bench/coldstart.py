@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stock", action="store_true", help="audiocraft's MusicGen.get_pretrained")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--decoder", default="fast", help="our setup's decoder (stock: model loading only)")
+    parser.add_argument("--decoder", default="auto", help="our setup's decoder (stock: model loading only)")
     parser.add_argument("--mbd", default="lazy", choices=["lazy", "eager"],
                         help="eager: our setup also loads MultiBand Diffusion (its cost on every boot)")
     args = parser.parse_args()

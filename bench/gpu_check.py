@@ -22,7 +22,7 @@ Top-level ``"headline"``: device, default_text_8s_s, default_melody_30s_s,
 fast_speedup_vs_audiocraft_8s, cuda_graph_failures, and more. ``--budget`` seconds (default 450)
 bounds the run: steps that would start after it are marked skipped.
 
-``--dry``: CPU, the xsmall LM (with the test suite's tiny T5, htdemucs, EnCodec and MBD), durations
+``--dry``: CPU, the xsmall LM (with the test suite's tiny T5, htdemucs, EnCodec and MBD), fp16, durations
 1/2/3 s instead of 8/30/60 s (extension windows are tested in tests/test_decoding.py); the ``fast`` decoder runs its static steps eagerly (what a GPU records
 as graphs).
 """
@@ -177,10 +177,11 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
         reset_peak(device)
         predictor = Predictor()
         seconds, _ = timed(device, predictor.setup)
-        if dry:  # the static loop a GPU records, run eagerly on the CPU
-            from musicgen_service.decoding import Decoder
+        if dry:  # the static loop a GPU records (fp16, MUSICGEN_DECODER below), run eagerly on the CPU
+            from musicgen_service.decoding.graphs import StepGraphs
 
-            predictor.service.generator.decoder = Decoder(predictor.service.model.lm, "fast", static_steps=True)
+            decoder = predictor.service.generator.decoder
+            decoder.graphs = StepGraphs(decoder.runner, record=False)
         state["predictor"] = predictor
         return {"setup_s": round(seconds, 2), "decoder": predictor.service.generator.decoder.describe(),
                 "peak_gpu_GB": peak_gb(device)}
@@ -284,7 +285,7 @@ def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, 
             if dry and mode == "fast":
                 from musicgen_service.decoding import Decoder
 
-                generator.decoder = Decoder(model.lm, "fast", static_steps=True)
+                generator.decoder = Decoder(model.lm, "fp16", static_steps=True)
             request = service.parse(prompt=PROMPT, duration=duration, seed=SEED)
             if mode == "fast":  # the first request of a shape records its graphs: timed separately
                 first, _ = timed(device, lambda: generator.generate(request).tokens)
@@ -328,13 +329,11 @@ def quality(report: Report, service: tp.Any, reference: tp.Any, device: str) -> 
         import torch
 
         from bench.quality import teacher_forced
-        from musicgen_service.decoding import fast_dtype
         from musicgen_service.decoding.runner import Runner
 
         model = service.model
-        dtype = fast_dtype(next(model.lm.parameters()).device) or torch.float16
-        with model.autocast:  # exact runs under stock's autocast; fast turns it off inside
-            q = teacher_forced(model, Runner(model.lm), Runner(model.lm, dtype), PROMPT, reference)
+        with model.autocast:  # exact runs under stock's autocast; fp16 turns it off inside
+            q = teacher_forced(model, Runner(model.lm), Runner(model.lm, "fp16"), PROMPT, reference)
         return {k: (round(v, 8) if isinstance(v, float) else v) for k, v in q.items()}
 
     r = report.run("small_fast_vs_exact_quality", run)
@@ -389,7 +388,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     scale = "xsmall" if args.dry else "large"
     # the default model (facebook/musicgen-stereo-melody-large; its xsmall twin in a dry run)
     os.environ.update({"MUSICGEN_WEIGHTS": str(cache), "MUSICGEN_DEVICE": device, "MUSICGEN_MBD": "lazy",
-                       "MUSICGEN_DECODER": "fast", "MUSICGEN_MODEL": models.model_id(scale, True, True)})
+                       "MUSICGEN_DECODER": "fp16" if args.dry else "auto",  # auto is fp16 on GPUs
+                       "MUSICGEN_MODEL": models.model_id(scale, True, True)})
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)"
     report = Report(args.out, args.budget, name)
     small = "xsmall" if args.dry else "small"
@@ -412,41 +412,48 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         return {"write_s": times}
 
     report.run("write_models", write_models)
+    def stock_service(model_id: str) -> tp.Any:
+        """A service whose LM keeps its own weights (the Predictor's decoder released the ones it
+        keeps in another precision), for the stock / exact / fast comparisons."""
+        from musicgen_service.service import Service
+        from musicgen_service.settings import Settings
+
+        return Service(Settings(weights_dir=cache, model=model_id, device=device, mbd="off", decoder="stock"))
+
+    failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         predictor = predictor_steps(report, device, durations, Path(tmp), args.dry)
-        failures = 0
         if predictor is not None:
-            service = predictor.service
-            short = durations["short"]
-            res = decoder_comparison(report, "default", service, device, short, ["exact", "fast"], False, args.dry,
-                                     scale, None)
-            if res.get("fast", {}).get("speedup_vs_audiocraft"):
-                report.headline["fast_speedup_vs_audiocraft_8s"] = res["fast"]["speedup_vs_audiocraft"]
-                report.headline["default_fast_ms_per_step"] = res["fast"]["ms_per_step"]
-            if res.get("exact", {}).get("speedup_vs_audiocraft"):
-                report.headline["exact_speedup_vs_audiocraft_8s"] = res["exact"]["speedup_vs_audiocraft"]
-            failures += (service.generator.decoder.graphs.failures if service.generator.decoder.graphs else 0)
-            del predictor, service
+            graphs = predictor.service.generator.decoder.graphs
+            failures += graphs.failures if graphs is not None else 0
+            del predictor, graphs
             gc.collect()
             torch.cuda.empty_cache() if device == "cuda" else None
-
-        def small_service() -> tp.Any:
-            from musicgen_service.service import Service
-            from musicgen_service.settings import Settings
-
-            return Service(Settings(weights_dir=cache, model=models.model_id(small, False), device=device,
-                                    mbd="off", decoder="stock"))
-
-        holder: tp.Dict[str, tp.Any] = {}
-        report.run("small_setup", lambda: holder.update(service=small_service()) or {"ok": True})
-        if "service" in holder:
-            service = holder["service"]
-            t5_config = models.real_t5_config() if not args.dry else tiny.tiny_t5_config()
-            res = decoder_comparison(report, "small", service, device, durations["short"], ["exact", "fast"], True,
-                                     args.dry, small, t5_config)
-            if "_exact_tokens" in res:
-                quality(report, service, res["_exact_tokens"], device)
-            exact_promise(report, service, device, 2)
+    holder: tp.Dict[str, tp.Any] = {}
+    report.run("default_setup", lambda: holder.update(default=stock_service(models.model_id(scale, True, True)))
+               or {"ok": True})
+    if "default" in holder:
+        service = holder.pop("default")
+        res = decoder_comparison(report, "default", service, device, durations["short"], ["exact", "fast"], False,
+                                 args.dry, scale, None)
+        if res.get("fast", {}).get("speedup_vs_audiocraft"):
+            report.headline["fast_speedup_vs_audiocraft_8s"] = res["fast"]["speedup_vs_audiocraft"]
+            report.headline["default_fast_ms_per_step"] = res["fast"]["ms_per_step"]
+        if res.get("exact", {}).get("speedup_vs_audiocraft"):
+            report.headline["exact_speedup_vs_audiocraft_8s"] = res["exact"]["speedup_vs_audiocraft"]
+        del service, res
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+    report.run("small_setup", lambda: holder.update(small=stock_service(models.model_id(small, False)))
+               or {"ok": True})
+    if "small" in holder:
+        service = holder["small"]
+        t5_config = models.real_t5_config() if not args.dry else tiny.tiny_t5_config()
+        res = decoder_comparison(report, "small", service, device, durations["short"], ["exact", "fast"], True,
+                                 args.dry, small, t5_config)
+        if "_exact_tokens" in res:
+            quality(report, service, res["_exact_tokens"], device)
+        exact_promise(report, service, device, 2)
     report.headline["cuda_graph_failures"] = failures + sum(
         step["result"]["graphs"]["failures"] for step in report.data["steps"].values()
         if isinstance(step, dict) and isinstance(step.get("result"), dict)

@@ -52,8 +52,14 @@ def machine() -> tp.Dict[str, tp.Any]:
                 break
     except OSError:
         pass
+    from musicgen_service.decoding.precision import cpu_flags
+
+    relevant = ("avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cpu_flags": [f for f in relevant if f in cpu_flags()],
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -102,7 +108,8 @@ def streamed_bytes(lm: tp.Any) -> int:
 
 # ---------------------------------------------------------------------------------------- cold start
 
-def cold_start(cache: Path, model_id: str, device: str, profile: bool = True) -> tp.Dict[str, tp.Any]:
+def cold_start(cache: Path, model_id: str, device: str, profile: bool = True,
+               decoders: tp.Sequence[str] = ()) -> tp.Dict[str, tp.Any]:
     def run(*flags: str) -> tp.Dict[str, tp.Any]:
         cmd = [sys.executable, str(ROOT / "bench" / "coldstart.py"), "--weights", str(cache),
                "--model", model_id, "--device", device, *flags]
@@ -114,7 +121,7 @@ def cold_start(cache: Path, model_id: str, device: str, profile: bool = True) ->
     log(f"cold start: {model_id}")
     # Stock and ours alternate, twice each when profiling too: the best of each is reported. "ours"
     # loads the models (decoder "stock": nothing more), like get_pretrained; "ours_full" is the
-    # whole setup, with the default decoder's preparation (fast: fp16 copies of the LM weights).
+    # whole setup, with the default decoder's preparation (auto: measuring, converting, releasing).
     runs: tp.Dict[str, tp.List[tp.Dict[str, tp.Any]]] = {"ours": [], "stock": [], "ours_full": []}
     for _ in range(2 if profile else 1):
         runs["stock"].append(run("--stock"))
@@ -122,7 +129,9 @@ def cold_start(cache: Path, model_id: str, device: str, profile: bool = True) ->
         runs["ours_full"].append(run())
     ours, stock, full = (min(runs[k], key=lambda r: r["setup_s"]) for k in ("ours", "stock", "ours_full"))
     phases = run("--profile", "--decoder", "stock")["phases_s"] if profile else {}
-    return {"ours": ours, "stock": stock, "ours_full": full, "phases_s": phases,
+    # the whole setup with each decoder: what its weights cost in time and memory (peak / final RSS)
+    per_decoder = {name: run("--decoder", name) for name in decoders}
+    return {"ours": ours, "stock": stock, "ours_full": full, "phases_s": phases, "per_decoder": per_decoder,
             "setup_speedup_vs_stock": round(stock["setup_s"] / ours["setup_s"], 2)}
 
 
@@ -256,12 +265,19 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
         log(f"  {duration} s: stock audiocraft {stock_s:.1f} s")
         for mode, generator in generators.items():
             seconds, tokens = run_ours(service, generator, duration, melody_path)
+            runner = generator.decoder.runner
+            # the floor for this decoder's own bytes: its matrices (stock: the LM's parameters)
+            mode_floor_s = (runner.step_bytes() if runner is not None else lm_bytes) / (bw["read_GBps"] * 1e9)
             row["modes"][mode] = {
                 "decoder": generator.decoder.describe(), "s": round(seconds, 2),
                 "s_per_step": round(seconds / steps, 4), "rtf": round(seconds / duration, 3),
                 "speedup_vs_audiocraft": round(stock_s / seconds, 2),
                 "same_tokens_as_stock": bool(torch.equal(tokens.cpu(), stock_tokens.cpu())),
-                "fraction_of_floor": round(floor_s / (seconds / steps), 3)}
+                "streamed_MB_per_step": round((runner.step_bytes() if runner is not None else lm_bytes) / 1e6, 1),
+                "floor_s_per_step": round(mode_floor_s, 4),
+                "fraction_of_floor": round(mode_floor_s / (seconds / steps), 3)}
+            if generator.decoder.trials:
+                row["modes"][mode]["auto_table"] = [t.row() for t in generator.decoder.trials]
             if mode == "exact" and reference_tokens is None:
                 reference_tokens = tokens
             log(f"  {duration} s: ours ({generator.decoder.describe()}) {seconds:.1f} s")
@@ -271,18 +287,21 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
     result: tp.Dict[str, tp.Any] = {"model": model_id, "scale": scale, "melody": melody, "dtype": dtype_name,
                                     "lm_params_M": round(sum(p.numel() for p in model.lm.parameters()) / 1e6, 1),
                                     "streamed_MB_per_step": round(lm_bytes / 1e6, 1), "rows": rows}
-    fast = generators.get("fast")
     exact = generators.get("exact")
-    if fast is not None and exact is not None and fast.decoder.mode == "fast" and reference_tokens is not None \
-            and not melody:
+    if exact is not None and reference_tokens is not None and not melody:
         from bench.quality import teacher_forced
 
-        with model.autocast:  # exact runs under stock's autocast (fp16 on GPUs); fast turns it off
-            q = teacher_forced(model, exact.decoder.runner, fast.decoder.runner, PROMPT, reference_tokens)
-        fast_tokens = run_ours(service, fast, durations[0], None)[1]
-        q["free_running_token_agreement"] = round((fast_tokens == reference_tokens).float().mean().item(), 3)
-        result["fast_vs_exact_quality"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in q.items()}
-        log(f"  fast vs exact: {result['fast_vs_exact_quality']}")
+        result["quality_vs_exact"] = {}
+        for mode, generator in generators.items():
+            runner = generator.decoder.runner
+            if runner is None or runner.exact:
+                continue
+            with model.autocast:  # exact runs under stock's autocast (fp16 on GPUs); the others turn it off
+                q = teacher_forced(model, exact.decoder.runner, runner, PROMPT, reference_tokens)
+            mode_tokens = run_ours(service, generator, durations[0], None)[1]
+            q["free_running_token_agreement"] = round((mode_tokens == reference_tokens).float().mean().item(), 3)
+            result["quality_vs_exact"][mode] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in q.items()}
+            log(f"  {mode} vs exact: {result['quality_vs_exact'][mode]}")
     if mbd_seconds and not melody:
         tokens = run_ours(service, generators[modes[0]], 1, None)[1][..., :max(1, int(mbd_seconds * 50))]
         mbd = service.mbd_decoder()
@@ -330,9 +349,12 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
         lines += [f"## Cold start: {cold['model']}", "",
                   "| | setup s | imports s | peak RSS MB | final RSS MB |", "|---|---|---|---|---|"]
         for key, label in (("stock", "stock `MusicGen.get_pretrained`"), ("ours", "ours: model loading"),
-                           ("ours_full", "ours: whole setup (+ fast decoder's fp16 weights)")):
+                           ("ours_full", "ours: whole setup (+ the auto decoder's choice)")):
             r = cold[key]
             lines.append(f"| {label} | {r['setup_s']} | {r['imports_s']} | {r['peak_rss_mb']} | {r['final_rss_mb']} |")
+        for name, r in cold.get("per_decoder", {}).items():
+            lines.append(f"| ours: whole setup, decoder {name} | {r['setup_s']} | {r['imports_s']} | "
+                         f"{r['peak_rss_mb']} | {r['final_rss_mb']} |")
         lines += ["",
                   f"setup_speedup_vs_stock: {cold['setup_speedup_vs_stock']}x."
                   + (" Phases of our setup (cProfile attribution, inflated by the profiler): "
@@ -361,11 +383,14 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
                              f"{_x(m['speedup_vs_audiocraft'])} | "
                              f"{_x(m['speedup_vs_transformers']) if 'speedup_vs_transformers' in m else '-'} | "
                              f"{'yes' if m['same_tokens_as_stock'] else 'no'} | {m['fraction_of_floor']} |")
+        for r in gen["rows"][:1]:
+            for mode, m in r["modes"].items():
+                if m.get("auto_table"):
+                    lines += ["", f"`{mode}` measured at setup ({m['decoder']}): " + "; ".join(m["auto_table"]) + "."]
         lines += ["", "EnCodec decode: " + ", ".join(f"{r['duration_s']} s of audio in {r['encodec_decode_s']} s"
                                                      for r in gen["rows"]) + "."]
-        if "fast_vs_exact_quality" in gen:
-            q = gen["fast_vs_exact_quality"]
-            lines += ["", f"Fast vs exact, teacher-forced over {q['steps']} steps: KL mean {q['kl_mean']:.2e} "
+        for mode, q in gen.get("quality_vs_exact", {}).items():
+            lines += ["", f"{mode} vs exact, teacher-forced over {q['steps']} steps: KL mean {q['kl_mean']:.2e} "
                           f"(max {q['kl_max']:.2e}) nats, total variation {q['total_variation_mean']:.4f}, "
                           f"top-1 agreement {q['top1_agreement']:.1%}, max |logit diff| "
                           f"{q['max_abs_logit_diff']:.3f}; free-running token agreement "
@@ -397,7 +422,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", default=None, help="LM dtype for transformers' model (default: float32 on "
                         "CPU, float16 on CUDA, like audiocraft)")
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--modes", default="exact,fast", help="our decoders to run (stock, exact, fast)")
+    parser.add_argument("--modes", default="exact,fp16,bf16,int8,auto",
+                        help="our decoders to run (stock, exact, fp16, bf16, int8, auto)")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--mbd-seconds", type=float, default=None,
                         help="seconds of audio for the MBD decode (default: 0.2 quick, 1 on CPU, 8 on GPU)")
@@ -434,7 +460,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                                     "bandwidth": bandwidth(args.device), "cold_start": [], "generation": []}
     if not args.no_cold_start:
         for scale in scales:
-            cold = cold_start(cache, models.model_id(scale, False), args.device, profile=not args.quick)
+            cold = cold_start(cache, models.model_id(scale, False), args.device, profile=not args.quick,
+                              decoders=[] if args.quick else [m for m in modes if m != "stock"])
             report["cold_start"].append({"model": models.model_id(scale, False), **cold})
     with tempfile.TemporaryDirectory() as tmp:
         for scale in scales:

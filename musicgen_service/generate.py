@@ -98,7 +98,7 @@ class Progress:
 
 class Generator:
     """Runs one request at a time on a loaded MusicGen, decoding in ``decoding_mode``
-    (see :mod:`.decoding`: ``stock``, ``exact`` or ``fast``)."""
+    (see :mod:`.decoding`: ``auto``, ``exact``, ``fp16``, ``bf16``, ``int8`` or ``stock``)."""
 
     def __init__(self, model: tp.Any, decoding_mode: str = "stock"):
         from .decoding import Decoder
@@ -107,6 +107,7 @@ class Generator:
         start = time.perf_counter()
         self.decoder = Decoder(model.lm, decoding_mode)
         log.info("decoding: %s (prepared in %.2f s)", self.decoder.describe(), time.perf_counter() - start)
+        self.decoder.log_choice()
 
     @property
     def melody(self) -> bool:

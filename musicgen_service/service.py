@@ -32,6 +32,10 @@ class Service:
         self.model = loading.load_musicgen(settings, device)
         self.mbd = loading.MBDSource(settings, device)
         self.generator = Generator(self.model, settings.decoder)
+        freed = self.generator.decoder.release_stock_weights()
+        if freed:
+            log.info("released the LM's %s weights kept in %s instead: %.0f MB", self.model.lm.emb[0].weight.dtype,
+                     self.generator.decoder.mode, freed / 1e6)
         self.capabilities = self.generator.capabilities(settings.max_duration, self.mbd.unavailable())
         if device.startswith("cuda"):
             self._warm_up()

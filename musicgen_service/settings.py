@@ -11,7 +11,7 @@ environment at all.
 | ``MUSICGEN_DEVICE``        | ``cuda`` when available, else ``cpu``    | torch device for every model |
 | ``MUSICGEN_MBD``           | ``lazy``                                 | MultiBand Diffusion: ``eager`` (load in setup), ``lazy`` (load on first use) or ``off`` |
 | ``MUSICGEN_MAX_DURATION``  | ``300``                                  | longest ``duration`` (seconds) a request may ask for |
-| ``MUSICGEN_DECODER``       | ``fast``                                 | LM decoding: ``fast``, ``exact`` or ``stock`` (see ``decoding``) |
+| ``MUSICGEN_DECODER``       | ``auto``                                 | LM decoding: ``auto`` (``fast``), ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock`` (see ``decoding``) |
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = "facebook/musicgen-stereo-melody-large"
 DEFAULT_MAX_DURATION = 300
 MBD_MODES = ("eager", "lazy", "off")
-DECODERS = ("fast", "exact", "stock")
-DEFAULT_DECODER = "fast"
+DECODERS = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock", "fast")  # fast: auto's former name
+DEFAULT_DECODER = "auto"
 
 
 class SettingsError(ValueError):

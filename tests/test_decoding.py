@@ -13,7 +13,7 @@ import torch
 
 from audio_helpers import melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.decoding import Decoder, fast_dtype
+from musicgen_service.decoding import Decoder, precision
 from musicgen_service.generate import Generator
 
 
@@ -129,7 +129,7 @@ def test_fast_runner_has_explicit_dtypes(text_service, dtype):
     from musicgen_service.decoding.runner import Runner
 
     lm = _gpu_like(text_service.model.lm, dtype)
-    runner = Runner(lm, dtype)
+    runner = Runner(lm, {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype])
     tensors = _cfg_tensors(lm)
     torch.manual_seed(0)
     seq = torch.randint(0, lm.card, (2, lm.n_q, 10))
@@ -177,9 +177,9 @@ def test_step_sampler_gives_audiocraft_tokens(params):
     assert torch.equal(sampler.guide(all_logits, 2), uncond + (cond - uncond) * 3.0)
 
 
-def _static_decoder(lm, dtype=torch.float32):
-    decoder = Decoder(lm, "fast", dtype=dtype, static_steps=True)
-    assert decoder.describe() == f"fast, {str(dtype).replace('torch.', '')}, static steps"
+def _static_decoder(lm):
+    decoder = Decoder(lm, "exact", static_steps=True)
+    assert decoder.describe() == "exact, static steps"
     return decoder
 
 
@@ -192,7 +192,7 @@ def _tokens_with(service, decoder, **inputs):
 
 def test_static_loop_gives_the_exact_tokens(text_service, melody_service, tune):
     """The whole static step (layers, guidance, sampling, token write: what a CUDA graph replays),
-    run eagerly in fp32, against the exact decoder, same seed: text (cross-attention), melody
+    run eagerly on the exact weights, against the exact decoder's dynamic steps, same seed: text (cross-attention), melody
     (prepended chroma), continuation (a prompt). Within one short span the masked attention adds
     only exact zeros, so the tokens are the same; one decoder serves every window (its caches are
     reused and cleared), and the same request twice gives the same tokens."""
@@ -219,30 +219,69 @@ def test_static_loop_past_the_window(text_service, exact_33s):
     assert torch.equal(static[..., :50], exact[..., :50])
 
 
-@pytest.mark.skipif(fast_dtype(torch.device("cpu")) is None, reason="no reduced precision on this CPU")
-def test_fast_mode_runs_every_mode(text_service, melody_service, tune):
-    for service, inputs in ((text_service, {"duration": 2}), (melody_service, {"input_audio": str(tune)}),
-                            (melody_service, {"input_audio": str(tune), "continuation": True}),
-                            (text_service, {"duration": 31})):
-        fast = tokens(service, "fast", **inputs)
-        exact = tokens(service, "exact", **inputs)
-        assert fast.shape == exact.shape
-        assert fast.min() >= 0 and fast.max() < service.model.lm.card
+def _runnable(name, max_kl):
+    """Skipped only where torch cannot run that precision on this CPU at all."""
+    reason = precision.unavailable_reason(name, torch.device("cpu"))
+    return pytest.param(name, max_kl, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=name)
 
 
-@pytest.mark.parametrize("dtype, max_kl", [(torch.float16, 1e-5), (torch.bfloat16, 1e-3)])
-def test_fast_precision_stays_close_to_exact(text_service, melody_service, dtype, max_kl):
-    """Teacher-forced on the same tokens, next-token distributions barely move (bench/quality.py
-    measures the same at real size)."""
+@pytest.mark.parametrize("name, max_kl", [_runnable("fp16", 1e-5), _runnable("bf16", 1e-3), _runnable("int8", 1e-3)])
+def test_each_precision_decodes_and_stays_close_to_exact(text_service, melody_service, tune, name, max_kl):
+    """Every precision, forced whatever this CPU would pick: it decodes text, melody and continuation,
+    and teacher-forced on the same tokens its next-token distributions barely move from exact's
+    (bench/precision.py measures the same at real size)."""
     from bench.quality import teacher_forced
     from musicgen_service.decoding.runner import Runner
 
+    for service, inputs in ((text_service, {"duration": 2}), (melody_service, {"input_audio": str(tune)}),
+                            (melody_service, {"input_audio": str(tune), "continuation": True})):
+        out = tokens(service, name, **inputs)
+        assert out.shape == tokens(service, "exact", **inputs).shape
+        assert out.min() >= 0 and out.max() < service.model.lm.card
     for service in (text_service, melody_service):
         model = service.model
-        reference = tokens(service, "exact")
-        q = teacher_forced(model, Runner(model.lm), Runner(model.lm, dtype), "lo-fi beat", reference)
+        q = teacher_forced(model, Runner(model.lm), Runner(model.lm, name), "lo-fi beat", tokens(service, "exact"))
         assert q["kl_mean"] < max_kl, q
         assert q["top1_agreement"] > 0.9, q
+
+
+def test_auto_measures_and_picks_within_the_bar(text_service):
+    """auto times every runnable precision here and checks the quality of the fastest: whatever it
+    picks (this depends on the CPU, so no particular choice is expected) is exact, or faster than
+    exact in its own measurement and within the quality bar."""
+    decoder = Decoder(text_service.model.lm, "auto")
+    trials = {t.precision: t for t in decoder.trials}
+    assert set(trials) == set(precision.PRECISIONS)
+    assert trials["exact"].ms_per_layer_step > 0
+    chosen = trials[decoder.mode]
+    assert decoder.describe().startswith(f"auto: {decoder.mode} (measured in ")
+    if decoder.mode != "exact":
+        assert chosen.ms_per_layer_step < trials["exact"].ms_per_layer_step
+        assert precision.meets_bar(chosen.quality), chosen
+    assert precision.decide(decoder.trials) == decoder.mode
+
+
+def test_decide_never_picks_a_failing_or_slower_candidate():
+    T = precision.Trial
+    good = {"kl_mean": 1e-5, "top1": 1.0}
+    bad = {"kl_mean": 1e-2, "top1": 0.9}
+    assert precision.decide([T("exact", 10), T("int8", 3, bad), T("fp16", 5, good), T("bf16", 4)]) == "fp16"
+    assert precision.decide([T("exact", 10), T("int8", 3, bad), T("fp16", 12, good)]) == "exact"
+    assert precision.decide([T("exact", 10), T("fp16", None, note="unavailable")]) == "exact"
+    assert precision.decide([T("exact", 10), T("fp16", 3, {"kl_mean": 1e-5, "top1": 0.97})]) == "exact"
+
+
+def test_release_keeps_only_the_chosen_precision(tiny_weights):
+    """Once a reduced precision is chosen, the LM's own fp32 matrices are freed, and decoding still
+    works from the runner's copies."""
+    service = make_service(tiny_weights, MONO_TEXT, decoder="fp16")
+    lm = service.model.lm
+    assert service.generator.decoder.released
+    assert all(p.numel() == 0 for p in (lm.transformer.layers[0].linear1.weight, lm.linears[0].weight,
+                                        lm.transformer.layers[0].self_attn.in_proj_weight))
+    assert lm.emb[0].weight.numel() > 0  # embeddings and norms stay: the runner reads them
+    req = service.parse(prompt="lo-fi beat", duration=1, seed=1)
+    assert service.generator.generate(req).tokens.shape == (1, 4, 50)
 
 
 def test_unsupported_models_fall_back_to_stock(text_service, capsys):

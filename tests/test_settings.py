@@ -9,7 +9,7 @@ def test_defaults_without_environment():
     s = Settings.from_env({})
     assert s.model == DEFAULT_MODEL == "facebook/musicgen-stereo-melody-large"
     assert s.weights_dir == PROJECT_ROOT / "weights"
-    assert (s.device, s.mbd, s.max_duration, s.decoder) == ("auto", "lazy", 300, "fast")
+    assert (s.device, s.mbd, s.max_duration, s.decoder) == ("auto", "lazy", 300, "auto")
 
 
 def test_environment_overrides(tmp_path):

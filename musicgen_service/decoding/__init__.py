@@ -6,96 +6,130 @@ window), so audiocraft keeps doing conditioning, windowed extension and melody
 handling; only the step loop changes. Modes:
 
 - ``stock``: audiocraft's ``LMModel.generate`` itself (fallback and reference);
-- ``exact``: :class:`.runner.Runner` in the parameters' own dtype: the same
+- ``exact``: :class:`.runner.Runner` on the parameters themselves: the same
   operators on the same values as stock, hence the same logits and tokens, minus
   the per-step waste (cross-attention re-projection, cache concatenation, einops);
-- ``fast``: reduced-precision weights (bf16 on CPUs with native bf16, fp16 on
-  AVX2 CPUs and on GPUs), explicit dtypes with autocast off, and on CUDA whole
-  decoding steps (layers, guidance, sampling, token write) replayed from CUDA
-  graphs (:mod:`.graphs`). Its cost in quality is measured by bench/quality.py
-  (token agreement, logit divergence).
+- ``fp16``, ``bf16``, ``int8``, ``int8dyn``: the weight matrices in that precision
+  (:mod:`.precision`), explicit dtypes with autocast off;
+- ``auto`` (the default; ``fast`` is its old name): on CPUs the fastest of those
+  that meets the quality bar, measured on this machine at setup, never slower
+  than ``exact`` (:func:`.precision.choose`); on GPUs fp16 (audiocraft's own GPU
+  dtype). On GPUs every reduced-precision mode replays whole decoding steps
+  (layers, guidance, sampling, token write) from CUDA graphs (:mod:`.graphs`).
 
 What ``exact`` promises: on the CPU, stock's very tokens for the same seed
 (tested). On CUDA it runs under the same fp16 autocast as stock, with stock's
 operators on stock's values, and the promise is a measured agreement, reported by
 ``bench/gpu_check.py`` next to stock's agreement with itself: on an H200, stock's
 tokens for musicgen-small and 99.8% of them for stereo-melody-large (stock agreed
-with itself 100%). On GPUs ``fast`` computes the same fp16 logits as ``exact``
-(audiocraft's GPU dtype; KL 0 measured), with sampling in fp32 and whole steps
-replayed from CUDA graphs.
+with itself 100%). On GPUs fp16 computes the same logits as ``exact`` (KL 0
+measured), with sampling in fp32 and whole steps replayed from CUDA graphs.
 
 The loop mirrors ``LMModel.generate`` step for step (codebook pattern, CFG as one
 batch-2 forward, the same sampling functions, so the random stream is consumed
 identically) and never reads a device value back on the host inside the loop.
 """
+
 from __future__ import annotations
 
+import logging
 import typing as tp
 
 import torch
 
+from . import precision as precisions
 from .runner import Runner, unsupported_reason
 
-MODES = ("stock", "exact", "fast")
+MODES = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock")
+ALIASES = {"fast": "auto"}
 
-
-def fast_dtype(device: torch.device) -> tp.Optional[torch.dtype]:
-    """The reduced precision ``fast`` mode computes in on this device (None: none pays off)."""
-    if device.type == "cuda":
-        return torch.float16  # audiocraft's own dtype on GPUs: the gain there is CUDA graphs
-    if device.type == "cpu":
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16  # native bf16 matrix units (AVX512-BF16 / AMX)
-        if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-            # AVX2 + F16C: torch's fp16 matrix-vector kernels read half the bytes of fp32 ones
-            return torch.float16
-    return None
+log = logging.getLogger("musicgen")
 
 
 class Decoder:
     """Generates with one LM in one mode; prepares (and caches) that mode's weights once."""
 
     def __init__(self, lm: tp.Any, mode: str = "exact", use_cuda_graphs: bool = True,
-                 dtype: tp.Optional[torch.dtype] = None, static_steps: tp.Optional[bool] = None):
-        """``dtype`` overrides ``fast`` mode's reduced precision (for measurements). ``static_steps``:
-        run ``fast`` through the static loop (:mod:`.graphs`; default: on CUDA, where its steps are
-        recorded as CUDA graphs unless ``use_cuda_graphs`` is False); on the CPU it runs eagerly,
-        which is how tests check what a graph would replay."""
+                 static_steps: tp.Optional[bool] = None):
+        """``static_steps``: run through the static loop (:mod:`.graphs`; default: on CUDA, for every
+        mode but ``exact``, where its steps are recorded as CUDA graphs unless ``use_cuda_graphs`` is
+        False); on the CPU it runs eagerly, which is how tests check what a graph would replay."""
+        mode = ALIASES.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"decoding mode must be one of {MODES}, not {mode!r}")
         self.lm = lm
         self.requested = mode
         self.mode = mode
         self.reason: tp.Optional[str] = None
+        self.trials: tp.List[precisions.Trial] = []
+        self.choose_s: tp.Dict[str, float] = {}
+        self.released = False
         device = next(lm.parameters()).device
+        self.runner: tp.Optional[Runner] = None
         if mode != "stock":
             self.reason = unsupported_reason(lm)
-            self.dtype = dtype or fast_dtype(device)
-            if self.reason is None and mode == "fast" and self.dtype is None:
-                self.reason = "no reduced precision pays off on this device"
             if self.reason is not None:
                 self.mode = "stock"
-        self.runner: tp.Optional[Runner] = None
-        if self.mode == "exact":
-            self.runner = Runner(lm)
-        elif self.mode == "fast":
-            self.runner = Runner(lm, self.dtype)
+        if self.mode == "auto":
+            if device.type == "cuda":
+                self.mode, self.runner = "fp16", Runner(lm, "fp16")
+            else:
+                self.mode, self.runner, self.trials, self.choose_s = precisions.choose(lm)
+        elif self.mode != "stock":
+            unavailable = precisions.unavailable_reason(self.mode, device)
+            if unavailable is not None:  # exact runs everywhere
+                self.reason, self.mode = f"{self.mode} unavailable here: {unavailable}", "exact"
+            self.runner = Runner(lm, self.mode)
         self.graphs = None
         if static_steps is None:
-            static_steps = device.type == "cuda"
-        if self.mode == "fast" and static_steps:
+            static_steps = device.type == "cuda" and self.mode not in ("stock", "exact")
+        if static_steps and self.runner is not None:
             from .graphs import StepGraphs
 
             self.graphs = StepGraphs(self.runner, record=use_cuda_graphs)
 
     def describe(self) -> str:
+        steps = ""
+        if self.graphs is not None:
+            steps = ", CUDA graphs" if self.graphs.record else ", static steps"
+        if self.requested == "auto":
+            how = "fp16 on GPUs" if not self.trials else (
+                f"measured in {self.choose_s['measuring']:.2f} s, converted in {self.choose_s['converting']:.2f} s")
+            return f"auto: {self.mode} ({how}){steps}"
         if self.mode == self.requested:
-            dtype = "" if self.runner is None or self.runner.exact else f", {self.runner.dtype}".replace("torch.", "")
-            steps = ""
-            if self.graphs is not None:
-                steps = ", CUDA graphs" if self.graphs.record else ", static steps"
-            return f"{self.mode}{dtype}{steps}"
-        return f"stock (asked for {self.requested}: {self.reason})"
+            return f"{self.mode}{steps}"
+        return f"{self.mode} (asked for {self.requested}: {self.reason}){steps}"
+
+    def log_choice(self) -> None:
+        """The measurement table behind ``auto``'s choice, one line per candidate."""
+        for trial in self.trials:
+            log.info("  decoder candidate %s", trial.row())
+
+    def release_stock_weights(self) -> int:
+        """Free the LM's own copies of the matrices this decoder keeps in another precision (stock
+        and exact decoding of this LM are no longer possible afterwards). Returns the bytes freed."""
+        if self.runner is None or self.runner.exact:
+            return 0
+        kept = {m.w.untyped_storage().data_ptr() for m in self.runner.matrices() + self._cross_matrices()
+                if isinstance(m, precisions.Dense)}
+        freed = 0
+        modules = [m for layer in self.lm.transformer.layers
+                   for m in (layer.self_attn, layer.self_attn.out_proj, layer.cross_attention,
+                             getattr(layer.cross_attention, "out_proj", None), layer.linear1, layer.linear2)]
+        for module in modules + list(self.lm.linears):
+            if module is None:
+                continue
+            for name in ("in_proj_weight", "weight"):
+                param = getattr(module, name, None)
+                if isinstance(param, torch.nn.Parameter) and param.numel() \
+                        and param.untyped_storage().data_ptr() not in kept:
+                    freed += param.numel() * param.element_size()
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+        self.released = True
+        return freed
+
+    def _cross_matrices(self) -> tp.List[tp.Any]:
+        return [m for L in self.runner.layers for m in (L.cross_k, L.cross_v) if m is not None]
 
     @torch.no_grad()
     def generate(self, prompt: tp.Optional[torch.Tensor] = None, conditions: tp.Sequence[tp.Any] = (),
@@ -106,6 +140,8 @@ class Decoder:
         lm = self.lm
         two_step_cfg = lm.two_step_cfg if two_step_cfg is None else two_step_cfg
         if self.runner is None or two_step_cfg:
+            if self.released:
+                raise RuntimeError("two-step guidance needs the LM's own weights, released for this decoder")
             return type(lm).generate(lm, prompt, list(conditions), num_samples, max_gen_len, use_sampling, temp,
                                      top_k, top_p, cfg_coef, two_step_cfg, remove_prompts, check, callback,
                                      **kwargs)

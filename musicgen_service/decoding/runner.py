@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .precision import DENSE_DTYPES, Matrix, _cast, matrix
+
 # Static caches grow in these steps: a graph is recorded per (span, cross length) pair.
 SPAN_STEP = 256
 CROSS_STEP = 64
@@ -84,34 +86,20 @@ def unsupported_reason(lm: tp.Any) -> tp.Optional[str]:
 @dataclass
 class _Layer:
     norm1: tp.Any
-    in_w: torch.Tensor
-    in_b: tp.Optional[torch.Tensor]
-    out_w: torch.Tensor
-    out_b: tp.Optional[torch.Tensor]
+    qkv: Matrix
+    out: Matrix
     scale1: tp.Any
     norm_cross: tp.Any
-    cross_q_w: tp.Optional[torch.Tensor]
-    cross_q_b: tp.Optional[torch.Tensor]
-    cross_k_w: tp.Optional[torch.Tensor]
-    cross_k_b: tp.Optional[torch.Tensor]
-    cross_v_w: tp.Optional[torch.Tensor]
-    cross_v_b: tp.Optional[torch.Tensor]
-    cross_out_w: tp.Optional[torch.Tensor]
-    cross_out_b: tp.Optional[torch.Tensor]
+    cross_q: tp.Optional[Matrix]
+    cross_k: tp.Optional[Matrix]
+    cross_v: tp.Optional[Matrix]
+    cross_out: tp.Optional[Matrix]
     scale_cross: tp.Any
     norm2: tp.Any
-    w1: torch.Tensor
-    b1: tp.Optional[torch.Tensor]
-    w2: torch.Tensor
-    b2: tp.Optional[torch.Tensor]
+    ff1: Matrix
+    ff2: Matrix
     scale2: tp.Any
     activation: tp.Callable[[torch.Tensor], torch.Tensor]
-
-
-def _cast(t: tp.Optional[torch.Tensor], dtype: tp.Optional[torch.dtype]) -> tp.Optional[torch.Tensor]:
-    if t is None or dtype is None or t.dtype == dtype:
-        return t
-    return t.detach().to(dtype).contiguous()
 
 
 class _Norm:
@@ -131,16 +119,18 @@ class _Norm:
 
 
 class Runner:
-    """One LM's weights, prepared for step-by-step decoding in one precision."""
+    """One LM's weights, prepared for step-by-step decoding in one precision (:mod:`.precision`)."""
 
-    def __init__(self, lm: tp.Any, compute_dtype: tp.Optional[torch.dtype] = None):
-        """``compute_dtype`` None: exact (the parameters' own dtype, stock's operators)."""
+    def __init__(self, lm: tp.Any, precision: str = "exact", layers: tp.Optional[int] = None):
+        """``precision``: ``exact`` (the parameters themselves, stock's operators), ``fp16``, ``bf16``
+        or ``int8``. ``layers``: only the first ones (what ``auto`` times)."""
         reason = unsupported_reason(lm)
         if reason:
             raise ValueError(f"the fast decoder does not support this LM: {reason}")
         self.lm = lm
-        self.exact = compute_dtype is None
-        self.dtype = compute_dtype
+        self.precision = precision
+        self.exact = precision == "exact"
+        self.dtype = DENSE_DTYPES.get(precision)  # None: exact, or int8 (fp32 in and out)
         tr = lm.transformer
         self.dim = lm.dim
         self.heads = tr.layers[0].self_attn.num_heads
@@ -149,51 +139,61 @@ class Runner:
         self.positional_scale = tr.positional_scale
         self.act_dtype = lm.emb[0].weight.dtype  # the residual stream's dtype (as stock)
         self.device = lm.emb[0].weight.device
-        d = compute_dtype
+        dim = self.dim
 
         def norm(module: tp.Any) -> tp.Any:  # exact: the module itself, under stock's autocast
             return module if self.exact or module is None else _Norm(module, self.act_dtype)
+
+        def mat(w: torch.Tensor, b: tp.Optional[torch.Tensor]) -> Matrix:
+            return matrix(precision, w, b)
+
+        def part(t: tp.Optional[torch.Tensor], i: int) -> tp.Optional[torch.Tensor]:
+            return None if t is None else t[i * dim:(i + 1) * dim]
+
         self.layers: tp.List[_Layer] = []
-        for layer in tr.layers:
+        for layer in tr.layers[:layers]:
             sa, ca = layer.self_attn, layer.cross_attention
-            dim = self.dim
+            cross = ca is not None
             self.layers.append(_Layer(
-                norm1=norm(layer.norm1), in_w=_cast(sa.in_proj_weight, d), in_b=_cast(sa.in_proj_bias, d),
-                out_w=_cast(sa.out_proj.weight, d), out_b=_cast(sa.out_proj.bias, d),
-                scale1=layer.layer_scale_1,
+                norm1=norm(layer.norm1), qkv=mat(sa.in_proj_weight, sa.in_proj_bias),
+                out=mat(sa.out_proj.weight, sa.out_proj.bias), scale1=layer.layer_scale_1,
                 norm_cross=norm(getattr(layer, "norm_cross", None)),
-                cross_q_w=None if ca is None else _cast(ca.in_proj_weight[:dim], d),
-                cross_q_b=None if ca is None or ca.in_proj_bias is None else _cast(ca.in_proj_bias[:dim], d),
-                # used once per window, in the parameters' dtype, as stock slices them
-                cross_k_w=None if ca is None else ca.in_proj_weight[dim:2 * dim],
-                cross_k_b=None if ca is None or ca.in_proj_bias is None else ca.in_proj_bias[dim:2 * dim],
-                cross_v_w=None if ca is None else ca.in_proj_weight[2 * dim:],
-                cross_v_b=None if ca is None or ca.in_proj_bias is None else ca.in_proj_bias[2 * dim:],
-                cross_out_w=None if ca is None else _cast(ca.out_proj.weight, d),
-                cross_out_b=None if ca is None else _cast(ca.out_proj.bias, d),
+                # the keys/values of the text are projected once per window
+                cross_q=mat(part(ca.in_proj_weight, 0), part(ca.in_proj_bias, 0)) if cross else None,
+                cross_k=mat(part(ca.in_proj_weight, 1), part(ca.in_proj_bias, 1)) if cross else None,
+                cross_v=mat(part(ca.in_proj_weight, 2), part(ca.in_proj_bias, 2)) if cross else None,
+                cross_out=mat(ca.out_proj.weight, ca.out_proj.bias) if cross else None,
                 scale_cross=getattr(layer, "layer_scale_cross", None),
-                norm2=norm(layer.norm2), w1=_cast(layer.linear1.weight, d), b1=_cast(layer.linear1.bias, d),
-                w2=_cast(layer.linear2.weight, d), b2=_cast(layer.linear2.bias, d),
+                norm2=norm(layer.norm2), ff1=mat(layer.linear1.weight, layer.linear1.bias),
+                ff2=mat(layer.linear2.weight, layer.linear2.bias),
                 scale2=layer.layer_scale_2, activation=layer.activation))
-        self.has_cross = self.layers[0].cross_q_w is not None
+        self.has_cross = self.layers[0].cross_q is not None
         self.emb = list(lm.emb)
         self.out_norm = norm(lm.out_norm)
-        if self.exact:
-            self.heads_w = [lin.weight for lin in lm.linears]
-            self.heads_b = [lin.bias for lin in lm.linears]
+        if self.exact:  # stock's K products
+            self.output = [mat(lin.weight, lin.bias) for lin in lm.linears]
         else:  # one product for the K output heads
-            self.head_w = torch.cat([lin.weight for lin in lm.linears]).to(d).contiguous()
             biases = [lin.bias for lin in lm.linears]
-            self.head_b = None if biases[0] is None else torch.cat(biases).to(d).contiguous()
+            self.output = [mat(torch.cat([lin.weight for lin in lm.linears]),
+                               None if biases[0] is None else torch.cat(biases))]
         self.card = lm.card
         self.n_q = lm.n_q
         self.prepend = len(lm.fuser.fuse2cond["prepend"]) > 0
 
+    def matrices(self) -> tp.List[Matrix]:
+        """Every matrix a step reads (the once-per-window cross-attention keys/values excluded)."""
+        per_layer = [m for L in self.layers for m in (L.qkv, L.out, L.cross_q, L.cross_out, L.ff1, L.ff2)
+                     if m is not None]
+        return per_layer + self.output
+
+    def step_bytes(self) -> int:
+        return sum(m.nbytes for m in self.matrices())
+
     def default_kv_dtype(self) -> torch.dtype:
         """The caches' dtype: reduced precision pays on GPUs; on CPUs torch's fp16/bf16 attention
-        kernels are 6-15x slower than fp32 ones (measured at 400-1000 keys), so ``fast`` keeps fp32
-        caches there. ``exact`` keeps stock's (the residual stream's dtype)."""
-        if not self.exact and self.device.type == "cuda":
+        kernels are 6-15x slower than fp32 ones (measured at 400-1000 keys), so the caches stay in
+        the residual stream's dtype there (stock's)."""
+        if self.dtype is not None and self.device.type == "cuda":
             return self.dtype
         return self.act_dtype
 
@@ -314,9 +314,10 @@ class Window:
 
     # --------------------------------------------------------------------------------- steps
 
-    def prefill(self, sequence: torch.Tensor) -> torch.Tensor:
+    def prefill(self, sequence: torch.Tensor, all_positions: bool = False) -> torch.Tensor:
         """The first step: the prompt (and any prepended conditions), causally. Returns the logits
-        of the sequence's last position, [B, K, card]."""
+        of the sequence's last position, [B, K, card] (``all_positions``: of each of its positions,
+        [B, K, T, card], teacher-forced)."""
         r = self.r
         with r.autocast():
             x = self._embed(sequence)
@@ -324,9 +325,8 @@ class Window:
             if cross is not None:
                 L = cross.shape[1]
                 for i, layer in enumerate(r.layers):  # once per window instead of once per step
-                    src = cross if r.exact else cross.to(layer.cross_k_w.dtype)
-                    k = self._heads(F.linear(src, layer.cross_k_w, layer.cross_k_b)).to(self.kv_dtype)
-                    v = self._heads(F.linear(src, layer.cross_v_w, layer.cross_v_b)).to(self.kv_dtype)
+                    k = self._heads(layer.cross_k(cross)).to(self.kv_dtype)
+                    v = self._heads(layer.cross_v(cross)).to(self.kv_dtype)
                     if self.static:
                         self.cross_k[i][:, :, :L].copy_(k)
                         self.cross_v[i][:, :, :L].copy_(v)
@@ -344,7 +344,7 @@ class Window:
             logits = logits[:, :, -sequence.shape[-1]:]
         self.pos = T
         self.pos_tensor.fill_(T)
-        return logits[:, :, -1]
+        return logits if all_positions else logits[:, :, -1]
 
     def step(self, sequence: torch.Tensor) -> torch.Tensor:
         """One new position, [B, K, 1] tokens -> [B, K, card] logits (dynamic shapes)."""
@@ -386,32 +386,26 @@ class Window:
         B, H, T, D = t.shape
         return t.transpose(1, 2).reshape(B, T, H * D)
 
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, b: tp.Optional[torch.Tensor]) -> torch.Tensor:
-        if self.r.exact:
-            return F.linear(x, w, b)
-        return F.linear(x.to(w.dtype), w, b)
-
     def _layers(self, x: torch.Tensor, T: int, causal: bool, static: bool) -> torch.Tensor:
         r = self.r
         for i, L in enumerate(r.layers):
             h = L.norm1(x)
-            qkv = self._linear(h, L.in_w, L.in_b)
+            qkv = L.qkv(h)
             B = qkv.shape[0]
             q, k, v = qkv.view(B, T, 3, r.heads, r.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             a = self._self_attention(i, q, k, v, T, causal, static)
-            x = x + L.scale1(self._linear(self._merge(a), L.out_w, L.out_b).to(x.dtype))
-            if L.cross_q_w is not None:
+            x = x + L.scale1(L.out(self._merge(a)).to(x.dtype))
+            if L.cross_q is not None:
                 h = L.norm_cross(x)
-                q = self._heads(self._linear(h, L.cross_q_w, L.cross_q_b)).to(self.kv_dtype)
+                q = self._heads(L.cross_q(h)).to(self.kv_dtype)
                 if static:
                     a = F.scaled_dot_product_attention(q, self.cross_k[i], self.cross_v[i], attn_mask=self.cross_mask)
                 else:
                     a = F.scaled_dot_product_attention(q, self.cross_k[i][:, :, :self.cross_len],
                                                        self.cross_v[i][:, :, :self.cross_len])
-                x = x + L.scale_cross(self._linear(self._merge(a), L.cross_out_w, L.cross_out_b).to(x.dtype))
+                x = x + L.scale_cross(L.cross_out(self._merge(a)).to(x.dtype))
             h = L.norm2(x)
-            f = L.activation(self._linear(h, L.w1, L.b1))
-            x = x + L.scale2(self._linear(f, L.w2, L.b2).to(x.dtype))
+            x = x + L.scale2(L.ff2(L.activation(L.ff1(h))).to(x.dtype))
         return x
 
     def _self_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int,
@@ -430,7 +424,7 @@ class Window:
         r = self.r
         out = r.out_norm(x) if r.out_norm is not None else x
         if r.exact:
-            return torch.stack([F.linear(out, w, b) for w, b in zip(r.heads_w, r.heads_b)], dim=1)
+            return torch.stack([head(out) for head in r.output], dim=1)
         B, S, _ = out.shape
-        logits = F.linear(out.to(r.dtype), r.head_w, r.head_b).float()  # [B, S, K * card]
+        logits = r.output[0](out).float()  # [B, S, K * card]
         return logits.view(B, S, r.n_q, r.card).permute(0, 2, 1, 3)  # [B, K, S, card]
