@@ -10,7 +10,14 @@ replicate/cog pkg/schema/python): every ``Input()`` argument is written as a pla
 literal (one string per description, literal lists and numbers), since imported
 names, ``list(X)`` and implicitly joined strings are not resolved there. A test keeps
 these literals equal to ``musicgen_service.request``'s rules.
+
+``predict`` is async, as Cog requires for ``concurrency.max`` > 1 (cog.yaml): each
+prediction runs the service in a thread of its own, the service's scheduler lets
+concurrent predictions share the LM's decoding steps, and a cancelled prediction
+stops at the next step.
 """
+import asyncio
+import threading
 from typing import Optional
 
 from cog import BasePredictor, Input, Path
@@ -23,7 +30,7 @@ class Predictor(BasePredictor):
 
         self.service = Service(Settings.from_env())
 
-    def predict(
+    async def predict(
         self,
         prompt: Optional[str] = Input(
             description="A description of the music you want to generate.", default=None),
@@ -64,9 +71,15 @@ class Predictor(BasePredictor):
             description="Seed for random number generator. If None or -1, a random seed will be used.",
             default=None, ge=-1, le=4294967295),
     ) -> Path:
-        return Path(self.service.predict(
+        request = self.service.parse(
             prompt=prompt, input_audio=input_audio, duration=duration, continuation=continuation,
             continuation_start=continuation_start, continuation_end=continuation_end,
             multi_band_diffusion=multi_band_diffusion, normalization_strategy=normalization_strategy,
             top_k=top_k, top_p=top_p, temperature=temperature,
-            classifier_free_guidance=classifier_free_guidance, output_format=output_format, seed=seed))
+            classifier_free_guidance=classifier_free_guidance, output_format=output_format, seed=seed)
+        cancel = threading.Event()
+        try:
+            return Path(await asyncio.to_thread(self.service.run, request, cancel))
+        except asyncio.CancelledError:
+            cancel.set()
+            raise

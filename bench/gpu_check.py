@@ -29,6 +29,7 @@ as graphs).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import json
 import os
@@ -196,14 +197,13 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
     clip = audio_file(tmp, 10 if not dry else 2, "clip.wav")
     hashes: tp.Dict[str, str] = {}
     tokens: tp.Dict[str, tp.Any] = {}
-    generate = predictor.service.generator.generate
+    decode = predictor.service.generator.decode
 
-    def keep_tokens(*args: tp.Any, **kwargs: tp.Any) -> tp.Any:  # the tokens of the last prediction
-        out = generate(*args, **kwargs)
-        tokens["last"] = out.tokens.cpu()
-        return out
+    def keep_tokens(codes: tp.Any, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:  # the last prediction's tokens
+        tokens["last"] = codes.cpu()
+        return decode(codes, *args, **kwargs)
 
-    predictor.service.generator.generate = keep_tokens
+    predictor.service.generator.decode = keep_tokens
 
     def predict(name: str, expect_s: float, **inputs: tp.Any) -> tp.Callable[[], tp.Dict[str, tp.Any]]:
         def run() -> tp.Dict[str, tp.Any]:
@@ -211,7 +211,7 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
 
             reset_peak(device)
             before = dict(graph_stats(decoder) or {})
-            seconds, path = timed(device, lambda: predictor.predict(**{**PREDICT_DEFAULTS, **inputs}))
+            seconds, path = timed(device, lambda: asyncio.run(predictor.predict(**{**PREDICT_DEFAULTS, **inputs})))
             got = file_seconds(Path(path))
             hashes[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             tokens[name] = tokens["last"]

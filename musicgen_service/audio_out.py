@@ -13,8 +13,6 @@ concurrent predictions never share a file.
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -83,13 +81,3 @@ def write(wav: tp.Any, sample_rate: int, output_format: str, folder: Path, stem:
         partial.unlink(missing_ok=True)
         raise
     return final
-
-
-def fresh_folder() -> Path:
-    """A new private folder for one prediction's output."""
-    return Path(tempfile.mkdtemp(prefix="musicgen-"))
-
-
-def remove_folder(folder: tp.Optional[Path]) -> None:
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)

@@ -11,6 +11,7 @@ does. The Predictor is loaded the way Cog loads it, from cog.yaml's ``predict``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import inspect
 import shutil
@@ -102,7 +103,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        result = Path(predictor.predict(**inputs))
+        result = Path(asyncio.run(predictor.predict(**inputs)))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -18,3 +18,7 @@ class InputError(ValueError):
     @property
     def fields(self) -> tp.List[str]:
         return [field for field, _ in self.problems]
+
+
+class Cancelled(Exception):
+    """The prediction was cancelled while it waited for the LM or decoded (not an error)."""

@@ -23,6 +23,7 @@ Modes:
 from __future__ import annotations
 
 import random
+import threading
 import time
 import typing as tp
 from dataclasses import dataclass
@@ -39,6 +40,23 @@ CONTINUATION_MARGIN = 1.0
 
 
 @dataclass
+class Prepared:
+    """A request made ready for the LM (:meth:`Generator.prepare`)."""
+    req: Request
+    seed: int
+    attributes: tp.Any  # audiocraft's ConditioningAttributes, one
+    head: tp.Any  # continuation: prompt tokens kept as they are, before the window's prompt
+    context: tp.Any  # the window's prompt tokens [1, K, T] (continuation) or None
+    new_frames: int
+    condition_tensors: tp.Any = None  # for a batch row: the conditions with their null twins
+    say: tp.Callable[[str], None] = print
+
+    @property
+    def prompt_frames(self) -> int:
+        return 0 if self.context is None else self.context.shape[-1]
+
+
+@dataclass
 class Generated:
     wav: tp.Any  # [C, T] float32 on the CPU
     sample_rate: int
@@ -50,13 +68,22 @@ def random_seed() -> int:
     return random.SystemRandom().randint(0, 2**32 - 1)
 
 
-def seed_everything(seed: int) -> None:
-    """Seed every generator that sampling or decoding draws from (torch covers CUDA too)."""
+# Conditioning requests one at a time: see Generator.prepare.
+_CONDITIONING = threading.Lock()
+
+
+def _seed_host_generators(seed: int) -> None:
     import numpy as np
-    import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator that sampling or decoding draws from (torch covers CUDA too)."""
+    import torch
+
+    _seed_host_generators(seed)
     torch.manual_seed(seed)
 
 
@@ -65,7 +92,12 @@ class Progress:
     the number of extension windows; positions are in seconds of new audio."""
 
     def __init__(self, new_frames: int, prompt_frames: int, frame_rate: float, stride_frames: int,
-                 step: float = 0.1):
+                 step: float = 0.1, say: tp.Optional[tp.Callable[[str], None]] = None,
+                 cancelled: tp.Optional[tp.Callable[[], bool]] = None):
+        """``say``: where the lines go (default: the log); ``cancelled``: checked at every step, it
+        stops the generation by raising :class:`~.errors.Cancelled`."""
+        self.say = say or log.info
+        self.cancelled = cancelled
         self.new_frames = new_frames
         self.prompt_frames = prompt_frames
         self.frame_rate = frame_rate
@@ -86,14 +118,18 @@ class Progress:
         return callback
 
     def update(self, done_frames: int) -> None:
+        if self.cancelled is not None and self.cancelled():
+            from .errors import Cancelled
+
+            raise Cancelled("cancelled")
         fraction = min(done_frames / self.new_frames, 1.0)
         if fraction + 1e-9 < self.next_report:
             return
         while self.next_report <= fraction + 1e-9:
             self.next_report += self.step
-        log.info("generated %.1f s / %.1f s of audio (%d%%), %.1f s elapsed",
-                 min(done_frames, self.new_frames) / self.frame_rate, self.new_frames / self.frame_rate,
-                 round(100 * fraction), time.perf_counter() - self.start)
+        self.say("generated %.1f s / %.1f s of audio (%d%%), %.1f s elapsed" % (
+            min(done_frames, self.new_frames) / self.frame_rate, self.new_frames / self.frame_rate,
+            round(100 * fraction), time.perf_counter() - self.start))
 
 
 class Generator:
@@ -119,49 +155,90 @@ class Generator:
 
     def generate(self, req: Request, clip: tp.Any = None, mbd: tp.Any = None) -> Generated:
         """Tokens for ``req`` (``clip``: the selected input audio at the model's rate and channels),
-        decoded with EnCodec, or with MultiBand Diffusion when ``mbd`` is given."""
+        decoded with EnCodec, or with MultiBand Diffusion when ``mbd`` is given: the one-request
+        path, start to end in the calling thread."""
+        prepared = self.prepare(req, clip)
+        tokens = self.tokens(prepared)
+        wav = self.decode(tokens, mbd)
+        return Generated(wav=wav[0].float().cpu(), sample_rate=self.model.sample_rate, tokens=tokens,
+                         seed=prepared.seed)
+
+    def prepare(self, req: Request, clip: tp.Any = None, say: tp.Optional[tp.Callable[[str], None]] = None,
+                tensors: bool = False) -> "Prepared":
+        """Everything before the LM: the seed, the conditions (T5, chroma), the continuation prompt's
+        tokens; ``tensors``: also the conditions' tensors, as one batched row needs them. Safe to run
+        beside decoding in another thread (forward passes only)."""
         import torch
 
+        say = say or log.info
         model = self.model
         fr = model.frame_rate
         seed = req.seed if req.seed is not None else random_seed()
-        log.info("seed: %d%s", seed, "" if req.seed is not None else " (random)")
-        seed_everything(seed)
-        start = time.perf_counter()
+        say("seed: %d%s" % (seed, "" if req.seed is not None else " (random)"))
         with torch.inference_mode():
             melody = [clip.wav.to(model.device)] if req.mode == "melody" else None
-            attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
+            with _CONDITIONING:  # the melody's stem separation draws a random shift from Python's
+                _seed_host_generators(seed)  # `random`: seeded with the request's seed, one request at a time
+                attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
             head = context = None
             if req.mode == "continuation":
                 prompt_tokens, _ = model.compression_model.encode(clip.wav[None].to(model.device))
                 keep = int((model.max_duration - CONTINUATION_MARGIN) * fr)
                 head, context = prompt_tokens[..., :-keep], prompt_tokens[..., -keep:]
-            prompt_frames = 0 if context is None else context.shape[-1]
-            new_frames = int(req.duration * fr)
+            condition_tensors = None
+            if tensors:
+                from .decoding.loop import condition_tensors as make_tensors
+
+                condition_tensors = make_tensors(model.lm, attributes)
+        return Prepared(req=req, seed=seed, attributes=attributes, head=head, context=context,
+                        new_frames=int(req.duration * fr), condition_tensors=condition_tensors, say=say)
+
+    def one_window(self, prepared: "Prepared") -> bool:
+        """Whether the request fits in the model's window (no extension): what a batch row can be."""
+        frames = prepared.prompt_frames + prepared.new_frames
+        return frames + 1 <= int(self.model.max_duration * self.model.frame_rate) and \
+            (prepared.head is None or prepared.head.shape[-1] == 0)
+
+    def tokens(self, prepared: "Prepared", cancelled: tp.Optional[tp.Callable[[], bool]] = None) -> tp.Any:
+        """The LM's tokens for one request, alone, through audiocraft's generation (windowed
+        extension past the model's window) with this generator's decoder. Not thread-safe: it sets
+        the model's generation parameters; one call at a time."""
+        import torch
+
+        model = self.model
+        fr = model.frame_rate
+        req = prepared.req
+        seed_everything(prepared.seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
             # +0.5 frame: audiocraft truncates duration * frame_rate to an int
-            self._set_params(req, duration=(prompt_frames + new_frames + 0.5) / fr)
-            progress = Progress(new_frames, prompt_frames, fr, int(EXTEND_STRIDE * fr))
+            self._set_params(req, duration=(prepared.prompt_frames + prepared.new_frames + 0.5) / fr)
+            progress = Progress(prepared.new_frames, prepared.prompt_frames, fr, int(EXTEND_STRIDE * fr),
+                                say=prepared.say, cancelled=cancelled)
             with _windows_followed_by(model.lm, progress, self.decoder.generate):
-                tokens = model._generate_tokens(attributes, context)
-            if head is not None and head.shape[-1]:
-                tokens = torch.cat([head, tokens], dim=-1)
-            seconds = time.perf_counter() - start
-            log.info("generated %d s in %.2f s (%.2fx real time)", req.duration, seconds,
-                     req.duration / max(seconds, 1e-9))
-            wav = self.decode(tokens, mbd)
-        return Generated(wav=wav[0].float().cpu(), sample_rate=model.sample_rate, tokens=tokens,
-                         seed=seed)
+                tokens = model._generate_tokens(prepared.attributes, prepared.context)
+            if prepared.head is not None and prepared.head.shape[-1]:
+                tokens = torch.cat([prepared.head, tokens], dim=-1)
+        self.report(prepared, time.perf_counter() - start)
+        return tokens
+
+    def report(self, prepared: "Prepared", seconds: float) -> None:
+        prepared.say("generated %d s in %.2f s (%.2fx real time)" % (
+            prepared.req.duration, seconds, prepared.req.duration / max(seconds, 1e-9)))
 
     def decode(self, tokens: tp.Any, mbd: tp.Any = None) -> tp.Any:
         """[1, K, T] tokens -> [1, C, samples] audio, by EnCodec or MultiBand Diffusion."""
-        start = time.perf_counter()
-        if mbd is None:
-            wav, decoder = self.model.compression_model.decode(tokens, None), "EnCodec"
-        else:
-            from . import mbd as multiband
+        import torch
 
-            wav = multiband.tokens_to_wav(mbd, self.model.compression_model, tokens)
-            decoder = "MultiBand Diffusion"
+        start = time.perf_counter()
+        with torch.inference_mode():
+            if mbd is None:
+                wav, decoder = self.model.compression_model.decode(tokens, None), "EnCodec"
+            else:
+                from . import mbd as multiband
+
+                wav = multiband.tokens_to_wav(mbd, self.model.compression_model, tokens)
+                decoder = "MultiBand Diffusion"
         log.info("decoded with %s in %.2f s", decoder, time.perf_counter() - start)
         return wav
 

@@ -1,18 +1,22 @@
-"""The service behind ``predict.py``: setup once, then one validated request at a time.
+"""The service behind ``predict.py``: setup once, then validated requests, several at a time.
 
 Flow: settings -> weights folder (offline hub cache) -> models -> for each
-request: validate -> generate -> normalize -> encode into a fresh folder.
-Usable without Cog (tests, benchmarks, the command line).
+request, in the thread serving it: validate -> input audio -> conditions
+(:meth:`Generator.prepare`) -> the LM's tokens from the scheduler thread, which
+batches concurrent requests (:mod:`.batching`) -> decode -> normalize -> encode
+into a fresh folder (:mod:`.outputs`). Usable without Cog (tests, benchmarks, the
+command line).
 """
 from __future__ import annotations
 
-import atexit
+import queue
+import threading
 import time
 import typing as tp
 import uuid
 from pathlib import Path
 
-from . import audio_in, audio_out
+from . import audio_in, audio_out, outputs
 from .logs import get_logger
 from .request import Request, parse_request
 from .settings import Settings
@@ -39,8 +43,15 @@ class Service:
         self.capabilities = self.generator.capabilities(settings.max_duration, self.mbd.unavailable())
         if device.startswith("cuda"):
             self._warm_up()
-        self._last_output: tp.Optional[Path] = None
-        atexit.register(lambda: audio_out.remove_folder(self._last_output))
+        from .batching import Scheduler
+
+        self.scheduler = Scheduler(self.generator, settings.concurrency)
+        self._one_at_a_time = threading.Lock()
+        log.info("concurrency: %d; %s", settings.concurrency, self.scheduler.describe())
+        removed = outputs.remove_orphans()
+        if removed:
+            log.info("removed %d output folder(s) left by a process that no longer runs", removed)
+        outputs.remove_all_at_exit()
         log.info("ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
                  settings.model, self.model.audio_channels, self.model.sample_rate,
                  self.model.max_duration, time.perf_counter() - start)
@@ -57,32 +68,53 @@ class Service:
     def parse(self, **inputs: tp.Any) -> Request:
         return parse_request(self.capabilities, **inputs)
 
-    def run(self, request: Request) -> Path:
-        """Generate and write the audio file for a valid request; returns its path."""
-        # The previous prediction's file has been delivered (returned, encoded or uploaded by Cog)
-        # by the time the next one starts: drop it, so at most one output is ever on disk.
-        audio_out.remove_folder(self._last_output)
-        self._last_output = None
+    def run(self, request: Request, cancel: tp.Optional[threading.Event] = None) -> Path:
+        """Generate and write the audio file for a valid request; returns its path. Thread-safe:
+        each call is one prediction; ``cancel`` (set from elsewhere) stops it at the next step with
+        :class:`~.errors.Cancelled`."""
+        outputs.remove_expired()
         log.info("model: %s; mode: %s; duration: %d s; top_k=%d top_p=%g temperature=%g "
                  "classifier_free_guidance=%d", self.settings.model, request.mode, request.duration,
                  request.top_k, request.top_p, request.temperature, request.classifier_free_guidance)
         clip = self.input_clip(request)
         mbd = self.mbd_decoder() if request.multi_band_diffusion else None
-        generated = self.generator.generate(request, clip, mbd)
+        if self.scheduler.batching:
+            prepared = self.generator.prepare(request, clip, tensors=True)
+            tokens = self._from_scheduler(prepared, cancel)
+            wav = self.generator.decode(tokens, mbd)[0].float().cpu()
+        else:  # GPUs, and precisions that do not batch: one request at a time, in its own thread
+            with self._one_at_a_time:
+                prepared = self.generator.prepare(request, clip)
+                tokens = self.generator.tokens(prepared, cancelled=None if cancel is None else cancel.is_set)
+                wav = self.generator.decode(tokens, mbd)[0].float().cpu()
         start = time.perf_counter()
-        wav = audio_out.normalize(generated.wav, generated.sample_rate, request.normalization_strategy)
-        folder = audio_out.fresh_folder()
+        sample_rate = self.model.sample_rate
+        wav = audio_out.normalize(wav, sample_rate, request.normalization_strategy)
+        folder = outputs.fresh_folder()
         try:
             # a unique name: uploads (`--upload-url`) of different predictions never collide
-            path = audio_out.write(wav, generated.sample_rate, request.output_format, folder,
+            path = audio_out.write(wav, sample_rate, request.output_format, folder,
                                    stem=f"musicgen-{uuid.uuid4().hex[:12]}")
         except BaseException:
-            audio_out.remove_folder(folder)
+            outputs.remove_folder(folder)
             raise
-        self._last_output = folder
         log.info("normalized (%s) and wrote %s in %.2f s", request.normalization_strategy,
                  path.name, time.perf_counter() - start)
         return path
+
+    def _from_scheduler(self, prepared: tp.Any, cancel: tp.Optional[threading.Event]) -> tp.Any:
+        """The request's tokens from the scheduler thread. Its lines about this request come back
+        here, so that they are logged from this prediction's own thread (Cog attributes a
+        prediction's logs by the context they are written from)."""
+        lines: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        prepared.say = lines.put
+        future = self.scheduler.submit(prepared, cancel)
+        while not future.done() or not lines.empty():
+            try:
+                log.info(lines.get(timeout=0.05))
+            except queue.Empty:
+                pass
+        return future.result()
 
     def mbd_decoder(self) -> tp.Any:
         """The MBD decoder (loaded on first use when lazy), checked against this model's tokens."""
@@ -114,5 +146,5 @@ class Service:
                      "using the audio up to its end", request.continuation_end, clip.file_seconds)
         return clip
 
-    def predict(self, **inputs: tp.Any) -> Path:
-        return self.run(self.parse(**inputs))
+    def predict(self, cancel: tp.Optional[threading.Event] = None, **inputs: tp.Any) -> Path:
+        return self.run(self.parse(**inputs), cancel)

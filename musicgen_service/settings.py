@@ -11,6 +11,7 @@ environment at all.
 | ``MUSICGEN_DEVICE``        | ``cuda`` when available, else ``cpu``    | torch device for every model |
 | ``MUSICGEN_MBD``           | ``lazy``                                 | MultiBand Diffusion: ``eager`` (load in setup), ``lazy`` (load on first use) or ``off`` |
 | ``MUSICGEN_MAX_DURATION``  | ``300``                                  | longest ``duration`` (seconds) a request may ask for |
+| ``COG_MAX_CONCURRENCY``    | ``1``                                    | predictions in flight at once (Cog sets it from cog.yaml's ``concurrency.max``); up to this many share decoding steps |
 | ``MUSICGEN_DECODER``       | ``auto``                                 | LM decoding: ``auto`` (``fast``), ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock`` (see ``decoding``) |
 """
 from __future__ import annotations
@@ -41,8 +42,11 @@ class Settings:
     mbd: str = "lazy"
     max_duration: int = DEFAULT_MAX_DURATION
     decoder: str = DEFAULT_DECODER
+    concurrency: int = 1
 
     def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise SettingsError(f"COG_MAX_CONCURRENCY must be >= 1; got {self.concurrency}")
         if self.decoder not in DECODERS:
             raise SettingsError(f"MUSICGEN_DECODER must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
         if self.mbd not in MBD_MODES:
@@ -59,6 +63,10 @@ class Settings:
             max_duration = int(env.get("MUSICGEN_MAX_DURATION", DEFAULT_MAX_DURATION))
         except ValueError as exc:
             raise SettingsError(f"MUSICGEN_MAX_DURATION must be an integer: {exc}") from None
+        try:
+            concurrency = int(env.get("COG_MAX_CONCURRENCY") or 1)
+        except ValueError as exc:
+            raise SettingsError(f"COG_MAX_CONCURRENCY must be an integer: {exc}") from None
         return cls(
             weights_dir=weights,
             model=env.get("MUSICGEN_MODEL") or DEFAULT_MODEL,
@@ -66,6 +74,7 @@ class Settings:
             mbd=(env.get("MUSICGEN_MBD") or "lazy").lower(),
             max_duration=max_duration,
             decoder=(env.get("MUSICGEN_DECODER") or DEFAULT_DECODER).lower(),
+            concurrency=concurrency,
         )
 
     def resolved_device(self) -> str:

@@ -1,6 +1,7 @@
 """The real Predictor on the tiny model set: text-to-music end to end, every option."""
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import subprocess
@@ -35,7 +36,7 @@ def run(predictor, **inputs):
                     continuation_start=0, continuation_end=None, multi_band_diffusion=False,
                     normalization_strategy="loudness", top_k=250, top_p=0.0, temperature=1.0,
                     classifier_free_guidance=3, output_format="wav", seed=1)
-    return predictor.predict(**{**defaults, **inputs})
+    return asyncio.run(predictor.predict(**{**defaults, **inputs}))  # async, as Cog runs it
 
 
 def tokens(service, **inputs):
@@ -142,11 +143,21 @@ def test_longer_than_the_window_uses_windowed_extension(mono_service, capsys):
     assert "generated 33.0 s / 33.0 s of audio (100%)" in out
 
 
-def test_each_prediction_gets_a_fresh_folder_and_the_last_one_is_cleaned(predictor):
+def test_each_prediction_gets_a_fresh_folder_and_the_previous_output_stays(predictor):
     first = run(predictor)
     second = run(predictor)
     assert first.parent != second.parent
-    assert not first.parent.exists() and second.is_file()
+    assert first.is_file() and second.is_file()  # the previous file may still be being delivered
+
+
+def test_previous_output_as_the_next_input_audio(predictor):
+    """A user continuing the music just generated: the previous output, in-process, as input_audio."""
+    first = run(predictor, duration=2, seed=3)
+    second = run(predictor, input_audio=first, continuation=True, duration=1, seed=4)
+    data, _ = decode(second)
+    assert data.shape == (2, 3 * RATE)
+    first_again, _ = decode(first)
+    assert first_again.shape == (2, 2 * RATE)
 
 
 def test_bad_input_fails_before_generation(predictor, capsys):
@@ -197,7 +208,7 @@ def test_command_line_predict_writes_playable_files(tiny_weights, tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ("MUSICGEN_WEIGHTS", "error: weights: the model facebook/musicgen-stereo-melody-large needs"),
-    ("MUSICGEN_DECODER", "error: MUSICGEN_DECODER must be one of fast, exact, stock; got 'turbo'"),
+    ("MUSICGEN_DECODER", "error: MUSICGEN_DECODER must be one of auto, exact, fp16, bf16, int8, int8dyn, stock, fast; got 'turbo'"),
 ])
 def test_command_line_setup_problems_are_one_line(tmp_path, setting, message):
     value = str(tmp_path) if setting == "MUSICGEN_WEIGHTS" else "turbo"  # an empty folder; a bad value

@@ -120,7 +120,7 @@ def _input_calls() -> tp.Dict[str, ast.Call]:
     """predict()'s ``Input(...)`` calls in predict.py, by parameter name, as the parser sees them."""
     tree = ast.parse((ROOT / "predict.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
-    predict = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "predict")
+    predict = next(n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict")
     params = predict.args.args[len(predict.args.args) - len(predict.args.defaults):]
     return {a.arg: d for a, d in zip(params, predict.args.defaults)
             if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "Input"}

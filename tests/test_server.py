@@ -36,7 +36,8 @@ def servers(tiny_weights, tmp_path_factory, peer):
     """Start all three servers at once: their start-ups overlap."""
     logs = tmp_path_factory.mktemp("server-logs")
     tmp = tmp_path_factory.mktemp("server-tmp")
-    main = CogServer(tiny_weights, logs / "main.log", env={"TMPDIR": str(tmp)})
+    # fp16: a precision whose rows batch (auto's choice depends on the CPU; see test_concurrent_*)
+    main = CogServer(tiny_weights, logs / "main.log", env={"TMPDIR": str(tmp), "MUSICGEN_DECODER": "fp16"})
     upload = CogServer(tiny_weights, logs / "upload.log", upload_url=f"{peer.url}/uploads/")
     empty = tmp_path_factory.mktemp("no-weights")
     broken = CogServer(empty, logs / "broken.log")
@@ -151,14 +152,77 @@ def test_async_with_webhooks_and_idempotent_put(server, peer):
     assert len(finals) == 1  # the repeated PUT did not run it twice
 
 
-def test_busy_server_answers_409(server, peer):
-    started = server.predict({"prompt": "long", "duration": 20, "seed": 5}, prediction_id="busy-1",
-                             asynchronous=True, webhook=f"{peer.url}/hook")
-    assert started.status == 202
-    second = server.predict({"prompt": "another", "duration": 1}, retry_busy=0)
-    assert second.status == 409, second
-    server.cancel("busy-1")
-    assert peer.final_webhook("busy-1")["status"] == "canceled"
+def test_busy_server_answers_409_beyond_its_concurrency(server, peer):
+    """cog.yaml's concurrency.max predictions run at once; Cog answers 409 to the next one."""
+    import yaml
+
+    slots = yaml.safe_load((ROOT / "cog.yaml").read_text())["concurrency"]["max"]
+    ids = [f"busy-{i}" for i in range(slots)]
+    for i, pid in enumerate(ids):
+        started = server.predict({"prompt": "long", "duration": 20, "seed": 5 + i}, prediction_id=pid,
+                                 asynchronous=True, webhook=f"{peer.url}/hook")
+        assert started.status == 202
+    extra = server.predict({"prompt": "another", "duration": 1}, retry_busy=0)
+    assert extra.status == 409, extra
+    for pid in ids:
+        server.cancel(pid)
+    for pid in ids:
+        assert peer.final_webhook(pid)["status"] == "canceled"
+
+
+def _concurrently(fn, args_list):
+    results = [None] * len(args_list)
+
+    def run(i, args):
+        results[i] = fn(*args)
+
+    threads = [threading.Thread(target=run, args=(i, args)) for i, args in enumerate(args_list)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_predictions_share_steps_and_equal_their_solo_runs(server):
+    """Four predictions at once, different prompts, durations and seeds: none is refused, they share
+    decoding steps, each prediction's logs are its own, and each output is bit for bit the output of
+    the same request run alone."""
+    requests = [{"prompt": "lo-fi beat", "duration": 2, "seed": 11}, {"prompt": "jazz trio", "duration": 3, "seed": 12},
+                {"prompt": "metal", "duration": 1, "seed": 13, "top_k": 20},
+                {"prompt": "ambient pads", "duration": 2, "seed": 14, "temperature": 0.8, "output_format": "mp3"}]
+    together = _concurrently(lambda inputs: server.predict(inputs, retry_busy=0), [(r,) for r in requests])
+    assert [r.status for r in together] == [200] * 4, [r.body for r in together]
+    shared = []
+    for inputs, response in zip(requests, together):
+        assert response.body["status"] == "succeeded", response.body
+        logs = response.body["logs"]
+        assert f"seed: {inputs['seed']}" in logs and logs.count("seed: ") == 1, logs
+        shared.append(int(logs.split("decoding steps shared with other requests: ")[1].split()[0]))
+    assert max(shared) > 0, shared  # they did decode together
+    for inputs, response in zip(requests, together):
+        alone = server.predict(inputs)
+        assert "decoding steps shared with other requests: 0 of" in alone.body["logs"]
+        assert data_uri_bytes(alone.body["output"]) == data_uri_bytes(response.body["output"]), inputs
+
+
+def test_cancel_and_bad_input_inside_a_batch(server, peer):
+    """One request of a batch cancelled, another with an input that breaks a rule: only those two
+    end that way, the others succeed."""
+    runs = {f"batch-{i}": {"prompt": f"tune {i}", "duration": 4, "seed": 20 + i} for i in range(3)}
+    for pid, inputs in runs.items():
+        assert server.predict(inputs, prediction_id=pid, asynchronous=True, webhook=f"{peer.url}/hook").status == 202
+    bad = server.predict({"prompt": "x", "continuation": True, "duration": 2}, retry_busy=0)  # continuation without audio
+    assert bad.status == 200 and bad.body["status"] == "failed" and "input_audio" in bad.body["error"]
+    deadline = time.time() + 60
+    while not any(w["id"] == "batch-1" and "generated " in (w.get("logs") or "") for w in peer.webhooks):
+        assert time.time() < deadline, "generation never started"
+        time.sleep(0.05)
+    assert server.cancel("batch-1").status == 200
+    assert peer.final_webhook("batch-1", timeout=10)["status"] == "canceled"
+    for pid in ("batch-0", "batch-2"):
+        final = peer.final_webhook(pid)
+        assert final["status"] == "succeeded", final
 
 
 def test_cancel_mid_generation_then_predict_again(server, peer):
@@ -217,9 +281,9 @@ def test_twenty_predictions_in_a_row(server):
     print(f"worker RSS over 20 predictions: {before:.0f} MB -> {after:.0f} MB")
     assert all(n == RATE for i, n in enumerate(lengths) if i % 4 != 3)
     assert after - before < 100, (before, after)
-    # only the last prediction's output is still on disk (removed when the next one starts)
-    leftovers = [p for p in server.tmp.glob("musicgen-*")]
-    assert len(leftovers) <= 1, leftovers
+    # each output in a folder of its own, kept until it expires (outputs.KEEP_SECONDS; tests/test_outputs.py)
+    folders = list(server.tmp.glob("musicgen-out-*"))
+    assert len(folders) >= 20 and all(len(list(f.iterdir())) == 1 for f in folders)
 
 
 def test_upload_url_receives_the_file(servers, peer):

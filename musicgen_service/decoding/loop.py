@@ -37,12 +37,64 @@ def sample(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: int, to
     return torch.argmax(logits, dim=-1, keepdim=True)
 
 
+def condition_tensors(lm: tp.Any, conditions: tp.List[tp.Any]) -> tp.Dict[str, tp.Any]:
+    """The conditions and their null (unconditional) twins in one batch, as stock computes them
+    without two-step guidance; {} without conditions."""
+    from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
+
+    if not conditions:
+        return {}
+    null_conditions = ClassifierFreeGuidanceDropout(p=1.0)(conditions)
+    return lm.condition_provider(lm.condition_provider.tokenize(conditions + null_conditions))
+
+
+class Sequence:
+    """One window's codebook pattern: the interleaved token sequence being filled, its validity
+    mask and where generation starts (``LMModel.generate``'s bookkeeping, step for step)."""
+
+    UNKNOWN = -1
+
+    def __init__(self, lm: tp.Any, prompt: torch.Tensor, max_gen_len: int):
+        B, K, T = prompt.shape
+        assert T < max_gen_len
+        self.lm = lm
+        self.prompt_len = T
+        self.max_gen_len = max_gen_len
+        self.pattern = lm.pattern_provider.get_pattern(max_gen_len)
+        gen_codes = torch.full((B, K, max_gen_len), self.UNKNOWN, dtype=torch.long, device=prompt.device)
+        gen_codes[..., :T] = prompt
+        self.tokens, _, self.mask = self.pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
+        self.start = self.pattern.get_first_step_with_timesteps(T)
+        assert self.start is not None
+        self.length = self.tokens.shape[-1]
+        self.special = torch.full((), lm.special_token_id, dtype=torch.long, device=prompt.device)
+
+    def write(self, offset: int, next_token: torch.Tensor) -> None:
+        """Set column ``offset`` from sampled [B, K, 1] tokens: masked pattern positions get the
+        special token, known (prompt) positions keep theirs."""
+        B = self.tokens.shape[0]
+        valid_mask = self.mask[..., offset:offset + 1].expand(B, -1, -1)
+        next_token = torch.where(valid_mask, next_token, self.special)
+        current = self.tokens[..., offset:offset + 1]
+        self.tokens[..., offset:offset + 1] = torch.where(current == self.UNKNOWN, next_token, current)
+
+    def codes(self, remove_prompts: bool = False) -> torch.Tensor:
+        """The finished sequence back in codebook order, with stock's final checks."""
+        lm, gen_sequence, B = self.lm, self.tokens, self.tokens.shape[0]
+        assert not (gen_sequence == self.UNKNOWN).any()
+        assert (gen_sequence == torch.where(self.mask[None, ...].expand(B, -1, -1), gen_sequence,
+                                            lm.special_token_id)).all()
+        out_codes, _, _ = self.pattern.revert_pattern_sequence(gen_sequence, special_token=self.UNKNOWN)
+        assert (out_codes[..., :self.max_gen_len] != self.UNKNOWN).all()
+        out_codes = out_codes[..., (self.prompt_len if remove_prompts else 0):self.max_gen_len]
+        assert (out_codes >= 0).all() and (out_codes <= lm.card).all()
+        return out_codes
+
+
 def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.List[tp.Any],
              num_samples: tp.Optional[int], max_gen_len: int, use_sampling: bool, temp: float, top_k: int,
              top_p: float, cfg_coef: tp.Optional[float], remove_prompts: bool,
              callback: tp.Optional[tp.Callable[[int, int], None]]) -> torch.Tensor:
-    from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
-
     lm = decoder.lm
     runner = decoder.runner
     assert not lm.training, "generation shouldn't be used in training mode."
@@ -51,39 +103,24 @@ def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.
 
     if num_samples is None:
         num_samples = prompt.shape[0] if prompt is not None else (len(conditions) if conditions else 1)
-    if conditions:  # conditional and unconditional in one batch, as stock does without two_step_cfg
-        null_conditions = ClassifierFreeGuidanceDropout(p=1.0)(conditions)
-        condition_tensors = lm.condition_provider(lm.condition_provider.tokenize(conditions + null_conditions))
-    else:
-        condition_tensors = {}
+    tensors = condition_tensors(lm, conditions)
     if prompt is None:
         prompt = torch.zeros((num_samples, lm.num_codebooks, 0), dtype=torch.long, device=device)
-
-    B, K, T = prompt.shape
-    start_offset = T
-    assert start_offset < max_gen_len
-    pattern = lm.pattern_provider.get_pattern(max_gen_len)
-    unknown_token = -1
-    gen_codes = torch.full((B, K, max_gen_len), unknown_token, dtype=torch.long, device=device)
-    gen_codes[..., :start_offset] = prompt
-    gen_sequence, _, mask = pattern.build_pattern_sequence(gen_codes, lm.special_token_id)
-    start_offset_sequence = pattern.get_first_step_with_timesteps(start_offset)
-    assert start_offset_sequence is not None
-    gen_sequence_len = gen_sequence.shape[-1]
-    batch = 2 * B if condition_tensors else B
-    cfg = bool(condition_tensors)
+    seq = Sequence(lm, prompt, max_gen_len)
+    B = prompt.shape[0]
+    batch = 2 * B if tensors else B
+    cfg = bool(tensors)
 
     if decoder.graphs is not None:
         graphs = decoder.graphs
-        window = runner.start(condition_tensors, batch, gen_sequence_len, caches=graphs.caches_for(batch))
+        window = runner.start(tensors, batch, seq.length, caches=graphs.caches_for(batch))
         graphs.sampler.set(use_sampling, temp, top_k, top_p, cfg_coef)
-        graphs.run(window, gen_sequence, mask, start_offset_sequence, cfg, callback)
+        graphs.run(window, seq.tokens, seq.mask, seq.start, cfg, callback)
     else:
-        window = runner.start(condition_tensors, batch, gen_sequence_len)
-        special = torch.full((), lm.special_token_id, dtype=torch.long, device=device)
+        window = runner.start(tensors, batch, seq.length)
         prev_offset = 0
-        for offset in range(start_offset_sequence, gen_sequence_len):
-            curr_sequence = gen_sequence[..., prev_offset:offset]
+        for offset in range(seq.start, seq.length):
+            curr_sequence = seq.tokens[..., prev_offset:offset]
             if cfg:
                 curr_sequence = torch.cat([curr_sequence, curr_sequence], dim=0)
             all_logits = window.prefill(curr_sequence) if prev_offset == 0 else window.step(curr_sequence)
@@ -92,21 +129,8 @@ def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.
                 logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
             else:
                 logits = all_logits
-            next_token = sample(logits, use_sampling, temp, top_k, top_p)  # [B, K, 1]
-            valid_mask = mask[..., offset:offset + 1].expand(B, -1, -1)
-            next_token = torch.where(valid_mask, next_token, special)
-            current = gen_sequence[..., offset:offset + 1]
-            gen_sequence[..., offset:offset + 1] = torch.where(current == unknown_token, next_token, current)
+            seq.write(offset, sample(logits, use_sampling, temp, top_k, top_p))  # [B, K, 1]
             prev_offset = offset
             if callback is not None:
-                callback(1 + offset - start_offset_sequence, gen_sequence_len - start_offset_sequence)
-
-    assert not (gen_sequence == unknown_token).any()
-    assert (gen_sequence == torch.where(mask[None, ...].expand(B, -1, -1), gen_sequence,
-                                        lm.special_token_id)).all()
-    out_codes, _, _ = pattern.revert_pattern_sequence(gen_sequence, special_token=unknown_token)
-    assert (out_codes[..., :max_gen_len] != unknown_token).all()
-    out_start_offset = start_offset if remove_prompts else 0
-    out_codes = out_codes[..., out_start_offset:max_gen_len]
-    assert (out_codes >= 0).all() and (out_codes <= lm.card).all()
-    return out_codes
+                callback(1 + offset - seq.start, seq.length - seq.start)
+    return seq.codes(remove_prompts)

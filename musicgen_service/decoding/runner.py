@@ -428,3 +428,45 @@ class Window:
         B, S, _ = out.shape
         logits = r.output[0](out).float()  # [B, S, K * card]
         return logits.view(B, S, r.n_q, r.card).permute(0, 2, 1, 3)  # [B, K, S, card]
+
+
+def batched_step(windows: tp.Sequence[Window], sequences: tp.Sequence[torch.Tensor], slots: int) -> tp.List[torch.Tensor]:
+    """One dynamic step for several windows of one runner at once (each its own request: its own
+    caches, position and conditions). The matrix products, which stream the weights, run once for
+    all of them, on ``slots`` rows padded with zeros: always the same number of rows, so that each
+    row's product comes out of the same kernel whatever the other rows are (the CPU kernels tested
+    give a row's bits independently of the others at a fixed row count; not fbgemm's dynamic int8,
+    whose activation scale spans all rows). Attention runs per window, on shapes of its own. So a
+    request decodes to the same bits alone or beside others. ``sequences``: [2, K, 1] tokens each
+    (conditional and null rows); returns [2, K, card] logits each."""
+    r = windows[0].r
+    n = 2 * len(windows)
+    assert n <= slots, (n, slots)
+    with r.autocast():
+        rows = [w._embed(seq) + r.positional_scale * w.pos_emb[:, w.pos:w.pos + 1] for w, seq in zip(windows, sequences)]
+        x = torch.zeros((slots, 1, r.dim), dtype=rows[0].dtype, device=r.device)
+        x[:n] = torch.cat(rows)
+
+        def per_window(fn: tp.Callable[[int, Window], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((slots,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+            out[:n] = torch.cat([fn(j, w) for j, w in enumerate(windows)])
+            return out
+
+        for i, L in enumerate(r.layers):
+            qkv = L.qkv(L.norm1(x))  # [slots, 1, 3 * dim]
+            q, k, v = qkv.view(slots, 1, 3, r.heads, r.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            a = per_window(lambda j, w: w._merge(w._self_attention(i, q[2 * j:2 * j + 2], k[2 * j:2 * j + 2],
+                                                                     v[2 * j:2 * j + 2], 1, False, False)), x)
+            x = x + L.scale1(L.out(a).to(x.dtype))
+            if L.cross_q is not None:
+                cq = windows[0]._heads(L.cross_q(L.norm_cross(x)))
+                a = per_window(lambda j, w: w._merge(F.scaled_dot_product_attention(
+                    cq[2 * j:2 * j + 2].to(w.kv_dtype), w.cross_k[i][:, :, :w.cross_len],
+                    w.cross_v[i][:, :, :w.cross_len])), x)
+                x = x + L.scale_cross(L.cross_out(a).to(x.dtype))
+            x = x + L.scale2(L.ff2(L.activation(L.ff1(L.norm2(x)))).to(x.dtype))
+        logits = windows[0]._logits(x, all_positions=False)[:, :, -1]  # [slots, K, card]
+    for w in windows:
+        w.pos += 1
+        w.pos_tensor.add_(1)
+    return [logits[2 * j:2 * j + 2] for j in range(len(windows))]

@@ -64,15 +64,15 @@ class StepSampler:
         cond, uncond = all_logits.split(batch, dim=0)
         return uncond + (cond - uncond) * self.cfg_coef
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, K, card] logits -> [B, K, 1] tokens."""
+    def __call__(self, logits: torch.Tensor, generator: tp.Optional[torch.Generator] = None) -> torch.Tensor:
+        """[B, K, card] logits -> [B, K, 1] tokens; the draw from ``generator`` (default: torch's)."""
         if logits.device.type == "cuda":
             scaled = logits * self.inv_temp
         else:
             scaled = logits / self.temp
         probs = torch.softmax(scaled, dim=-1)
         # torch.multinomial(probs.reshape(-1, card), 1): q ~ Exp(1) of that shape, argmax(p / q)
-        q = torch.empty_like(probs.reshape(-1, probs.shape[-1])).exponential_(1).view_as(probs)
+        q = torch.empty_like(probs.reshape(-1, probs.shape[-1])).exponential_(1, generator=generator).view_as(probs)
         probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
         # top-k: keep probabilities >= the k-th largest, renormalize
         kth = probs_sort.gather(-1, self.k_index.expand(*probs.shape[:-1], 1))

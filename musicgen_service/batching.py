@@ -1,0 +1,188 @@
+"""How concurrent requests share the LM: one scheduler thread, rows admitted between decoding steps.
+
+A MusicGen step streams all the LM's weights whether it decodes one request or
+eight, so requests that overlap in time are decoded together, one row each
+(:mod:`.decoding.rows`): continuous batching. The scheduler thread owns the LM:
+
+- a request arrives (:meth:`Scheduler.submit`, from the thread serving it, after
+  its conditions are computed there) and waits in the queue;
+- when the scheduler is idle it waits :data:`GATHER_SECONDS` for others that
+  arrive together, so they start together; while rows are decoding, a new
+  request joins at the next step (its prefill runs alone, then it shares the
+  steps);
+- every row stops at its own length; its tokens go back to its request's thread,
+  which decodes, normalizes and writes the audio while the others go on;
+- a cancelled request leaves at the next step; a failing one fails alone.
+
+Which requests share steps: text, melody and continuation requests whose
+generation fits in the model's window (prompt + new audio <= 30 s), when the
+decoder's precision is batch-invariant (``fp16``, ``bf16``, ``int8``: their
+products give a row the same bits whatever the other rows; ``exact`` keeps its
+promise of stock's tokens by decoding alone, ``int8dyn``'s activation scale
+spans all rows, ``stock`` is audiocraft's loop) and on CPUs (GPUs decode each
+request alone, from CUDA graphs). The rest run alone, in arrival order, between
+batches. Either way a request's tokens depend only on its own inputs and seed.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import typing as tp
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .errors import Cancelled
+from .logs import get_logger
+
+log = get_logger()
+
+# How long an idle scheduler waits for requests arriving together (e.g. a client sending four at
+# once) before starting: 50 ms is ~1% of a 4 s request on a CPU.
+GATHER_SECONDS = 0.05
+BATCHABLE_PRECISIONS = ("fp16", "bf16", "int8")
+
+
+@dataclass
+class Job:
+    prepared: tp.Any  # generate.Prepared
+    cancel: threading.Event
+    future: Future = field(default_factory=Future)
+    row: tp.Any = None  # decoding.rows.Row while decoding in a batch
+    started: float = 0.0
+
+
+class Scheduler:
+    def __init__(self, generator: tp.Any, slots: int, gather_seconds: float = GATHER_SECONDS):
+        self.generator = generator
+        self.slots = max(1, slots)
+        self.gather_seconds = gather_seconds
+        decoder = generator.decoder
+        device = decoder.runner.device if decoder.runner is not None else None
+        self.batching = (decoder.graphs is None and decoder.runner is not None and device is not None
+                         and device.type == "cpu" and decoder.mode in BATCHABLE_PRECISIONS)
+        self.rows = None
+        if self.batching:
+            from .decoding.rows import RowDecoder
+
+            self.rows = RowDecoder(decoder.runner, self.slots)
+        self.queue: "queue.Queue[Job]" = queue.Queue()
+        if self.batching:  # otherwise the service runs each request in its own thread, one at a time
+            self.thread = threading.Thread(target=self._loop, name="musicgen-scheduler", daemon=True)
+            self.thread.start()
+        self.steps = 0
+        self.batch_sizes: tp.Dict[int, int] = {}  # rows per step -> steps, for the logs and bench
+
+    def describe(self) -> str:
+        if self.batching:
+            return f"batched: up to {self.slots} requests share each decoding step"
+        return f"one request at a time (decoder {self.generator.decoder.mode})"
+
+    def batchable(self, prepared: tp.Any) -> bool:
+        return self.generator.one_window(prepared)
+
+    def submit(self, prepared: tp.Any, cancel: tp.Optional[threading.Event] = None) -> Future:
+        assert self.batching, "without batching the service runs requests itself"
+        job = Job(prepared, cancel or threading.Event())
+        self.queue.put(job)
+        return job.future
+
+    # ------------------------------------------------------------------------------- the thread
+
+    def _loop(self) -> None:
+        waiting: tp.List[Job] = []
+        active: tp.List[Job] = []
+        while True:
+            if not active and not waiting:
+                waiting.append(self.queue.get())  # idle: block until a request arrives
+                deadline = time.monotonic() + self.gather_seconds
+                while len(waiting) < self.slots and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        waiting.append(self.queue.get(timeout=left))
+                    except queue.Empty:
+                        break
+            while True:  # whatever arrived meanwhile
+                try:
+                    waiting.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            waiting = [job for job in waiting if not self._dropped(job)]
+            # arrival order: a request that must run alone waits for the batch to drain, then runs
+            while waiting and len(active) < self.slots and self.batchable(waiting[0].prepared):
+                job = waiting.pop(0)
+                if self._admit(job):
+                    active.append(job)
+            if not active and waiting:
+                self._alone(waiting.pop(0))
+                continue
+            active = [job for job in active if not self._dropped(job)]
+            if active:
+                self._step(active)
+                active = [job for job in active if not self._finished(job)]
+
+    def _dropped(self, job: Job) -> bool:
+        if job.cancel.is_set():
+            if not job.future.done():
+                job.future.set_exception(Cancelled("cancelled"))
+            return True
+        return False
+
+    def _admit(self, job: Job) -> bool:
+        from .decoding.rows import Row
+
+        prepared = job.prepared
+        req = prepared.req
+        progress = self._progress(prepared)
+        try:
+            job.row = Row(condition_tensors=prepared.condition_tensors, prompt=prepared.context,
+                          max_gen_len=prepared.prompt_frames + prepared.new_frames, seed=prepared.seed,
+                          temp=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                          cfg_coef=float(req.classifier_free_guidance),
+                          progress=lambda done, total: progress.update(done))
+            job.started = time.perf_counter()
+            self.rows.admit(job.row)
+        except Exception as exc:  # this request fails alone
+            job.future.set_exception(exc)
+            return False
+        return True
+
+    def _progress(self, prepared: tp.Any) -> tp.Any:
+        from .generate import EXTEND_STRIDE, Progress
+
+        fr = self.generator.model.frame_rate
+        return Progress(prepared.new_frames, 0, fr, int(EXTEND_STRIDE * fr), say=prepared.say)
+
+    def _step(self, active: tp.List[Job]) -> None:
+        rows = [job.row for job in active if not job.row.done]
+        if not rows:
+            return
+        try:
+            self.rows.step(rows)
+        except Exception as exc:  # a bug, not an input: every request of the step fails with it
+            for job in active:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+                job.cancel.set()
+            return
+        self.steps += 1
+        self.batch_sizes[len(rows)] = self.batch_sizes.get(len(rows), 0) + 1
+
+    def _finished(self, job: Job) -> bool:
+        if job.future.done():
+            return True
+        if not job.row.done:
+            return False
+        try:
+            tokens = job.row.codes()
+            self.generator.report(job.prepared, time.perf_counter() - job.started)
+            job.prepared.say("decoding steps shared with other requests: %d of %d" % (job.row.shared, job.row.steps))
+            job.future.set_result(tokens)
+        except Exception as exc:
+            job.future.set_exception(exc)
+        return True
+
+    def _alone(self, job: Job) -> None:
+        try:
+            job.future.set_result(self.generator.tokens(job.prepared, cancelled=job.cancel.is_set))
+        except Exception as exc:
+            job.future.set_exception(Cancelled("cancelled") if job.cancel.is_set() else exc)

@@ -1,0 +1,92 @@
+"""Several requests decoded together, one row each (with its null twin for guidance), step by step.
+
+The scheduler (:mod:`musicgen_service.batching`) admits rows between steps and
+removes them when they finish or are cancelled; this module decodes them. Each
+row keeps everything of its own: its window (caches, position, conditions), its
+codebook pattern (:class:`.loop.Sequence`), its sampling parameters and its own
+random generator seeded with its seed. Only the weight-streaming matrix products
+are shared, at a fixed row count (:func:`.runner.batched_step`). So a row's tokens
+do not depend on the rows beside it: a request gives the same tokens alone or in
+any batch (tests/test_batching.py checks it).
+
+A row's prefill runs alone, on its own shapes, when it is admitted.
+"""
+from __future__ import annotations
+
+import typing as tp
+from dataclasses import dataclass, field
+
+import torch
+
+from .loop import Sequence
+from .runner import Runner, Window, batched_step
+from .sampling import StepSampler
+
+
+@dataclass
+class Row:
+    """One request as the LM sees it."""
+    condition_tensors: tp.Dict[str, tp.Any]  # the conditions with their null twins (batch 2)
+    prompt: tp.Optional[torch.Tensor]  # [1, K, T] tokens to continue, or None
+    max_gen_len: int  # frames of the whole window, prompt included
+    seed: int
+    temp: float
+    top_k: int
+    top_p: float
+    cfg_coef: float
+    use_sampling: bool = True
+    progress: tp.Optional[tp.Callable[[int, int], None]] = None
+    # decoding state
+    seq: tp.Any = field(default=None, repr=False)
+    window: tp.Optional[Window] = field(default=None, repr=False)
+    sampler: tp.Optional[StepSampler] = field(default=None, repr=False)
+    generator: tp.Optional[torch.Generator] = field(default=None, repr=False)
+    offset: int = 0
+    steps: int = 0  # batched steps taken
+    shared: int = 0  # of which with other rows
+
+    @property
+    def done(self) -> bool:
+        return self.seq is not None and self.offset >= self.seq.length
+
+    def codes(self) -> torch.Tensor:
+        return self.seq.codes()
+
+
+class RowDecoder:
+    """Decodes up to ``slots`` rows at a time on one runner (2 matrix rows each)."""
+
+    def __init__(self, runner: Runner, slots: int):
+        self.runner = runner
+        self.slots = slots
+        self.lm = runner.lm
+
+    @torch.no_grad()
+    def admit(self, row: Row) -> None:
+        """Prefill the row alone and sample its first token."""
+        lm, device = self.lm, self.runner.device
+        prompt = row.prompt if row.prompt is not None else torch.zeros(
+            (1, lm.num_codebooks, 0), dtype=torch.long, device=device)
+        row.seq = seq = Sequence(lm, prompt, row.max_gen_len)
+        row.window = self.runner.start(row.condition_tensors, 2, seq.length)
+        row.sampler = StepSampler(device, lm.card)
+        row.sampler.set(row.use_sampling, row.temp, row.top_k, row.top_p, row.cfg_coef)
+        row.generator = torch.Generator(device).manual_seed(row.seed)
+        first = seq.tokens[..., :seq.start]
+        self._commit(row, row.window.prefill(torch.cat([first, first])), seq.start)
+
+    @torch.no_grad()
+    def step(self, rows: tp.Sequence[Row]) -> None:
+        """One step for every row given (all admitted, none done)."""
+        columns = [row.seq.tokens[..., row.offset - 1:row.offset] for row in rows]
+        logits = batched_step([row.window for row in rows], [torch.cat([c, c]) for c in columns], 2 * self.slots)
+        for row, all_logits in zip(rows, logits):
+            row.steps += 1
+            row.shared += len(rows) > 1
+            self._commit(row, all_logits, row.offset)
+
+    def _commit(self, row: Row, all_logits: torch.Tensor, offset: int) -> None:
+        row.seq.write(offset, row.sampler(row.sampler.guide(all_logits, 1), row.generator))
+        row.offset = offset + 1
+        if row.progress is not None:
+            row.progress(row.offset - row.seq.start, row.seq.length - row.seq.start)
