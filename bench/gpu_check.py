@@ -44,9 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import models  # noqa: E402
-
-PROMPT = "lo-fi hip hop beat with warm piano chords and vinyl crackle"
-SEED = 1234
+from bench.run import PROMPT, SEED, sync, timed  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -101,13 +99,6 @@ class Report:
 
 # ---------------------------------------------------------------------------------------- helpers
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -121,14 +112,6 @@ def peak_gb(device: str) -> tp.Optional[float]:
 
         return round(torch.cuda.max_memory_allocated() / 1e9, 2)
     return None
-
-
-def timed(device: str, fn: tp.Callable[[], tp.Any]) -> tp.Tuple[float, tp.Any]:
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, out
 
 
 def audio_file(folder: Path, seconds: float, name: str) -> Path:
