@@ -1,0 +1,341 @@
+"""Long outputs: what decoding costs as the audio grows, chunked (``musicgen_service.codec``)
+against audiocraft's one-shot ``EncodecModel.decode``, on the real-size EnCodec (MusicGen's
+32 kHz encodec_large_nq4_s640, random weights: cost does not depend on weight values).
+
+    python bench/long.py                              # CPU, all parts (~15 min on 2 cores)
+    python bench/long.py --parts seams,scaling --durations 10,30 --oneshot-max 30
+    python bench/long.py --device cuda --oneshot-max 300 --out $OUT/long-gpu
+
+Parts (``--parts``):
+- ``seams``: chunked vs one-shot decode of the same tokens, mono and stereo (interleaved):
+  SNR in dB over the whole output, worst sample error within one frame (640 samples) of a seam
+  and elsewhere; then the same with the context margins capped at 0..N frames (how the margins
+  were chosen: the smallest that is exact, and the computed bound must be at least that).
+- ``chunks``: chunk length sweep, 60 s mono: seconds of decode per second of audio, peak memory.
+- ``scaling``: 10..300 s, mono and stereo, chunked; one-shot up to ``--oneshot-max`` seconds
+  (mono; longer ones would not fit a shared 24 GB machine, so they are not run on the CPU).
+- ``predict``: the whole prediction (``Service.predict``) on the tiny test set at 60 and 300 s,
+  stereo default model: seconds, decode seconds, peak RSS.
+
+Every memory figure comes from a fresh process: on the CPU the peak resident set (VmHWM) less
+the resident set before the measured call; on CUDA ``torch.cuda.max_memory_allocated`` less
+what was allocated before. Times are the best of ``repeats`` calls in that process, after a
+1 s warm-up decode, as wall clock and as the process' CPU time (all threads; steadier than the
+wall clock on a machine that others share). Writes ``--out``.md / .json and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import typing as tp
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.coldstart import status_mb  # noqa: E402
+
+FRAME_RATE = 50
+HOP = 640
+
+
+def log(message: str) -> None:
+    print(f"[long] {message}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------- in the child
+
+def build_codec(name: str, channels: int, device: str) -> tp.Any:
+    from audiocraft.models.encodec import InterleaveStereoCompressionModel
+
+    from bench import models
+    from musicgen_service import tiny
+
+    model = tiny.build_encodec(models.REAL_ENCODEC if name == "real" else tiny.encodec_config())
+    if channels == 2:
+        model = InterleaveStereoCompressionModel(model)
+    return model.to(device)
+
+
+def random_codes(model: tp.Any, seconds: float, device: str, seed: int = 1) -> tp.Any:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.cardinality, (1, model.num_codebooks, int(seconds * FRAME_RATE)), generator=g).to(device)
+
+
+def decoder(path: str, chunk: int) -> tp.Callable[[tp.Any, tp.Any], tp.Any]:
+    from musicgen_service import codec
+
+    if path == "oneshot":
+        return lambda model, codes: model.decode(codes, None).float().cpu()
+    return lambda model, codes: codec.decode(model, codes, chunk)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def child_decode(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    import torch
+
+    device = spec["device"]
+    model = build_codec(spec["codec"], spec["channels"], device)
+    run = decoder(spec["path"], spec["chunk"])
+    codes = random_codes(model, spec["seconds"], device)
+    with torch.inference_mode():
+        run(model, codes[..., :FRAME_RATE])  # warm-up: kernels, first-call allocations
+        sync(device)
+        rss_before = status_mb("VmRSS")
+        gpu_before = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times, cpu_times = [], []
+        for _ in range(spec["repeats"]):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            wav = run(model, codes)
+            sync(device)
+            times.append(time.perf_counter() - start)
+            cpu_times.append(time.process_time() - cpu_start)
+            del wav
+    best = min(times)
+    out = {"s": round(best, 3), "s_per_s": round(best / spec["seconds"], 4), "all_s": [round(t, 3) for t in times],
+           "cpu_s_per_s": round(min(cpu_times) / spec["seconds"], 4),
+           "peak_rss_mb": round(status_mb("VmHWM")), "rss_before_mb": round(rss_before),
+           "above_mb": round(status_mb("VmHWM") - rss_before)}
+    if device.startswith("cuda"):
+        out["gpu_above_mb"] = round((torch.cuda.max_memory_allocated() - gpu_before) / 2**20)
+    return out
+
+
+def snr_db(ref: tp.Any, x: tp.Any) -> float:
+    import torch
+
+    noise = (ref.double() - x.double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return round(10 * torch.log10(ref.double().pow(2).sum() / noise).item(), 1)
+
+
+def child_seams(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    """Chunked vs one-shot on the same tokens; seams are where the chunked decode's pieces meet
+    (recorded from the stream), errors within one frame of a seam vs the rest."""
+    import torch
+
+    from musicgen_service import codec
+
+    device = spec["device"]
+    model = build_codec(spec["codec"], spec["channels"], device)
+    codes = random_codes(model, spec["seconds"], device)
+    with torch.inference_mode():
+        ref = model.decode(codes, None).float().cpu()
+    pushes = codec._Stream.push
+    lengths: tp.List[int] = []
+
+    def recording(self: tp.Any, x: tp.Any, last: bool = False) -> tp.Any:
+        y = pushes(self, x, last)
+        if y is not None:
+            lengths.append(y.shape[-1])
+        return y
+
+    def measure() -> tp.Dict[str, tp.Any]:
+        lengths.clear()
+        out = codec.decode(model, codes, spec["chunk"])
+        seams = torch.tensor(lengths[:-1]).cumsum(0)
+        err = (out - ref).abs()[0].amax(dim=0)  # worst over channels, per sample
+        near = torch.zeros_like(err, dtype=torch.bool)
+        for s in seams.tolist():
+            near[max(s - HOP, 0):s + HOP] = True
+        return {"snr_db": snr_db(ref, out), "seams": len(seams), "max_err_near_seams": float(err[near].max()),
+                "max_err_elsewhere": float(err[~near].max()), "ref_rms": round(float(ref.pow(2).mean().sqrt()), 4)}
+
+    codec._Stream.push = recording  # type: ignore[method-assign]
+    try:
+        result = {"default": measure(), "margins": {}}
+        bound = codec.receptive_frames
+        for cap in spec["margins"]:
+            codec.receptive_frames = lambda layers, unit, cap=cap: (min(bound(layers, unit)[0], cap), bound(layers, unit)[1])
+            try:
+                result["margins"][str(cap)] = measure()
+            finally:
+                codec.receptive_frames = bound
+        stages = codec._Stream(codec._mono_codec(model)[0].decoder.model).stages
+        result["computed_margins"] = [s.margin // s.unit for s in stages if isinstance(s, codec._Local)]
+    finally:
+        codec._Stream.push = pushes  # type: ignore[method-assign]
+    return result
+
+
+def child_predict(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    from musicgen_service import weights
+
+    folder = Path(spec["weights"])
+    weights.use_hub_cache(folder)
+    from musicgen_service.generate import Generator
+    from musicgen_service.service import Service
+    from musicgen_service.settings import Settings
+
+    service = Service(Settings(weights_dir=folder, model=spec["model"], device=spec["device"]))
+    decode_s: tp.List[float] = []
+    real_decode = Generator.decode
+
+    def timed_decode(self: tp.Any, tokens: tp.Any, mbd: tp.Any = None) -> tp.Any:
+        start = time.perf_counter()
+        wav = real_decode(self, tokens, mbd)
+        decode_s.append(time.perf_counter() - start)
+        return wav
+
+    Generator.decode = timed_decode  # type: ignore[method-assign]
+    rss_before = status_mb("VmRSS")
+    start = time.perf_counter()
+    path = service.predict(prompt="lo-fi beat", duration=spec["seconds"], seed=1, output_format=spec["format"])
+    total = time.perf_counter() - start
+    return {"s": round(total, 2), "decode_s": round(decode_s[0], 2), "peak_rss_mb": round(status_mb("VmHWM")),
+            "rss_before_mb": round(rss_before), "file_mb": round(path.stat().st_size / 1e6, 1)}
+
+
+CHILDREN = {"decode": child_decode, "seams": child_seams, "predict": child_predict}
+
+
+# ------------------------------------------------------------------------------- in the parent
+
+def child(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                         cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(f"{spec} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    log(f"{spec} -> {result}")
+    return {**spec, **result}
+
+
+def markdown(report: tp.Dict[str, tp.Any]) -> str:
+    m = report["machine"]
+    lines = ["# Long outputs: chunked EnCodec decoding", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+             + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; device `{report['device']}`. Real-size EnCodec "
+             "(random weights) unless named; times are the best of the repeats in one process; memory is the "
+             "peak above the process' resident set (GPU: allocated) before the call, each in a fresh process.", ""]
+    if report.get("seams"):
+        lines += ["## Seams: chunked vs one-shot, same tokens", "",
+                  "| channels | audio s | chunk frames | margins (frames) | SNR dB | seams | worst error near seams "
+                  "| worst error elsewhere | signal RMS |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in report["seams"]:
+            d = r["default"]
+            lines.append(f"| {r['channels']} | {r['seconds']} | {r['chunk']} | computed {r['computed_margins']} | "
+                         f"{d['snr_db']} | {d['seams']} | {d['max_err_near_seams']:.1e} | "
+                         f"{d['max_err_elsewhere']:.1e} | {d['ref_rms']} |")
+            for cap, c in r["margins"].items():
+                lines.append(f"| {r['channels']} | {r['seconds']} | {r['chunk']} | capped at {cap} | {c['snr_db']} | "
+                             f"{c['seams']} | {c['max_err_near_seams']:.1e} | {c['max_err_elsewhere']:.1e} | |")
+        lines.append("")
+    if report.get("chunks"):
+        lines += ["## Chunk length (60 s mono, chunked)", "", "| chunk frames | chunk s | decode s | s per s of audio "
+                  "| CPU s per s | peak above MB |" + (" GPU peak above MB |" if report["device"] != "cpu" else ""),
+                  "|---|---|---|---|---|---|" + ("---|" if report["device"] != "cpu" else "")]
+        for r in report["chunks"]:
+            lines.append(f"| {r['chunk']} | {r['chunk'] / FRAME_RATE:g} | {r['s']} | {r['s_per_s']} | {r['cpu_s_per_s']} | "
+                         f"{r['above_mb']} |"
+                         + (f" {r['gpu_above_mb']} |" if "gpu_above_mb" in r else ""))
+        lines.append("")
+    if report.get("scaling"):
+        lines += ["## Cost against length", "", "| path | channels | audio s | decode s | s per s of audio | "
+                  "vs 10 s | CPU s per s | vs 10 s | peak above MB | peak RSS MB |"
+                  + (" GPU peak above MB |" if report["device"] != "cpu" else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if report["device"] != "cpu" else "")]
+        ten = {(r["path"], r["channels"]): r for r in report["scaling"] if r["seconds"] == 10}
+
+        def vs_ten(r: tp.Dict[str, tp.Any], key: str) -> str:
+            base = ten.get((r["path"], r["channels"]))
+            return f"{r[key] / base[key]:.2f}x" if base else "-"
+
+        for r in report["scaling"]:
+            lines.append(f"| {r['path']} | {r['channels']} | {r['seconds']:g} | {r['s']} | {r['s_per_s']} | "
+                         f"{vs_ten(r, 's_per_s')} | {r['cpu_s_per_s']} | {vs_ten(r, 'cpu_s_per_s')} | {r['above_mb']} | "
+                         f"{r['peak_rss_mb']} |" + (f" {r['gpu_above_mb']} |" if "gpu_above_mb" in r else ""))
+        lines.append("")
+    if report.get("predict"):
+        lines += ["## Whole prediction, tiny set (stereo default model)", "",
+                  "| audio s | format | total s | decode s | peak RSS MB | file MB |", "|---|---|---|---|---|---|"]
+        for r in report["predict"]:
+            lines.append(f"| {r['seconds']} | {r['format']} | {r['s']} | {r['decode_s']} | {r['peak_rss_mb']} | "
+                         f"{r['file_mb']} |")
+        lines.append("")
+    lines.append(f"Total benchmark time: {report['total_s']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="seams,chunks,scaling,predict")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--durations", default="10,30,60,120,300")
+    parser.add_argument("--oneshot-max", type=float, default=60, help="longest one-shot decode to run (mono)")
+    parser.add_argument("--chunks", default="50,100,250,500,1000")
+    parser.add_argument("--chunk", type=int, default=None, help="chunk frames (default: codec.CHUNK_FRAMES)")
+    parser.add_argument("--seam-seconds", type=float, default=30)
+    parser.add_argument("--predict", default="60:wav,300:wav,300:mp3", help="seconds:format of the predictions")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "long")
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(CHILDREN[spec["what"]](spec)))
+        return
+
+    from bench.run import machine
+    from musicgen_service import codec
+
+    chunk = args.chunk or codec.CHUNK_FRAMES
+    parts = args.parts.split(",")
+    durations = [float(d) for d in args.durations.split(",")]
+    base = {"device": args.device, "codec": "real", "chunk": chunk}
+    report: tp.Dict[str, tp.Any] = {"device": args.device, "machine": machine(), "chunk_frames": chunk}
+    start = time.perf_counter()
+    if "seams" in parts:
+        report["seams"] = [child({**base, "what": "seams", "channels": c, "seconds": args.seam_seconds,
+                                  "margins": [0, 1, 2, 3, 4]}) for c in (1, 2)]
+    if "chunks" in parts:
+        report["chunks"] = [child({**base, "what": "decode", "path": "chunked", "channels": 1, "seconds": 60,
+                                   "chunk": c, "repeats": args.repeats}) for c in map(int, args.chunks.split(","))]
+    if "scaling" in parts:
+        rows = []
+        for seconds in durations:
+            repeats = args.repeats if seconds <= 60 else max(1, args.repeats - 1)
+            for channels in (1, 2):
+                rows.append(child({**base, "what": "decode", "path": "chunked", "channels": channels,
+                                   "seconds": seconds, "repeats": repeats}))
+            if seconds <= args.oneshot_max:
+                rows.append(child({**base, "what": "decode", "path": "oneshot", "channels": 1, "seconds": seconds,
+                                   "repeats": repeats}))
+                if args.device != "cpu":
+                    rows.append(child({**base, "what": "decode", "path": "oneshot", "channels": 2,
+                                       "seconds": seconds, "repeats": repeats}))
+        report["scaling"] = sorted(rows, key=lambda r: (r["path"], r["channels"], r["seconds"]))
+    if "predict" in parts:
+        folder = (args.work / "tiny").resolve()
+        if not (folder / "models--t5-base").exists():
+            from musicgen_service import tiny
+
+            tiny.write_tiny_set(folder)
+        report["predict"] = [child({"what": "predict", "device": args.device, "weights": str(folder),
+                                    "model": "facebook/musicgen-stereo-melody-large", "seconds": int(s), "format": f})
+                             for s, f in (p.split(":") for p in args.predict.split(","))]
+    report["total_s"] = time.perf_counter() - start
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
