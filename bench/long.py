@@ -85,6 +85,8 @@ def sync(device: str) -> None:
 def child_decode(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     device = spec["device"]
     model = build_codec(spec["codec"], spec["channels"], device)
     run = decoder(spec["path"], spec["chunk"])
@@ -218,7 +220,7 @@ def child(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
 def markdown(report: tp.Dict[str, tp.Any]) -> str:
     m = report["machine"]
     lines = ["# Long outputs: chunked EnCodec decoding", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({report['threads']} threads in the decodes)"
              + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; device `{report['device']}`. Real-size EnCodec "
              "(random weights) unless named; times are the best of the repeats in one process; memory is the "
              "peak above the process' resident set (GPU: allocated) before the call, each in a fresh process.", ""]
@@ -283,6 +285,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parser.add_argument("--seam-seconds", type=float, default=30)
     parser.add_argument("--predict", default="60:wav,300:wav,300:mp3", help="seconds:format of the predictions")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads in the decode measurements "
+                        "(default: torch's; 1 gives the steadiest CPU times on a shared machine)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "long")
     args = parser.parse_args(argv)
@@ -297,8 +301,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     chunk = args.chunk or codec.CHUNK_FRAMES
     parts = args.parts.split(",")
     durations = [float(d) for d in args.durations.split(",")]
-    base = {"device": args.device, "codec": "real", "chunk": chunk}
-    report: tp.Dict[str, tp.Any] = {"device": args.device, "machine": machine(), "chunk_frames": chunk}
+    base = {"device": args.device, "codec": "real", "chunk": chunk, "threads": args.threads}
+    report: tp.Dict[str, tp.Any] = {"device": args.device, "machine": machine(), "chunk_frames": chunk,
+                                    "threads": args.threads or machine()["torch_threads"]}
     start = time.perf_counter()
     if "seams" in parts:
         report["seams"] = [child({**base, "what": "seams", "channels": c, "seconds": args.seam_seconds,

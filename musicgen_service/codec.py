@@ -38,10 +38,11 @@ from .logs import get_logger
 
 log = get_logger()
 
-# Latent frames (50 per second) per chunk, chosen by measurement (bench/results/long.md): on a
-# 2-core CPU, decode time per second of audio is flat from 2 s to 10 s chunks and peak memory
-# grows ~36 MB per second of chunk; 5 s keeps the margins' recomputation at ~4%.
-CHUNK_FRAMES = 250
+# Latent frames (50 per second) per chunk, chosen by measurement (bench/results/long.md, real-size
+# EnCodec on a 2-core CPU): 2 s chunks decode fastest (smaller ones pay for their margins: ~24
+# frames recomputed per chunk; larger ones lose the caches: 10 s chunks are ~1.5x slower per
+# second of audio) and peak memory grows ~36 MB per second of chunk (2 s: ~250 MB).
+CHUNK_FRAMES = 100
 
 
 def decode(compression_model: tp.Any, codes: tp.Any, chunk_frames: int = CHUNK_FRAMES) -> tp.Any:
