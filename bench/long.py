@@ -14,6 +14,8 @@ Parts (``--parts``):
 - ``chunks``: chunk length sweep, 60 s mono: seconds of decode per second of audio, peak memory.
 - ``scaling``: 10..300 s, mono and stereo, chunked; one-shot up to ``--oneshot-max`` seconds
   (mono; longer ones would not fit a shared 24 GB machine, so they are not run on the CPU).
+- ``mbd``: MultiBand Diffusion's windows on the tiny random MBD: correlation of overlapping
+  windows, the level at each join (correlation-corrected vs plain equal-power crossfade).
 - ``predict``: the whole prediction (``Service.predict``) on the tiny test set at 60 and 300 s,
   stereo default model: seconds, decode seconds, peak RSS.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -202,7 +205,46 @@ def child_predict(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
             "rss_before_mb": round(rss_before), "file_mb": round(path.stat().st_size / 1e6, 1)}
 
 
-CHILDREN = {"decode": child_decode, "seams": child_seams, "predict": child_predict}
+def child_mbd(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    """MultiBand Diffusion's windows (tiny random MBD of the test set, windows shrunk to fit a
+    CPU): MBD samples fresh noise at each diffusion step, so two one-shot decodes of the same
+    tokens already differ; what a join can get wrong is the level where two windows overlap."""
+    import torch
+
+    from musicgen_service import mbd as multiband, weights
+
+    folder = Path(spec["weights"])
+    weights.use_hub_cache(folder)
+    from musicgen_service.service import Service
+    from musicgen_service.settings import Settings
+
+    service = Service(Settings(weights_dir=folder, model="facebook/musicgen-small", device=spec["device"], mbd="eager"))
+    mbd = service.mbd_decoder()
+    codes = random_codes(service.model.compression_model, spec["seconds"], spec["device"])
+    window, overlap = int(spec["window"] * FRAME_RATE), int(spec["overlap"] * FRAME_RATE)
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        one_shot = mbd.tokens_to_wav(codes).float().cpu()
+        torch.manual_seed(2)
+        other_seed = mbd.tokens_to_wav(codes).float().cpu()
+        torch.manual_seed(1)
+        starts = list(range(0, codes.shape[-1] - overlap, window - overlap))
+        pieces = [mbd.tokens_to_wav(codes[..., s:s + window]).float().cpu() for s in starts]
+    rows: tp.Dict[str, tp.Any] = {"snr_one_shot_vs_other_seed_db": snr_db(one_shot, other_seed)}
+    for name, correlated in (("corrected", True), ("equal_power", False)):
+        out = multiband.crossfade(pieces, overlap * HOP, correlated)
+        swell = []
+        for s in starts[1:]:  # the middle half of each overlap, against the one-shot's level there
+            middle = slice((s + overlap // 4) * HOP, (s + 3 * overlap // 4) * HOP)
+            swell.append(10 * math.log10(out[..., middle].pow(2).mean() / one_shot[..., middle].pow(2).mean()))
+        rows[name] = {"snr_vs_one_shot_db": snr_db(one_shot, out), "seam_level_db": [round(x, 2) for x in swell]}
+    rows["window_correlation"] = [round(float((a[..., -overlap * HOP:] * b[..., :overlap * HOP]).sum()
+                                              / (a[..., -overlap * HOP:].norm() * b[..., :overlap * HOP].norm())), 3)
+                                  for a, b in zip(pieces, pieces[1:])]
+    return rows
+
+
+CHILDREN = {"decode": child_decode, "seams": child_seams, "predict": child_predict, "mbd": child_mbd}
 
 
 # ------------------------------------------------------------------------------- in the parent
@@ -262,6 +304,16 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
                          f"{vs_ten(r, 's_per_s')} | {r['cpu_s_per_s']} | {vs_ten(r, 'cpu_s_per_s')} | {r['above_mb']} | "
                          f"{r['peak_rss_mb']} |" + (f" {r['gpu_above_mb']} |" if "gpu_above_mb" in r else ""))
         lines.append("")
+    if report.get("mbd"):
+        b = report["mbd"]
+        lines += ["## MultiBand Diffusion windows (tiny random MBD, 8 s in 2 s windows, 0.5 s overlaps)", "",
+                  f"Two one-shot decodes of the same tokens (other seed): SNR {b['snr_one_shot_vs_other_seed_db']} dB, "
+                  "so no SNR bar applies to MBD. Correlation of two windows' renderings over their overlap: "
+                  f"{b['window_correlation']}. Level in the middle of each join against the one-shot decode there:", "",
+                  "| join | SNR vs one-shot dB | level at each join, dB |", "|---|---|---|"]
+        for name in ("corrected", "equal_power"):
+            lines.append(f"| {name.replace('_', ' ')} | {b[name]['snr_vs_one_shot_db']} | {b[name]['seam_level_db']} |")
+        lines.append("")
     if report.get("predict"):
         lines += ["## Whole prediction, tiny set (stereo default model)", "",
                   "| audio s | format | total s | decode s | peak RSS MB | file MB |", "|---|---|---|---|---|---|"]
@@ -276,7 +328,7 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--parts", default="seams,chunks,scaling,predict")
+    parser.add_argument("--parts", default="seams,chunks,scaling,mbd,predict")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--durations", default="10,30,60,120,300")
     parser.add_argument("--oneshot-max", type=float, default=60, help="longest one-shot decode to run (mono)")
@@ -325,12 +377,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                     rows.append(child({**base, "what": "decode", "path": "oneshot", "channels": 2,
                                        "seconds": seconds, "repeats": repeats}))
         report["scaling"] = sorted(rows, key=lambda r: (r["path"], r["channels"], r["seconds"]))
-    if "predict" in parts:
-        folder = (args.work / "tiny").resolve()
-        if not (folder / "models--t5-base").exists():
-            from musicgen_service import tiny
+    folder = (args.work / "tiny").resolve()
+    if ("predict" in parts or "mbd" in parts) and not (folder / "models--t5-base").exists():
+        from musicgen_service import tiny
 
-            tiny.write_tiny_set(folder)
+        tiny.write_tiny_set(folder)
+    if "mbd" in parts:
+        report["mbd"] = child({"what": "mbd", "device": args.device, "weights": str(folder), "seconds": 8,
+                               "window": 2, "overlap": 0.5})
+    if "predict" in parts:
         report["predict"] = [child({"what": "predict", "device": args.device, "weights": str(folder),
                                     "model": "facebook/musicgen-stereo-melody-large", "seconds": int(s), "format": f})
                              for s, f in (p.split(":") for p in args.predict.split(","))]

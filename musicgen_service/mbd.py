@@ -75,7 +75,7 @@ def _windowed(mbd: tp.Any, codes: tp.Any) -> tp.Any:
     return out
 
 
-def crossfade(pieces: tp.Sequence[tp.Any], overlap: int) -> tp.Any:
+def crossfade(pieces: tp.Sequence[tp.Any], overlap: int, correlated: bool = True) -> tp.Any:
     """Join [..., n_i] pieces that overlap by ``overlap`` samples (see :func:`join`)."""
     import torch
 
@@ -83,12 +83,12 @@ def crossfade(pieces: tp.Sequence[tp.Any], overlap: int) -> tp.Any:
     out = torch.empty(*pieces[0].shape[:-1], total, dtype=pieces[0].dtype)
     position = 0
     for i, piece in enumerate(pieces):
-        join(out, position, piece, overlap if i else 0)
+        join(out, position, piece, overlap if i else 0, correlated)
         position += piece.shape[-1] - overlap
     return out
 
 
-def join(out: tp.Any, position: int, piece: tp.Any, overlap: int) -> None:
+def join(out: tp.Any, position: int, piece: tp.Any, overlap: int, correlated: bool = True) -> None:
     """Write ``piece`` into ``out`` from ``position`` on; its first ``overlap`` samples are
     crossfaded with what ``out`` holds there. The fades are cos/sin ramps (equal power) divided
     by sqrt(1 + 2 cos sin rho), rho being the two signals' correlation over the overlap (each row;
@@ -96,7 +96,8 @@ def join(out: tp.Any, position: int, piece: tp.Any, overlap: int) -> None:
     the plain equal-power crossfade) or the same (rho = 1: it returns that signal). MBD draws
     fresh noise for each window, and two renderings of the same tokens are partly correlated
     (0.38 on the tiny random MBD): a plain equal-power crossfade would swell by 10 log10(1 + rho)
-    dB (1.4 dB there) in the middle of each join."""
+    dB (1.4 dB there) in the middle of each join. ``correlated=False``: the plain equal-power
+    crossfade (rho = 0), for comparison (bench/long.py)."""
     import torch
 
     end = position + piece.shape[-1]
@@ -105,7 +106,7 @@ def join(out: tp.Any, position: int, piece: tp.Any, overlap: int) -> None:
         t = (torch.arange(overlap, dtype=out.dtype) + 0.5) / overlap
         fade_in, fade_out = torch.sin(t * math.pi / 2), torch.cos(t * math.pi / 2)
         norms = head.norm(dim=-1, keepdim=True) * new.norm(dim=-1, keepdim=True)
-        rho = ((head * new).sum(dim=-1, keepdim=True) / norms.clamp_min(1e-12)).clamp(0, 1)
+        rho = ((head * new).sum(dim=-1, keepdim=True) / norms.clamp_min(1e-12)).clamp(0, 1) * correlated
         gain = (1 + 2 * fade_in * fade_out * rho).rsqrt()
         head.mul_(fade_out * gain).add_(new * (fade_in * gain))
     out[..., position + overlap:end].copy_(piece[..., overlap:])
