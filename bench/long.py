@@ -341,6 +341,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                         "(default: torch's; 1 gives the steadiest CPU times on a shared machine)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "long")
+    parser.add_argument("--merge", action="store_true", help="keep the parts of --out's JSON that this run "
+                        "does not measure (e.g. predictions taken at 2 threads next to 1-thread decodes)")
     args = parser.parse_args(argv)
     if args.child:
         spec = json.loads(args.child)
@@ -390,6 +392,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                                     "model": "facebook/musicgen-stereo-melody-large", "seconds": int(s), "format": f})
                              for s, f in (p.split(":") for p in args.predict.split(","))]
     report["total_s"] = time.perf_counter() - start
+    if args.merge and args.out.with_suffix(".json").exists():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        report = {**old, **report, "total_s": old["total_s"] + report["total_s"],
+                  "runs": old.get("runs", [{k: old[k] for k in ("threads", "chunk_frames") if k in old}])
+                  + [{"parts": parts, "threads": report["threads"], "chunk_frames": chunk}]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)

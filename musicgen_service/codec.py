@@ -23,9 +23,9 @@ other shapes): measured on the real-size EnCodec, random weights, see bench/long
 bench/results/long.md. Memory is the output buffer plus one chunk's activations, whatever the
 length; time per second of audio stays flat (the one-shot call slows down on long inputs).
 
-A stereo (interleaved) model's two code streams are decoded as a batch of two mono streams, as
-``InterleaveStereoCompressionModel.decode`` does one after the other. Chunks are computed on the
-model's device and copied into one float32 buffer on the CPU, the only full-length copy.
+A stereo (interleaved) model's two code streams are decoded one after the other, as
+``InterleaveStereoCompressionModel.decode`` does. Chunks are computed on the model's device and
+copied into one float32 buffer on the CPU, the only full-length copy.
 :func:`encode` streams the SEANet encoder the same way (continuation prompts may be minutes
 long). A compression model of another kind is run in one call, as audiocraft does.
 """
@@ -56,21 +56,24 @@ def decode(compression_model: tp.Any, codes: tp.Any, chunk_frames: int = CHUNK_F
         log.info("%s: decoded in one call (not a SEANet EnCodec)", type(compression_model).__name__)
         return compression_model.decode(codes, None).float().cpu()
     batch = codes.shape[0]
-    codes = streams.split(codes)  # [streams * B, K', T]
-    frames = codes.shape[-1]
+    rows = streams.split(codes)  # [streams * B, K', T], left rows first
+    frames = rows.shape[-1]
     hop = int(round(codec.sample_rate / codec.frame_rate))
     out = torch.empty(batch, streams.count, frames * hop, dtype=torch.float32)
-    stream = _Stream(decoder.model)
-    written = 0
     with torch.inference_mode():
-        for start in range(0, frames, chunk_frames):
-            end = min(start + chunk_frames, frames)
-            piece = stream.push(codec.decode_latent(codes[..., start:end]), last=end == frames)
-            if piece is not None:
-                n = piece.shape[-1]
-                out[..., written:written + n].copy_(streams.join(piece, batch))
-                written += n
-    assert written == out.shape[-1], (written, out.shape)
+        # One stream after the other, as audiocraft's stereo wrapper does: a chunk of one stream
+        # stays in the caches (as a batch of two, 1.5x slower on a 2-core CPU: bench/README.md).
+        for row, row_codes in enumerate(rows.split(1)):
+            target = out[row % batch, row // batch]
+            stream = _Stream(decoder.model)
+            written = 0
+            for start in range(0, frames, chunk_frames):
+                end = min(start + chunk_frames, frames)
+                piece = stream.push(codec.decode_latent(row_codes[..., start:end]), last=end == frames)
+                if piece is not None:
+                    target[written:written + piece.shape[-1]].copy_(piece[0, 0])
+                    written += piece.shape[-1]
+            assert written == target.shape[-1], (written, target.shape)
     return out
 
 
@@ -85,19 +88,22 @@ def encode(compression_model: tp.Any, wav: tp.Any, chunk_frames: int = CHUNK_FRA
         log.info("%s: encoded in one call (not a SEANet EnCodec without renormalization)",
                  type(compression_model).__name__)
         return compression_model.encode(wav)[0]
-    batch = wav.shape[0]
     hop = int(round(codec.sample_rate / codec.frame_rate))
-    wav = streams.split_audio(wav)  # [streams * B, 1, samples]
-    stream = _Stream(encoder.model, unit=hop)
-    pieces = []
     step = chunk_frames * hop
+    codes = []
     with torch.inference_mode():
-        for start in range(0, wav.shape[-1], step):
-            end = min(start + step, wav.shape[-1])
-            latent = stream.push(wav[..., start:end], last=end == wav.shape[-1])
-            if latent is not None:
-                pieces.append(codec.quantizer.encode(latent))
-    return streams.interleave(torch.cat(pieces, dim=-1), batch)
+        for channel in range(streams.count):  # left rows first, as streams.split orders them
+            for b in range(wav.shape[0]):
+                row = wav[b:b + 1, channel:channel + 1]
+                stream = _Stream(encoder.model, unit=hop)
+                pieces = []
+                for start in range(0, row.shape[-1], step):
+                    end = min(start + step, row.shape[-1])
+                    latent = stream.push(row[..., start:end], last=end == row.shape[-1])
+                    if latent is not None:
+                        pieces.append(codec.quantizer.encode(latent))
+                codes.append(torch.cat(pieces, dim=-1))
+    return streams.interleave(torch.cat(codes, dim=0), wav.shape[0])
 
 
 # ------------------------------------------------------------------------------------ streams
@@ -118,16 +124,8 @@ class _Streams:
 
         return torch.cat(self.wrapper.get_left_right_codes(codes), dim=0)
 
-    def join(self, piece: tp.Any, batch: int) -> tp.Any:
-        """[count * B, 1, n] decoded rows -> [B, count, n] channels."""
-        return piece.reshape(self.count, batch, piece.shape[-1]).transpose(0, 1)
-
-    def split_audio(self, wav: tp.Any) -> tp.Any:
-        """[B, count, n] audio -> [count * B, 1, n] mono rows (left rows first)."""
-        return wav.transpose(0, 1).reshape(-1, 1, wav.shape[-1])
-
     def interleave(self, codes: tp.Any, batch: int) -> tp.Any:
-        """[count * B, K, T] mono codes -> [B, count * K, T], the wrapper's layout."""
+        """[count * B, K, T] mono codes (left rows first) -> [B, count * K, T], the wrapper's layout."""
         if self.wrapper is None:
             return codes
         from einops import rearrange
