@@ -315,7 +315,7 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
             lines.append(f"| {name.replace('_', ' ')} | {b[name]['snr_vs_one_shot_db']} | {b[name]['seam_level_db']} |")
         lines.append("")
     if report.get("predict"):
-        lines += ["## Whole prediction, tiny set (stereo default model)", "",
+        lines += [f"## Whole prediction, tiny set (stereo default model; torch's default {m['torch_threads']} threads)", "",
                   "| audio s | format | total s | decode s | peak RSS MB | file MB |", "|---|---|---|---|---|---|"]
         for r in report["predict"]:
             lines.append(f"| {r['seconds']} | {r['format']} | {r['s']} | {r['decode_s']} | {r['peak_rss_mb']} | "
