@@ -141,21 +141,25 @@ def child_seams(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     with torch.inference_mode():
         ref = model.decode(codes, None).float().cpu()
     pushes = codec._Stream.push
-    lengths: tp.List[int] = []
+    pieces: tp.List[tp.Tuple[int, bool]] = []  # (length, last piece of its stream)
 
     def recording(self: tp.Any, x: tp.Any, last: bool = False) -> tp.Any:
         y = pushes(self, x, last)
         if y is not None:
-            lengths.append(y.shape[-1])
+            pieces.append((y.shape[-1], last))
         return y
 
     def measure() -> tp.Dict[str, tp.Any]:
-        lengths.clear()
+        pieces.clear()
         out = codec.decode(model, codes, spec["chunk"])
-        seams = torch.tensor(lengths[:-1]).cumsum(0)
+        seams, position = set(), 0
+        for n, last in pieces:  # stereo: the same positions in each channel's stream
+            position = 0 if last else position + n
+            if not last:
+                seams.add(position)
         err = (out - ref).abs()[0].amax(dim=0)  # worst over channels, per sample
         near = torch.zeros_like(err, dtype=torch.bool)
-        for s in seams.tolist():
+        for s in seams:
             near[max(s - HOP, 0):s + HOP] = True
         return {"snr_db": snr_db(ref, out), "seams": len(seams), "max_err_near_seams": float(err[near].max()),
                 "max_err_elsewhere": float(err[~near].max()), "ref_rms": round(float(ref.pow(2).mean().sqrt()), 4)}
@@ -262,7 +266,8 @@ def child(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
 def markdown(report: tp.Dict[str, tp.Any]) -> str:
     m = report["machine"]
     lines = ["# Long outputs: chunked EnCodec decoding", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({report['threads']} threads in the decodes)"
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (torch threads in the decode "
+             f"timings: {report.get('threads', '-')})"
              + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; device `{report['device']}`. Real-size EnCodec "
              "(random weights) unless named; times are the best of the repeats in one process; memory is the "
              "peak above the process' resident set (GPU: allocated) before the call, each in a fresh process.", ""]
@@ -356,8 +361,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parts = args.parts.split(",")
     durations = [float(d) for d in args.durations.split(",")]
     base = {"device": args.device, "codec": "real", "chunk": chunk, "threads": args.threads}
-    report: tp.Dict[str, tp.Any] = {"device": args.device, "machine": machine(), "chunk_frames": chunk,
-                                    "threads": args.threads or machine()["torch_threads"]}
+    report: tp.Dict[str, tp.Any] = {"device": args.device, "machine": machine(), "chunk_frames": chunk}
+    if "chunks" in parts or "scaling" in parts:
+        report["threads"] = args.threads or machine()["torch_threads"]
     start = time.perf_counter()
     if "seams" in parts:
         report["seams"] = [child({**base, "what": "seams", "channels": c, "seconds": args.seam_seconds,
@@ -396,7 +402,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
         old = json.loads(args.out.with_suffix(".json").read_text())
         report = {**old, **report, "total_s": old["total_s"] + report["total_s"],
                   "runs": old.get("runs", [{k: old[k] for k in ("threads", "chunk_frames") if k in old}])
-                  + [{"parts": parts, "threads": report["threads"], "chunk_frames": chunk}]}
+                  + [{"parts": parts, "threads": report.get("threads"), "chunk_frames": chunk}]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
