@@ -14,6 +14,9 @@ Parts (``--parts``):
 - ``chunks``: chunk length sweep, 60 s mono: seconds of decode per second of audio, peak memory.
 - ``scaling``: 10..300 s, mono and stereo, chunked; one-shot up to ``--oneshot-max`` seconds
   (mono; longer ones would not fit a shared 24 GB machine, so they are not run on the CPU).
+- ``linearity``: in one process at torch's default threads, stereo, 10 s decoded five times then
+  300 s once: the median time of the decode's chunks per second of audio (steady on a shared
+  machine, where whole decodes at 2 threads vary several-fold).
 - ``mbd``: MultiBand Diffusion's windows on the tiny random MBD: correlation of overlapping
   windows, the level at each join (correlation-corrected vs plain equal-power crossfade).
 - ``predict``: the whole prediction (``Service.predict``) on the tiny test set at 60 and 300 s,
@@ -142,6 +145,33 @@ def child_decode(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     if device.startswith("cuda"):
         out["gpu_above_mb"] = round((torch.cuda.max_memory_allocated() - gpu_before) / 2**20)
     return out
+
+
+def child_linearity(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+    """In one process, at torch's default threads: short decodes, then one long one, both chunked;
+    the median chunk time per second of audio of each (see :func:`steady_chunk_times`)."""
+    import torch
+
+    from musicgen_service import codec
+
+    model = build_codec("real", spec["channels"], spec["device"])
+    times = steady_chunk_times()
+    result = {}
+    with torch.inference_mode():
+        codec.decode(model, random_codes(model, 2, spec["device"]))
+        for seconds, repeats in ((spec["short"], 5), (spec["long"], 1)):
+            codes = random_codes(model, seconds, spec["device"])
+            times.clear()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                codec.decode(model, codes)
+            ordered = sorted(times)
+            per_s = spec["channels"] * FRAME_RATE / codec.CHUNK_FRAMES
+            result[str(seconds)] = {"chunks": len(ordered), "wall_s_per_s": round((time.perf_counter() - start) / repeats / seconds, 4),
+                                    "p25_chunk_s_per_s": round(ordered[len(ordered) // 4] * per_s, 4),
+                                    "median_chunk_s_per_s": round(ordered[len(ordered) // 2] * per_s, 4)}
+    result["threads"] = torch.get_num_threads()
+    return result
 
 
 def snr_db(ref: tp.Any, x: tp.Any) -> float:
@@ -273,7 +303,8 @@ def child_mbd(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     return rows
 
 
-CHILDREN = {"decode": child_decode, "seams": child_seams, "predict": child_predict, "mbd": child_mbd}
+CHILDREN = {"decode": child_decode, "seams": child_seams, "predict": child_predict, "mbd": child_mbd,
+            "linearity": child_linearity}
 
 
 # ------------------------------------------------------------------------------- in the parent
@@ -337,6 +368,16 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
                          f"{r.get('median_chunk_s_per_s', '-')} | {vs_ten(r, 'median_chunk_s_per_s')} | {r['above_mb']} | "
                          f"{r['peak_rss_mb']} |" + (f" {r['gpu_above_mb']} |" if "gpu_above_mb" in r else ""))
         lines.append("")
+    if report.get("linearity"):
+        r = report["linearity"]
+        short, long = (r[k] for k in sorted((k for k in r if k.isdigit()), key=int))
+        lines += [f"## Linearity at {r['threads']} threads (stereo, one process: 10 s decoded 5 times, then 300 s)", "",
+                  "| audio s | chunks timed | wall s per s | p25 chunk s per s | median chunk s per s |", "|---|---|---|---|---|"]
+        for k in sorted((k for k in r if k.isdigit()), key=int):
+            lines.append(f"| {k} | {r[k]['chunks']} | {r[k]['wall_s_per_s']} | {r[k]['p25_chunk_s_per_s']} | "
+                         f"{r[k]['median_chunk_s_per_s']} |")
+        lines += ["", f"Median chunk, 300 s against 10 s: {long['median_chunk_s_per_s'] / short['median_chunk_s_per_s']:.2f}x "
+                      f"(p25: {long['p25_chunk_s_per_s'] / short['p25_chunk_s_per_s']:.2f}x).", ""]
     if report.get("mbd"):
         b = report["mbd"]
         lines += ["## MultiBand Diffusion windows (tiny random MBD, 8 s in 2 s windows, 0.5 s overlaps)", "",
@@ -361,7 +402,7 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--parts", default="seams,chunks,scaling,mbd,predict")
+    parser.add_argument("--parts", default="seams,chunks,scaling,linearity,mbd,predict")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--durations", default="10,30,60,120,300")
     parser.add_argument("--oneshot-max", type=float, default=60, help="longest one-shot decode to run (mono)")
@@ -413,6 +454,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                     rows.append(child({**base, "what": "decode", "path": "oneshot", "channels": 2,
                                        "seconds": seconds, "repeats": repeats}))
         report["scaling"] = sorted(rows, key=lambda r: (r["path"], r["channels"], r["seconds"]))
+    if "linearity" in parts:
+        report["linearity"] = child({"what": "linearity", "device": args.device, "channels": 2, "short": 10, "long": 300})
     folder = (args.work / "tiny").resolve()
     if ("predict" in parts or "mbd" in parts) and not (folder / "models--t5-base").exists():
         from musicgen_service import tiny
