@@ -154,7 +154,7 @@ def child_linearity(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
 
     from musicgen_service import codec
 
-    model = build_codec("real", spec["channels"], spec["device"])
+    model = build_codec(spec["codec"], spec["channels"], spec["device"])
     times = steady_chunk_times()
     result = {}
     with torch.inference_mode():
@@ -324,8 +324,9 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
     lines = ["# Long outputs: chunked EnCodec decoding", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} (torch threads in the decode "
              f"timings: {report.get('threads', '-')})"
-             + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; device `{report['device']}`. Real-size EnCodec "
-             "(random weights) unless named; times are the best of the repeats in one process; memory is the "
+             + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; device `{report['device']}`. "
+             + ("Real-size EnCodec" if report.get("codec", "real") == "real" else "The tiny test set's EnCodec")
+             + " (random weights) unless named; times are the best of the repeats in one process; memory is the "
              "peak above the process' resident set (GPU: allocated) before the call, each in a fresh process.", ""]
     if report.get("seams"):
         lines += ["## Seams: chunked vs one-shot, same tokens", "",
@@ -404,6 +405,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--parts", default="seams,chunks,scaling,linearity,mbd,predict")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--codec", default="real", choices=["real", "tiny"],
+                        help="the EnCodec decoded: MusicGen's real size, or the tiny test set's (smoke runs)")
     parser.add_argument("--durations", default="10,30,60,120,300")
     parser.add_argument("--oneshot-max", type=float, default=60, help="longest one-shot decode to run (mono)")
     parser.add_argument("--chunks", default="50,100,250,500,1000")
@@ -429,8 +432,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     chunk = args.chunk or codec.CHUNK_FRAMES
     parts = args.parts.split(",")
     durations = [float(d) for d in args.durations.split(",")]
-    base = {"device": args.device, "codec": "real", "chunk": chunk, "threads": args.threads}
-    report: tp.Dict[str, tp.Any] = {"device": args.device, "machine": machine(), "chunk_frames": chunk}
+    base = {"device": args.device, "codec": args.codec, "chunk": chunk, "threads": args.threads}
+    report: tp.Dict[str, tp.Any] = {"device": args.device, "codec": args.codec, "machine": machine(), "chunk_frames": chunk}
     if "chunks" in parts or "scaling" in parts:
         report["threads"] = args.threads or machine()["torch_threads"]
     start = time.perf_counter()
@@ -455,7 +458,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                                        "seconds": seconds, "repeats": repeats}))
         report["scaling"] = sorted(rows, key=lambda r: (r["path"], r["channels"], r["seconds"]))
     if "linearity" in parts:
-        report["linearity"] = child({"what": "linearity", "device": args.device, "channels": 2, "short": 10, "long": 300})
+        report["linearity"] = child({"what": "linearity", "device": args.device, "codec": args.codec, "channels": 2,
+                                     "short": 10, "long": 300})
     folder = (args.work / "tiny").resolve()
     if ("predict" in parts or "mbd" in parts) and not (folder / "models--t5-base").exists():
         from musicgen_service import tiny
