@@ -28,6 +28,7 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
+from . import codec
 from .logs import get_logger
 from .request import Capabilities, Request
 
@@ -182,7 +183,7 @@ class Generator:
                 attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
             head = context = None
             if req.mode == "continuation":
-                prompt_tokens, _ = model.compression_model.encode(clip.wav[None].to(model.device))
+                prompt_tokens = codec.encode(model.compression_model, clip.wav[None].to(model.device))
                 keep = int((model.max_duration - CONTINUATION_MARGIN) * fr)
                 head, context = prompt_tokens[..., :-keep], prompt_tokens[..., -keep:]
             condition_tensors = None
@@ -227,13 +228,14 @@ class Generator:
             prepared.req.duration, seconds, prepared.req.duration / max(seconds, 1e-9)))
 
     def decode(self, tokens: tp.Any, mbd: tp.Any = None) -> tp.Any:
-        """[1, K, T] tokens -> [1, C, samples] audio, by EnCodec or MultiBand Diffusion."""
+        """[1, K, T] tokens -> [1, C, samples] float32 audio on the CPU, by EnCodec (in chunks:
+        :mod:`.codec`) or MultiBand Diffusion (in windows: :mod:`.mbd`)."""
         import torch
 
         start = time.perf_counter()
         with torch.inference_mode():
             if mbd is None:
-                wav, decoder = self.model.compression_model.decode(tokens, None), "EnCodec"
+                wav, decoder = codec.decode(self.model.compression_model, tokens), "EnCodec"
             else:
                 from . import mbd as multiband
 

@@ -8,8 +8,9 @@ left and right codes are split, decoded together as a batch of two, and put back
 side by side.
 
 Long outputs are decoded in windows of ``WINDOW_SECONDS`` that overlap by
-``OVERLAP_SECONDS`` and are joined with an equal-power crossfade, so memory stays
-bounded and joins have no clicks; up to one window, the decode is exactly
+``OVERLAP_SECONDS``, each crossfaded into one CPU buffer as it is decoded (a
+crossfade that keeps the level: :func:`join`): memory is the output plus one
+window's decode, and joins have no clicks; up to one window, the decode is exactly
 ``tokens_to_wav``.
 
 Cost: MBD is about 500x the FLOPs of an EnCodec decode. On a GPU that is about a
@@ -40,43 +41,72 @@ def check_compatible(mbd: tp.Any, compression_model: tp.Any) -> None:
 
 
 def tokens_to_wav(mbd: tp.Any, compression_model: tp.Any, tokens: tp.Any) -> tp.Any:
-    """[1, K, T] tokens of the model -> [1, channels, samples] audio, decoded by MBD."""
+    """[B, K, T] tokens of the model -> [B, channels, samples] float32 audio on the CPU, decoded
+    by MBD."""
     from audiocraft.models.encodec import InterleaveStereoCompressionModel
 
     if isinstance(compression_model, InterleaveStereoCompressionModel):
         import torch
 
+        batch = tokens.shape[0]
         left, right = compression_model.get_left_right_codes(tokens)  # [B, K/2, T] each
         both = _windowed(mbd, torch.cat([left, right], dim=0))  # [2B, 1, samples]
-        return torch.cat([both[: tokens.shape[0]], both[tokens.shape[0]:]], dim=1)
+        return both.reshape(2, batch, both.shape[-1]).transpose(0, 1).contiguous()  # no copy at B = 1
     return _windowed(mbd, tokens)
 
 
 def _windowed(mbd: tp.Any, codes: tp.Any) -> tp.Any:
+    """Each window decoded on the model's device is crossfaded into one CPU buffer as it comes."""
     frame_rate = mbd.codec_model.frame_rate
     window = int(WINDOW_SECONDS * frame_rate)
     total = codes.shape[-1]
     if total <= window:
-        return mbd.tokens_to_wav(codes)
+        return mbd.tokens_to_wav(codes).float().cpu()
     overlap = int(OVERLAP_SECONDS * frame_rate)
-    hop = window - overlap
-    starts = list(range(0, total - overlap, hop))
-    pieces = [mbd.tokens_to_wav(codes[..., s:min(s + window, total)]) for s in starts]
-    samples_per_frame = pieces[0].shape[-1] // min(window, total)
-    return crossfade(pieces, overlap * samples_per_frame)
+    out = samples_per_frame = None
+    for start in range(0, total - overlap, window - overlap):
+        piece = mbd.tokens_to_wav(codes[..., start:min(start + window, total)]).float().cpu()
+        if out is None:
+            import torch
+
+            samples_per_frame = piece.shape[-1] // min(window, total)
+            out = torch.empty(*piece.shape[:-1], total * samples_per_frame)
+        join(out, start * samples_per_frame, piece, overlap * samples_per_frame if start else 0)
+    return out
 
 
-def crossfade(pieces: tp.Sequence[tp.Any], overlap: int) -> tp.Any:
-    """Join [..., n_i] pieces that overlap by ``overlap`` samples, with equal-power fades
-    (cos/sin ramps), so uncorrelated noise keeps its level and nothing jumps at a join."""
+def crossfade(pieces: tp.Sequence[tp.Any], overlap: int, correlated: bool = True) -> tp.Any:
+    """Join [..., n_i] pieces that overlap by ``overlap`` samples (see :func:`join`)."""
     import torch
 
-    out = pieces[0]
-    if overlap <= 0:
-        return torch.cat(list(pieces), dim=-1)
-    t = (torch.arange(overlap, dtype=out.dtype, device=out.device) + 0.5) / overlap
-    fade_in, fade_out = torch.sin(t * math.pi / 2), torch.cos(t * math.pi / 2)
-    for piece in pieces[1:]:
-        joined = out[..., -overlap:] * fade_out + piece[..., :overlap] * fade_in
-        out = torch.cat([out[..., :-overlap], joined, piece[..., overlap:]], dim=-1)
+    total = sum(p.shape[-1] for p in pieces) - overlap * (len(pieces) - 1)
+    out = torch.empty(*pieces[0].shape[:-1], total, dtype=pieces[0].dtype)
+    position = 0
+    for i, piece in enumerate(pieces):
+        join(out, position, piece, overlap if i else 0, correlated)
+        position += piece.shape[-1] - overlap
     return out
+
+
+def join(out: tp.Any, position: int, piece: tp.Any, overlap: int, correlated: bool = True) -> None:
+    """Write ``piece`` into ``out`` from ``position`` on; its first ``overlap`` samples are
+    crossfaded with what ``out`` holds there. The fades are cos/sin ramps (equal power) divided
+    by sqrt(1 + 2 cos sin rho), rho being the two signals' correlation over the overlap (each row;
+    clamped to [0, 1]): the mix keeps the level whether the two renderings are unrelated (rho = 0:
+    the plain equal-power crossfade) or the same (rho = 1: it returns that signal). MBD draws
+    fresh noise for each window, and two renderings of the same tokens are partly correlated
+    (0.38 on the tiny random MBD): a plain equal-power crossfade would swell by 10 log10(1 + rho)
+    dB (1.4 dB there) in the middle of each join. ``correlated=False``: the plain equal-power
+    crossfade (rho = 0), for comparison (bench/long.py)."""
+    import torch
+
+    end = position + piece.shape[-1]
+    if overlap:
+        head, new = out[..., position:position + overlap], piece[..., :overlap]
+        t = (torch.arange(overlap, dtype=out.dtype) + 0.5) / overlap
+        fade_in, fade_out = torch.sin(t * math.pi / 2), torch.cos(t * math.pi / 2)
+        norms = head.norm(dim=-1, keepdim=True) * new.norm(dim=-1, keepdim=True)
+        rho = ((head * new).sum(dim=-1, keepdim=True) / norms.clamp_min(1e-12)).clamp(0, 1) * correlated
+        gain = (1 + 2 * fade_in * fade_out * rho).rsqrt()
+        head.mul_(fade_out * gain).add_(new * (fade_in * gain))
+    out[..., position + overlap:end].copy_(piece[..., overlap:])

@@ -1,5 +1,5 @@
-"""The benchmark's smoke run (`script/bench --quick`): it runs end to end and reports every field.
-Not a timed test: speeds are reported, never asserted."""
+"""The benchmarks' smoke runs (`script/bench --quick`; bench/long.py on the tiny EnCodec): they run
+end to end and report every field. Not timed tests: speeds are reported, never asserted."""
 from __future__ import annotations
 
 import json
@@ -55,3 +55,20 @@ def test_gpu_check_dry_run(tmp_path):
     assert all(isinstance(step, dict) and "result" in step for step in steps.values()), steps
     assert steps["default_fast_1s"]["result"]["decoder"].endswith("static steps")
     assert steps["default_fast_1s"]["result"]["graphs"]["eager_steps"] > 0
+
+
+def test_long_outputs_benchmark_smoke(tmp_path):
+    """bench/long.py end to end on the tiny EnCodec: the seam measurement tells an exact join
+    from one without context margins."""
+    out = tmp_path / "long"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "long.py"), "--codec", "tiny", "--parts", "seams",
+                           "--seam-seconds", "5", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    for row in report["seams"]:
+        assert row["default"]["seams"] == 2  # 5 s in 2 s chunks
+        assert row["default"]["snr_db"] > 100
+        assert row["margins"]["0"]["snr_db"] < 60
+        assert row["margins"]["0"]["max_err_near_seams"] > 100 * row["default"]["max_err_near_seams"]
+    assert "Seams: chunked vs one-shot" in out.with_suffix(".md").read_text()

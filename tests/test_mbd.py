@@ -97,6 +97,22 @@ def test_crossfade_is_equal_power_and_continuous():
     assert torch.allclose(torch.sin(t * math.pi / 2) ** 2 + torch.cos(t * math.pi / 2) ** 2, torch.ones(20))
 
 
+@pytest.mark.parametrize("rho", [0.0, 0.4, 0.8, 1.0])
+def test_crossfade_keeps_the_level_of_partly_correlated_windows(rho):
+    """Two renderings sharing a part ``rho`` of their power: the join's middle keeps the level
+    (a plain equal-power crossfade would swell by 10 log10(1 + rho) dB there)."""
+    g = torch.Generator().manual_seed(0)
+    n, overlap = 64000, 32000
+    shared, a, b = (torch.randn(1, 1, n, generator=g) for _ in range(3))
+    first = math.sqrt(rho) * shared + math.sqrt(1 - rho) * a
+    second = math.sqrt(rho) * shared + math.sqrt(1 - rho) * b
+    out = multiband.crossfade([first, second[..., n - overlap:]], overlap)
+    middle = out[..., n - overlap + overlap // 4:n - overlap // 4]
+    assert 20 * math.log10(middle.pow(2).mean().sqrt().item()) == pytest.approx(0, abs=0.2)
+    if rho == 1.0:  # the same signal twice: the join returns it
+        torch.testing.assert_close(out[..., :n], first, rtol=0, atol=1e-5)
+
+
 def test_missing_mbd_weights_are_named(tmp_path):
     reason = loading.MBDSource(Settings(weights_dir=tmp_path), "cpu").unavailable()
     assert "facebook/multiband-diffusion/mbd_musicgen_32khz.th" in reason
