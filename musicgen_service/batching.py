@@ -40,6 +40,8 @@ log = get_logger()
 # How long an idle scheduler waits for requests arriving together (e.g. a client sending four at
 # once) before starting: 50 ms is ~1% of a 4 s request on a CPU.
 GATHER_SECONDS = 0.05
+# the batch-invariant precisions, but exact: its promise is stock's tokens, which its rows padded
+# beside others' would not keep (fp32 kernels round differently at different row counts)
 BATCHABLE_PRECISIONS = ("fp16", "bf16", "int8")
 
 
@@ -66,6 +68,7 @@ class Scheduler:
             from .decoding.rows import RowDecoder
 
             self.rows = RowDecoder(decoder.runner, self.slots)
+            log.info("batching: %s", self.rows.describe_padding())
         self.queue: "queue.Queue[Job]" = queue.Queue()
         if self.batching:  # otherwise the service runs each request in its own thread, one at a time
             self.thread = threading.Thread(target=self._loop, name="musicgen-scheduler", daemon=True)
@@ -93,32 +96,44 @@ class Scheduler:
         waiting: tp.List[Job] = []
         active: tp.List[Job] = []
         while True:
-            if not active and not waiting:
-                waiting.append(self.queue.get())  # idle: block until a request arrives
-                deadline = time.monotonic() + self.gather_seconds
-                while len(waiting) < self.slots and (left := deadline - time.monotonic()) > 0:
-                    try:
-                        waiting.append(self.queue.get(timeout=left))
-                    except queue.Empty:
-                        break
-            while True:  # whatever arrived meanwhile
+            try:
+                waiting, active = self._turn(waiting, active)
+            except Exception as exc:  # a bug: fail what is in flight rather than leave it hanging
+                log.exception("scheduler error")
+                for job in waiting + active:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                waiting, active = [], []
+
+    def _turn(self, waiting: tp.List[Job], active: tp.List[Job]) -> tp.Tuple[tp.List[Job], tp.List[Job]]:
+        """One turn of the loop: gather, admit, one step (or one request alone)."""
+        if not active and not waiting:
+            waiting.append(self.queue.get())  # idle: block until a request arrives
+            deadline = time.monotonic() + self.gather_seconds
+            while len(waiting) < self.slots and (left := deadline - time.monotonic()) > 0:
                 try:
-                    waiting.append(self.queue.get_nowait())
+                    waiting.append(self.queue.get(timeout=left))
                 except queue.Empty:
                     break
-            waiting = [job for job in waiting if not self._dropped(job)]
-            # arrival order: a request that must run alone waits for the batch to drain, then runs
-            while waiting and len(active) < self.slots and self.batchable(waiting[0].prepared):
-                job = waiting.pop(0)
-                if self._admit(job):
-                    active.append(job)
-            if not active and waiting:
-                self._alone(waiting.pop(0))
-                continue
-            active = [job for job in active if not self._dropped(job)]
-            if active:
-                self._step(active)
-                active = [job for job in active if not self._finished(job)]
+        while True:  # whatever arrived meanwhile
+            try:
+                waiting.append(self.queue.get_nowait())
+            except queue.Empty:
+                break
+        waiting = [job for job in waiting if not self._dropped(job)]
+        # arrival order: a request that must run alone waits for the batch to drain, then runs
+        while waiting and len(active) < self.slots and self.batchable(waiting[0].prepared):
+            job = waiting.pop(0)
+            if self._admit(job):
+                active.append(job)
+        if not active and waiting:
+            self._alone(waiting.pop(0))
+            return waiting, active
+        active = [job for job in active if not self._dropped(job)]
+        if active:
+            self._step(active)
+            active = [job for job in active if not self._finished(job)]
+        return waiting, active
 
     def _dropped(self, job: Job) -> bool:
         if job.cancel.is_set():

@@ -69,8 +69,42 @@ def random_seed() -> int:
     return random.SystemRandom().randint(0, 2**32 - 1)
 
 
-# Conditioning requests one at a time: see Generator.prepare.
-_CONDITIONING = threading.Lock()
+class _RequestRandom(threading.local):
+    """Python's ``random`` for the request the current thread works on. demucs (the melody's stem
+    separation, run by audiocraft's chroma conditioner at every window) draws a random time shift
+    from the module ``random``; stock seeds that module per generation. Concurrent requests would
+    share its one state, so demucs is given this instead: each thread draws from the generator of
+    the request it is working on (:class:`request_random`), seeded like stock's; else from ``random``."""
+
+    rng: tp.Optional[random.Random] = None
+
+    def __getattr__(self, name: str) -> tp.Any:
+        return getattr(random, name)
+
+    def randint(self, a: int, b: int) -> int:
+        return (self.rng or random).randint(a, b)
+
+
+_REQUEST_RANDOM = _RequestRandom()
+
+
+def _install_request_random() -> None:
+    import demucs.apply
+
+    demucs.apply.random = _REQUEST_RANDOM
+
+
+class request_random:
+    """Within the block, demucs draws from ``rng`` in this thread (see :class:`_RequestRandom`)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+
+    def __enter__(self) -> None:
+        self.previous, _REQUEST_RANDOM.rng = _REQUEST_RANDOM.rng, self.rng
+
+    def __exit__(self, *exc: tp.Any) -> None:
+        _REQUEST_RANDOM.rng = self.previous
 
 
 def _seed_host_generators(seed: int) -> None:
@@ -137,12 +171,14 @@ class Generator:
     """Runs one request at a time on a loaded MusicGen, decoding in ``decoding_mode``
     (see :mod:`.decoding`: ``auto``, ``exact``, ``fp16``, ``bf16``, ``int8`` or ``stock``)."""
 
-    def __init__(self, model: tp.Any, decoding_mode: str = "stock"):
+    def __init__(self, model: tp.Any, decoding_mode: str = "stock", rows: int = 2):
+        """``rows``: matrix rows per decoding step at full load (2 per concurrent request)."""
         from .decoding import Decoder
 
         self.model = model
+        _install_request_random()
         start = time.perf_counter()
-        self.decoder = Decoder(model.lm, decoding_mode)
+        self.decoder = Decoder(model.lm, decoding_mode, rows=rows)
         log.info("decoding: %s (prepared in %.2f s)", self.decoder.describe(), time.perf_counter() - start)
         self.decoder.log_choice()
 
@@ -178,19 +214,18 @@ class Generator:
         say("seed: %d%s" % (seed, "" if req.seed is not None else " (random)"))
         with torch.inference_mode():
             melody = [clip.wav.to(model.device)] if req.mode == "melody" else None
-            with _CONDITIONING:  # the melody's stem separation draws a random shift from Python's
-                _seed_host_generators(seed)  # `random`: seeded with the request's seed, one request at a time
-                attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
+            attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
             head = context = None
             if req.mode == "continuation":
                 prompt_tokens = codec.encode(model.compression_model, clip.wav[None].to(model.device))
                 keep = int((model.max_duration - CONTINUATION_MARGIN) * fr)
                 head, context = prompt_tokens[..., :-keep], prompt_tokens[..., -keep:]
             condition_tensors = None
-            if tensors:
+            if tensors:  # (the melody's chroma: demucs draws what stock's random.seed(seed) gives it)
                 from .decoding.loop import condition_tensors as make_tensors
 
-                condition_tensors = make_tensors(model.lm, attributes)
+                with request_random(random.Random(seed)):
+                    condition_tensors = make_tensors(model.lm, attributes)
         return Prepared(req=req, seed=seed, attributes=attributes, head=head, context=context,
                         new_frames=int(req.duration * fr), condition_tensors=condition_tensors, say=say)
 
@@ -216,7 +251,9 @@ class Generator:
             self._set_params(req, duration=(prepared.prompt_frames + prepared.new_frames + 0.5) / fr)
             progress = Progress(prepared.new_frames, prepared.prompt_frames, fr, int(EXTEND_STRIDE * fr),
                                 say=prepared.say, cancelled=cancelled)
-            with _windows_followed_by(model.lm, progress, self.decoder.generate):
+            # every window's chroma: demucs draws what it would after stock's random.seed(seed)
+            with _windows_followed_by(model.lm, progress, self.decoder.generate), \
+                    request_random(random.Random(prepared.seed)):
                 tokens = model._generate_tokens(prepared.attributes, prepared.context)
             if prepared.head is not None and prepared.head.shape[-1]:
                 tokens = torch.cat([prepared.head, tokens], dim=-1)

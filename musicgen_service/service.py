@@ -35,7 +35,7 @@ class Service:
         log.info("weights: %s; model: %s; device: %s", settings.weights_dir, settings.model, device)
         self.model = loading.load_musicgen(settings, device)
         self.mbd = loading.MBDSource(settings, device)
-        self.generator = Generator(self.model, settings.decoder)
+        self.generator = Generator(self.model, settings.decoder, rows=2 * settings.concurrency)
         freed = self.generator.decoder.release_stock_weights()
         if freed:
             log.info("released the LM's %s weights kept in %s instead: %.0f MB", self.model.lm.emb[0].weight.dtype,

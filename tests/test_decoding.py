@@ -254,7 +254,7 @@ def test_auto_measures_and_picks_within_the_bar(text_service):
     assert set(trials) == set(precision.PRECISIONS)
     assert trials["exact"].ms_per_layer_step > 0
     chosen = trials[decoder.mode]
-    assert decoder.describe().startswith(f"auto: {decoder.mode} (measured in ")
+    assert decoder.describe().startswith(f"auto: {decoder.mode} (measured at ")
     if decoder.mode != "exact":
         assert chosen.ms_per_layer_step < trials["exact"].ms_per_layer_step
         assert precision.meets_bar(chosen.quality), chosen
@@ -297,3 +297,12 @@ def test_unsupported_models_fall_back_to_stock(text_service, capsys):
 def test_bad_mode_is_refused(text_service):
     with pytest.raises(ValueError, match="decoding mode"):
         Decoder(text_service.model.lm, "turbo")
+
+
+def test_auto_for_concurrent_requests_times_their_rows_and_keeps_rows_independent(text_service):
+    """A server taking 4 concurrent requests: auto times 8 rows, and only precisions whose rows do
+    not depend on each other (so batched requests keep their own tokens) are candidates."""
+    decoder = Decoder(text_service.model.lm, "auto", rows=8)
+    assert {t.precision for t in decoder.trials} == set(precision.BATCH_INVARIANT)
+    assert decoder.mode in precision.BATCH_INVARIANT
+    assert "measured at 8 rows" in decoder.describe()

@@ -59,6 +59,9 @@ import torch.nn.functional as F
 log = logging.getLogger("musicgen")
 
 PRECISIONS = ("exact", "fp16", "bf16", "int8", "int8dyn")
+# a row's product does not depend on the other rows (at a fixed row count; int8dyn's activation
+# scale spans every row): what concurrent requests can share steps in (musicgen_service/batching.py)
+BATCH_INVARIANT = ("exact", "fp16", "bf16", "int8")
 DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # auto's bar, against exact, teacher-forced (see the module docstring)
 QUALITY_BAR = {"kl_mean": 1e-3, "top1": 0.98}
@@ -233,12 +236,13 @@ def probe_conditions(lm: tp.Any, length: int = 8, seed: int = 0) -> tp.Dict[str,
 
 
 def _products_ms(candidates: tp.Dict[str, tp.Sequence[Matrix]], device: torch.device, dtype: torch.dtype,
-                 layers: int, rounds: int = PROBE_ROUNDS) -> tp.Dict[str, float]:
-    """Per candidate, the time per layer of one pass over the probe layers' products at batch 2.
+                 layers: int, rows: int = 2, rounds: int = PROBE_ROUNDS) -> tp.Dict[str, float]:
+    """Per candidate, the time per layer of one pass over the probe layers' products at ``rows``
+    rows (2: one request with its guidance twin; more: concurrent requests sharing steps).
     Candidates take turns, one pass each per round, after a warm-up round (first calls pay one-off
     costs: allocations, kernel dispatch caches); each keeps its best pass, so a pass that another
     process interrupted (a whole scheduler time slice, tens of ms) does not count."""
-    inputs = {name: [torch.randn(2, 1, m.shape[1], device=device, dtype=dtype) for m in mats]
+    inputs = {name: [torch.randn(rows, 1, m.shape[1], device=device, dtype=dtype) for m in mats]
               for name, mats in candidates.items()}
     best = {name: float("inf") for name in candidates}
     for round_ in range(rounds + 1):
@@ -275,13 +279,16 @@ def teacher_forced_quality(lm: tp.Any, reference: tp.Any, candidate: tp.Any, ten
             "top1": agree.float().mean().item() if agree.numel() else 1.0, "decided": int(agree.numel())}
 
 
-def choose(lm: tp.Any, candidates: tp.Sequence[str] = PRECISIONS
+def choose(lm: tp.Any, candidates: tp.Sequence[str] = PRECISIONS, rows: int = 2
            ) -> tp.Tuple[str, tp.Any, tp.List[Trial], tp.Dict[str, float]]:
     """Measure and pick (CPU). Returns the precision, its full-model Runner, the table, and the
     seconds spent: ``measuring`` and ``converting`` (the chosen precision's conversion of the whole
     LM, which an explicit choice of it pays too).
 
-    1. speed: every runnable candidate's products over the first PROBE_LAYERS layers;
+    1. speed: every runnable candidate's products over the first PROBE_LAYERS layers, at ``rows``
+       rows: what a full step decodes (2 per request: a server taking concurrent requests times
+       them at its full load, where kernels differ most: on an AMD EPYC, fp16's cost grows with the
+       rows, bf16's and int8's hardly);
     2. for candidates faster than exact, fastest first: quality teacher-forced on those layers alone
        (a cheap screen: error grows with depth), then on the whole model; the first within the bar
        is chosen."""
@@ -303,7 +310,7 @@ def choose(lm: tp.Any, candidates: tp.Sequence[str] = PRECISIONS
             trials.append(Trial(name))
     # the layers' products (the output heads, one more product, are left out)
     speed = _products_ms({name: r.matrices()[:-len(r.output)] for name, r in slices.items()}, device, act_dtype,
-                         layers)
+                         layers, rows)
     for trial in trials:
         trial.ms_per_layer_step = speed.get(trial.precision)
     exact_ms = speed["exact"]

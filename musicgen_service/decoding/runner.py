@@ -433,11 +433,11 @@ class Window:
 def batched_step(windows: tp.Sequence[Window], sequences: tp.Sequence[torch.Tensor], slots: int) -> tp.List[torch.Tensor]:
     """One dynamic step for several windows of one runner at once (each its own request: its own
     caches, position and conditions). The matrix products, which stream the weights, run once for
-    all of them, on ``slots`` rows padded with zeros: always the same number of rows, so that each
-    row's product comes out of the same kernel whatever the other rows are (the CPU kernels tested
-    give a row's bits independently of the others at a fixed row count; not fbgemm's dynamic int8,
-    whose activation scale spans all rows). Attention runs per window, on shapes of its own. So a
-    request decodes to the same bits alone or beside others. ``sequences``: [2, K, 1] tokens each
+    all of them, on ``slots`` rows padded with zeros (the caller's padding policy: :class:`.rows.
+    RowDecoder`), so that each row's product comes out of the same kernel whatever the other rows
+    are (the CPU kernels tested give a row's bits independently of the others at a given row count;
+    not fbgemm's dynamic int8, whose activation scale spans all rows). Attention runs per window, on
+    shapes of its own. So a request decodes to the same bits alone or beside others. ``sequences``: [2, K, 1] tokens each
     (conditional and null rows); returns [2, K, card] logits each."""
     r = windows[0].r
     n = 2 * len(windows)
