@@ -80,8 +80,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     scale = "xsmall" if args.quick else "small"
     cache = (args.work / ("quick" if args.quick else "full")).resolve()
     weights.use_hub_cache(cache)
-    model_id = models.ensure_set(cache, scale, melody=False, mbd=False, real_t5=not args.quick, log=log,
-                                 real_codec=not args.quick)
+    from musicgen_service import compute
+
+    # torch only in the service's compute thread, which serves the requests (why: musicgen_service/compute.py)
+    model_id = compute.shared().call(models.ensure_set, cache, scale, melody=False, mbd=False,
+                                     real_t5=not args.quick, log=log, real_codec=not args.quick)
     from musicgen_service.service import Service
     from musicgen_service.settings import Settings
 

@@ -486,4 +486,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from musicgen_service import compute
+
+    # every torch call in the thread where the service makes its own (why: musicgen_service/compute.py)
+    compute.shared().call(main)

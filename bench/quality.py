@@ -19,6 +19,8 @@ import typing as tp
 
 import torch
 
+from musicgen_service.decoding.precision import DECIDED_MARGIN
+
 
 def _conditions(lm: tp.Any, prompt: str) -> tp.Dict[str, tp.Any]:
     from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout, ConditioningAttributes
@@ -48,6 +50,7 @@ def teacher_forced(model: tp.Any, reference: tp.Any, candidate: tp.Any, prompt: 
     steps = seq.shape[-1]
     a, b = reference.start(tensors, 2, steps), candidate.start(tensors, 2, steps)
     kl, tv, agree, max_diff = [], [], [], 0.0
+    decided_agree, decided = 0, 0  # top-1 where exact is decided: auto's bar (decoding/precision.py)
 
     def combine(logits: torch.Tensor) -> torch.Tensor:
         cond, uncond = logits.float().split(1, dim=0)
@@ -62,8 +65,14 @@ def teacher_forced(model: tp.Any, reference: tp.Any, candidate: tp.Any, prompt: 
         pa, pb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
         kl.append((pa.exp() * (pa - pb)).sum(-1).mean().item())
         tv.append(0.5 * (pa.exp() - pb.exp()).abs().sum(-1).mean().item())
-        agree.append((la.argmax(-1) == lb.argmax(-1)).float().mean().item())
+        same = la.argmax(-1) == lb.argmax(-1)
+        agree.append(same.float().mean().item())
+        top2 = pa.exp().topk(2, dim=-1).values
+        sure = (top2[..., 0] - top2[..., 1]) >= DECIDED_MARGIN
+        decided_agree += int(same[sure].sum())
+        decided += int(sure.sum())
         max_diff = max(max_diff, (la - lb).abs().max().item())
     return {"steps": steps - 1, "kl_mean": sum(kl) / len(kl), "kl_max": max(kl),
             "total_variation_mean": sum(tv) / len(tv), "top1_agreement": sum(agree) / len(agree),
-            "max_abs_logit_diff": max_diff}
+            "max_abs_logit_diff": max_diff, "decided_positions": decided,
+            "top1_agreement_decided": decided_agree / decided if decided else None}

@@ -338,6 +338,13 @@ def _x(ratio: float) -> str:
     return f"{ratio:.2f}x"
 
 
+def _decided(q: tp.Dict[str, tp.Any]) -> str:
+    if q.get("top1_agreement_decided") is None:
+        return ""
+    return (f" ({q['top1_agreement_decided']:.1%} at the {q['decided_positions']} positions where exact is "
+            f"decided, auto's bar)")
+
+
 def markdown(report: tp.Dict[str, tp.Any]) -> str:
     m = report["machine"]
     lines = [f"# MusicGen benchmark ({report['mode']})", "",
@@ -392,7 +399,7 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
         for mode, q in gen.get("quality_vs_exact", {}).items():
             lines += ["", f"{mode} vs exact, teacher-forced over {q['steps']} steps: KL mean {q['kl_mean']:.2e} "
                           f"(max {q['kl_max']:.2e}) nats, total variation {q['total_variation_mean']:.4f}, "
-                          f"top-1 agreement {q['top1_agreement']:.1%}, max |logit diff| "
+                          f"top-1 agreement {q['top1_agreement']:.1%}{_decided(q)}, max |logit diff| "
                           f"{q['max_abs_logit_diff']:.3f}; free-running token agreement "
                           f"{q['free_running_token_agreement']:.1%}."]
         if "mbd" in gen:
@@ -481,4 +488,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from musicgen_service import compute
+
+    # every torch call in the thread where the service makes its own (why: musicgen_service/compute.py)
+    compute.shared().call(main)

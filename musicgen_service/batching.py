@@ -1,17 +1,19 @@
-"""How concurrent requests share the LM: one scheduler thread, rows admitted between decoding steps.
+"""How concurrent requests share the LM: rows admitted between decoding steps.
 
 A MusicGen step streams all the LM's weights whether it decodes one request or
 eight, so requests that overlap in time are decoded together, one row each
-(:mod:`.decoding.rows`): continuous batching. The scheduler thread owns the LM:
+(:mod:`.decoding.rows`): continuous batching. The scheduler takes its turns in the
+compute thread (:mod:`.compute`), between that thread's other tasks (conditions,
+decoding audio, writing files: one request's are done while the others wait a step):
 
-- a request arrives (:meth:`Scheduler.submit`, from the thread serving it, after
-  its conditions are computed there) and waits in the queue;
+- a request arrives (:meth:`Scheduler.submit`, after its conditions are computed)
+  and waits;
 - when the scheduler is idle it waits :data:`GATHER_SECONDS` for others that
   arrive together, so they start together; while rows are decoding, a new
   request joins at the next step (its prefill runs alone, then it shares the
   steps);
-- every row stops at its own length; its tokens go back to its request's thread,
-  which decodes, normalizes and writes the audio while the others go on;
+- every row stops at its own length; its tokens go back to its request, which
+  has them decoded, normalized and written (a task of the compute thread);
 - a cancelled request leaves at the next step; a failing one fails alone.
 
 Which requests share steps: text, melody and continuation requests whose
@@ -25,7 +27,6 @@ batches. Either way a request's tokens depend only on its own inputs and seed.
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import typing as tp
@@ -55,9 +56,13 @@ class Job:
 
 
 class Scheduler:
-    def __init__(self, generator: tp.Any, slots: int, gather_seconds: float = GATHER_SECONDS):
+    """Runs in the compute thread (:mod:`.compute`), between its tasks: each turn admits what
+    arrived and takes one decoding step for every active row."""
+
+    def __init__(self, generator: tp.Any, slots: int, compute: tp.Any, gather_seconds: float = GATHER_SECONDS):
         self.generator = generator
         self.slots = max(1, slots)
+        self.compute = compute
         self.gather_seconds = gather_seconds
         decoder = generator.decoder
         device = decoder.runner.device if decoder.runner is not None else None
@@ -69,10 +74,11 @@ class Scheduler:
 
             self.rows = RowDecoder(decoder.runner, self.slots)
             log.info("batching: %s", self.rows.describe_padding())
-        self.queue: "queue.Queue[Job]" = queue.Queue()
-        if self.batching:  # otherwise the service runs each request in its own thread, one at a time
-            self.thread = threading.Thread(target=self._loop, name="musicgen-scheduler", daemon=True)
-            self.thread.start()
+            compute.backgrounds.add(self)  # otherwise the service runs each request as one task
+        # touched in the compute thread only
+        self.waiting: tp.List[Job] = []
+        self.active: tp.List[Job] = []
+        self.deadline = 0.0  # end of the gathering delay, while idle
         self.steps = 0
         self.batch_sizes: tp.Dict[int, int] = {}  # rows per step -> steps, for the logs and bench
 
@@ -85,55 +91,47 @@ class Scheduler:
         return self.generator.one_window(prepared)
 
     def submit(self, prepared: tp.Any, cancel: tp.Optional[threading.Event] = None) -> Future:
+        """Queue a prepared request; its tokens arrive in the returned future."""
         assert self.batching, "without batching the service runs requests itself"
         job = Job(prepared, cancel or threading.Event())
-        self.queue.put(job)
+        self.compute.post(lambda: self._arrive(job))
         return job.future
 
-    # ------------------------------------------------------------------------------- the thread
+    # ---------------------------------------------------------------- in the compute thread
 
-    def _loop(self) -> None:
-        waiting: tp.List[Job] = []
-        active: tp.List[Job] = []
-        while True:
-            try:
-                waiting, active = self._turn(waiting, active)
-            except Exception as exc:  # a bug: fail what is in flight rather than leave it hanging
-                log.exception("scheduler error")
-                for job in waiting + active:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                waiting, active = [], []
+    def _arrive(self, job: Job) -> None:
+        if not self.active and not self.waiting:  # idle: wait a moment for others arriving together
+            self.deadline = time.monotonic() + self.gather_seconds
+        self.waiting.append(job)
 
-    def _turn(self, waiting: tp.List[Job], active: tp.List[Job]) -> tp.Tuple[tp.List[Job], tp.List[Job]]:
-        """One turn of the loop: gather, admit, one step (or one request alone)."""
-        if not active and not waiting:
-            waiting.append(self.queue.get())  # idle: block until a request arrives
-            deadline = time.monotonic() + self.gather_seconds
-            while len(waiting) < self.slots and (left := deadline - time.monotonic()) > 0:
-                try:
-                    waiting.append(self.queue.get(timeout=left))
-                except queue.Empty:
-                    break
-        while True:  # whatever arrived meanwhile
-            try:
-                waiting.append(self.queue.get_nowait())
-            except queue.Empty:
-                break
-        waiting = [job for job in waiting if not self._dropped(job)]
+    def wait(self) -> tp.Optional[float]:
+        if not self.active and not self.waiting:
+            return None
+        if not self.active and len(self.waiting) < self.slots:
+            return max(0.0, self.deadline - time.monotonic())
+        return 0.0
+
+    def turn(self) -> None:
+        """Admit, then one step (or one request that must run alone)."""
+        self.waiting = [job for job in self.waiting if not self._dropped(job)]
         # arrival order: a request that must run alone waits for the batch to drain, then runs
-        while waiting and len(active) < self.slots and self.batchable(waiting[0].prepared):
-            job = waiting.pop(0)
+        while self.waiting and len(self.active) < self.slots and self.batchable(self.waiting[0].prepared):
+            job = self.waiting.pop(0)
             if self._admit(job):
-                active.append(job)
-        if not active and waiting:
-            self._alone(waiting.pop(0))
-            return waiting, active
-        active = [job for job in active if not self._dropped(job)]
-        if active:
-            self._step(active)
-            active = [job for job in active if not self._finished(job)]
-        return waiting, active
+                self.active.append(job)
+        if not self.active and self.waiting:
+            self._alone(self.waiting.pop(0))
+            return
+        self.active = [job for job in self.active if not self._dropped(job)]
+        if self.active:
+            self._step(self.active)
+            self.active = [job for job in self.active if not self._finished(job)]
+
+    def fail(self, exc: BaseException) -> None:
+        for job in self.waiting + self.active:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        self.waiting, self.active = [], []
 
     def _dropped(self, job: Job) -> bool:
         if job.cancel.is_set():
@@ -197,7 +195,10 @@ class Scheduler:
         return True
 
     def _alone(self, job: Job) -> None:
+        from .logs import redirected
+
         try:
-            job.future.set_result(self.generator.tokens(job.prepared, cancelled=job.cancel.is_set))
+            with redirected(job.prepared.say):
+                job.future.set_result(self.generator.tokens(job.prepared, cancelled=job.cancel.is_set))
         except Exception as exc:
             job.future.set_exception(Cancelled("cancelled") if job.cancel.is_set() else exc)

@@ -1,11 +1,12 @@
 """The service behind ``predict.py``: setup once, then validated requests, several at a time.
 
 Flow: settings -> weights folder (offline hub cache) -> models -> for each
-request, in the thread serving it: validate -> input audio -> conditions
-(:meth:`Generator.prepare`) -> the LM's tokens from the scheduler thread, which
-batches concurrent requests (:mod:`.batching`) -> decode -> normalize -> encode
-into a fresh folder (:mod:`.outputs`). Usable without Cog (tests, benchmarks, the
-command line).
+request: validate (in the thread serving it) -> input audio -> conditions
+(:meth:`Generator.prepare`) -> the LM's tokens from the scheduler, which batches
+concurrent requests (:mod:`.batching`) -> decode -> normalize -> encode into a
+fresh folder (:mod:`.outputs`). Everything after validation, and setup, runs in
+the compute thread (:mod:`.compute`: why), the request's thread waits and logs.
+Usable without Cog (tests, benchmarks, the command line).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import uuid
 from pathlib import Path
 
 from . import audio_in, audio_out, outputs
+from . import compute
+from .compute import relay
 from .logs import get_logger
 from .request import Request, parse_request
 from .settings import Settings
@@ -28,7 +31,20 @@ class Service:
     def __init__(self, settings: Settings):
         start = time.perf_counter()
         self.settings = settings
+        # every torch call of the service runs in this one thread, setup's too (why: .compute)
+        self.compute = compute.shared()
+        self.compute.call(self._load, settings)
+        removed = outputs.remove_orphans()
+        if removed:
+            log.info("removed %d output folder(s) left by a process that no longer runs", removed)
+        outputs.remove_all_at_exit()
+        log.info("ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
+                 settings.model, self.model.audio_channels, self.model.sample_rate,
+                 self.model.max_duration, time.perf_counter() - start)
+
+    def _load(self, settings: Settings) -> None:
         from . import loading
+        from .batching import Scheduler
         from .generate import Generator
 
         device = settings.resolved_device()
@@ -43,18 +59,8 @@ class Service:
         self.capabilities = self.generator.capabilities(settings.max_duration, self.mbd.unavailable())
         if device.startswith("cuda"):
             self._warm_up()
-        from .batching import Scheduler
-
-        self.scheduler = Scheduler(self.generator, settings.concurrency)
-        self._one_at_a_time = threading.Lock()
+        self.scheduler = Scheduler(self.generator, settings.concurrency, self.compute)
         log.info("concurrency: %d; %s", settings.concurrency, self.scheduler.describe())
-        removed = outputs.remove_orphans()
-        if removed:
-            log.info("removed %d output folder(s) left by a process that no longer runs", removed)
-        outputs.remove_all_at_exit()
-        log.info("ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
-                 settings.model, self.model.audio_channels, self.model.sample_rate,
-                 self.model.max_duration, time.perf_counter() - start)
 
     def _warm_up(self) -> None:
         """One short generation at setup, on GPUs: the first use of each CUDA kernel (module loading,
@@ -76,17 +82,27 @@ class Service:
         log.info("model: %s; mode: %s; duration: %d s; top_k=%d top_p=%g temperature=%g "
                  "classifier_free_guidance=%d", self.settings.model, request.mode, request.duration,
                  request.top_k, request.top_p, request.temperature, request.classifier_free_guidance)
-        clip = self.input_clip(request)
+        lines: "queue.SimpleQueue[str]" = queue.SimpleQueue()  # this request's lines from the compute thread
+        if not self.scheduler.batching:  # GPUs, and precisions that do not batch: one request at a time
+            return self.compute.call(self._alone, request, cancel, lines=lines)
+        prepared = self.compute.call(self._prepare, request, lines=lines)
+        prepared.say = lines.put
+        tokens = relay(self.scheduler.submit(prepared, cancel), lines)
+        return self.compute.call(self._finish, request, tokens, lines=lines)
+
+    # the pieces of a request, in the compute thread
+
+    def _alone(self, request: Request, cancel: tp.Optional[threading.Event]) -> Path:
+        prepared = self.generator.prepare(request, self.input_clip(request))
+        tokens = self.generator.tokens(prepared, cancelled=None if cancel is None else cancel.is_set)
+        return self._finish(request, tokens)
+
+    def _prepare(self, request: Request) -> tp.Any:
+        return self.generator.prepare(request, self.input_clip(request), tensors=True)
+
+    def _finish(self, request: Request, tokens: tp.Any) -> Path:
         mbd = self.mbd_decoder() if request.multi_band_diffusion else None
-        if self.scheduler.batching:
-            prepared = self.generator.prepare(request, clip, tensors=True)
-            tokens = self._from_scheduler(prepared, cancel)
-            wav = self.generator.decode(tokens, mbd)[0].float().cpu()
-        else:  # GPUs, and precisions that do not batch: one request at a time, in its own thread
-            with self._one_at_a_time:
-                prepared = self.generator.prepare(request, clip)
-                tokens = self.generator.tokens(prepared, cancelled=None if cancel is None else cancel.is_set)
-                wav = self.generator.decode(tokens, mbd)[0].float().cpu()
+        wav = self.generator.decode(tokens, mbd)[0].float().cpu()
         start = time.perf_counter()
         sample_rate = self.model.sample_rate
         wav = audio_out.normalize(wav, sample_rate, request.normalization_strategy)
@@ -101,20 +117,6 @@ class Service:
         log.info("normalized (%s) and wrote %s in %.2f s", request.normalization_strategy,
                  path.name, time.perf_counter() - start)
         return path
-
-    def _from_scheduler(self, prepared: tp.Any, cancel: tp.Optional[threading.Event]) -> tp.Any:
-        """The request's tokens from the scheduler thread. Its lines about this request come back
-        here, so that they are logged from this prediction's own thread (Cog attributes a
-        prediction's logs by the context they are written from)."""
-        lines: "queue.SimpleQueue[str]" = queue.SimpleQueue()
-        prepared.say = lines.put
-        future = self.scheduler.submit(prepared, cancel)
-        while not future.done() or not lines.empty():
-            try:
-                log.info(lines.get(timeout=0.05))
-            except queue.Empty:
-                pass
-        return future.result()
 
     def mbd_decoder(self) -> tp.Any:
         """The MBD decoder (loaded on first use when lazy), checked against this model's tokens."""
