@@ -12,9 +12,10 @@ names, ``list(X)`` and implicitly joined strings are not resolved there. A test 
 these literals equal to ``musicgen_service.request``'s rules.
 
 ``predict`` is async, as Cog requires for ``concurrency.max`` > 1 (cog.yaml): each
-prediction runs the service in a thread of its own, the service's scheduler lets
-concurrent predictions share the LM's decoding steps, and a cancelled prediction
-stops at the next step.
+prediction waits for the service in a thread of its own (the service does its
+torch work in its one compute thread), the service's scheduler lets concurrent
+predictions share the LM's decoding steps, and a cancelled prediction stops at
+the next step.
 """
 import asyncio
 import threading
