@@ -63,7 +63,6 @@ def in_thread(fn: tp.Callable[[], tp.Any]) -> tp.Any:
 def step_ms() -> tp.Callable[[], float]:
     """A batched decoding step of one request on musicgen-small, int8 (what bench/concurrency.py runs)."""
     from musicgen_service import weights
-    from musicgen_service.decoding import Decoder
     from musicgen_service.decoding.rows import Row, RowDecoder
     from musicgen_service.generate import Generator
     from musicgen_service.loading import load_musicgen
@@ -75,7 +74,6 @@ def step_ms() -> tp.Callable[[], float]:
     settings = Settings(weights_dir=cache, model="facebook/musicgen-small", device="cpu", mbd="off", decoder="int8")
     model = load_musicgen(settings, "cpu")
     generator = Generator(model, "int8")
-    assert isinstance(generator.decoder, Decoder)
     rows = RowDecoder(generator.decoder.runner, 1)
 
     def measure() -> float:

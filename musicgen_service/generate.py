@@ -203,8 +203,8 @@ class Generator:
     def prepare(self, req: Request, clip: tp.Any = None, say: tp.Optional[tp.Callable[[str], None]] = None,
                 tensors: bool = False) -> "Prepared":
         """Everything before the LM: the seed, the conditions (T5, chroma), the continuation prompt's
-        tokens; ``tensors``: also the conditions' tensors, as one batched row needs them. Safe to run
-        beside decoding in another thread (forward passes only)."""
+        tokens; ``tensors``: also the conditions' tensors, as one batched row needs them. The service
+        runs it in its compute thread, between decoding steps (:mod:`.compute`)."""
         import torch
 
         say = say or log.info
