@@ -4,7 +4,7 @@ paths, decode times, and the memory-bandwidth floor. Writes a markdown table and
     script/bench                       # musicgen-small on this machine's CPU (~35 min on 2 cores)
     script/bench --quick               # smoke run: xsmall LM, real EnCodec, tiny T5, 1-2 s (< 2 min)
     script/bench --scales small,medium --melody-scales medium --durations 8,30
-    script/bench --device cuda --dtype float16 --scales small,medium,large   # GPU (see README)
+    script/bench --device cuda --dtype float16 --scales small,medium,large   # GPU (see bench/README.md)
 
 Every comparison runs in this one process, on the same model object, one path after the other
 for each duration: our predictor (``Service``: request, generation, decode), stock audiocraft

@@ -14,7 +14,7 @@ window's decode, and joins have no clicks; up to one window, the decode is exact
 ``tokens_to_wav``.
 
 Cost: MBD is about 500x the FLOPs of an EnCodec decode. On a GPU that is about a
-second for 30 s of audio; on a CPU, minutes (see the README).
+second for 30 s of audio; on a CPU, minutes (see docs/multiband-diffusion.md).
 """
 from __future__ import annotations
 

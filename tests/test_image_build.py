@@ -1,7 +1,7 @@
 """`cog build`'s steps for this project, reproduced as closely as a machine without Docker allows.
 
 The Dockerfile Cog 0.23 generates for cog.yaml (replicate/cog pkg/dockerfile/standard_generator.go,
-``GenerateInitialSteps``; README "Docker / Replicate" lists the facts), and what this test does:
+``GenerateInitialSteps``; docs/docker-and-replicate.md lists the facts), and what this test does:
 
 1. Python 3.11 installed by ``uv python install``: not a virtualenv, marked externally managed
    (PEP 668), ``python``/``python3`` on PATH, no ``pip`` there. Here: a fresh Python 3.11 prefix
