@@ -52,7 +52,7 @@ def machine() -> tp.Dict[str, tp.Any]:
                 break
     except OSError:
         pass
-    from musicgen_service.decoding.precision import cpu_flags
+    from musicgen_service.decoding.formats import cpu_flags
 
     relevant = ("avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                 "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")

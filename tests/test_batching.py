@@ -10,12 +10,12 @@ import torch
 
 from audio_helpers import melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.decoding import precision
+from musicgen_service.decoding import formats
 from musicgen_service.errors import Cancelled
 
 
 def _runnable(name):
-    reason = precision.unavailable_reason(name, torch.device("cpu"))
+    reason = formats.unavailable_reason(name, torch.device("cpu"))
     return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=name)
 
 
@@ -65,7 +65,7 @@ def test_exact_and_int8dyn_decode_alone(tiny_weights):
     """exact keeps its promise (stock's tokens) by decoding alone; fbgemm's dynamic int8 scales
     activations over all rows, so its rows would depend on each other: alone too."""
     for name in ("exact", "int8dyn"):
-        if precision.unavailable_reason(name, torch.device("cpu")):
+        if formats.unavailable_reason(name, torch.device("cpu")):
             continue
         service = make_service(tiny_weights, MONO_TEXT, decoder=name, concurrency=4)
         assert not service.scheduler.batching and "one request at a time" in service.scheduler.describe()

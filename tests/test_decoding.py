@@ -13,7 +13,7 @@ import torch
 
 from audio_helpers import melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.decoding import Decoder, precision
+from musicgen_service.decoding import Decoder, formats, precision
 from musicgen_service.generate import Generator
 
 
@@ -221,7 +221,7 @@ def test_static_loop_past_the_window(text_service, exact_33s):
 
 def _runnable(name, max_kl):
     """Skipped only where torch cannot run that precision on this CPU at all."""
-    reason = precision.unavailable_reason(name, torch.device("cpu"))
+    reason = formats.unavailable_reason(name, torch.device("cpu"))
     return pytest.param(name, max_kl, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=name)
 
 
@@ -251,7 +251,7 @@ def test_auto_measures_and_picks_within_the_bar(text_service):
     exact in its own measurement and within the quality bar."""
     decoder = Decoder(text_service.model.lm, "auto")
     trials = {t.precision: t for t in decoder.trials}
-    assert set(trials) == set(precision.PRECISIONS)
+    assert set(trials) == set(formats.PRECISIONS)
     assert trials["exact"].ms_per_layer_step > 0
     chosen = trials[decoder.mode]
     assert decoder.describe().startswith(f"auto: {decoder.mode} (measured at ")
@@ -303,6 +303,25 @@ def test_auto_for_concurrent_requests_times_their_rows_and_keeps_rows_independen
     """A server taking 4 concurrent requests: auto times 8 rows, and only precisions whose rows do
     not depend on each other (so batched requests keep their own tokens) are candidates."""
     decoder = Decoder(text_service.model.lm, "auto", rows=8)
-    assert {t.precision for t in decoder.trials} == set(precision.BATCH_INVARIANT)
-    assert decoder.mode in precision.BATCH_INVARIANT
+    assert {t.precision for t in decoder.trials} == set(formats.BATCH_INVARIANT)
+    assert decoder.mode in formats.BATCH_INVARIANT
     assert "measured at 8 rows" in decoder.describe()
+
+
+def test_setup_skips_int8dyn_where_torch_lacks_dynamic_quantization(tiny_weights, monkeypatch, capsys):
+    """torch marks torch.ao.quantization deprecated (torchao replaces it): with the dynamic-quantization
+    module and fbgemm's dynamic ops gone, setup with auto still succeeds, logs why int8dyn is out,
+    and a named int8dyn falls back to exact."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch.ao.nn.quantized.dynamic", None)  # `import` of it now fails
+    monkeypatch.setattr(torch.ops, "quantized", types.SimpleNamespace())
+    assert formats.unavailable_reason("int8dyn", torch.device("cpu")) == \
+        f"this torch ({torch.__version__}) has no torch.ops.quantized.linear_prepack, torch.ops.quantized.linear_dynamic"
+    service = make_service(tiny_weights, MONO_TEXT, decoder="auto")
+    assert service.generator.decoder.mode != "int8dyn"
+    assert "int8dyn: - (unavailable: this torch" in capsys.readouterr().out
+    assert service.predict(prompt="lo-fi beat", duration=1, seed=1).is_file()
+    named = Decoder(make_service(tiny_weights, MONO_TEXT, decoder="stock").model.lm, "int8dyn")
+    assert named.mode == "exact" and "int8dyn unavailable here" in named.describe()

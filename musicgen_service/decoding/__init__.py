@@ -10,7 +10,7 @@ handling; only the step loop changes. Modes:
   operators on the same values as stock, hence the same logits and tokens, minus
   the per-step waste (cross-attention re-projection, cache concatenation, einops);
 - ``fp16``, ``bf16``, ``int8``, ``int8dyn``: the weight matrices in that precision
-  (:mod:`.precision`), explicit dtypes with autocast off;
+  (:mod:`.formats`), explicit dtypes with autocast off;
 - ``auto`` (the default; ``fast`` is its old name): on CPUs the fastest of those
   that meets the quality bar, measured on this machine at setup, never slower
   than ``exact`` (:func:`.precision.choose`); on GPUs fp16 (audiocraft's own GPU
@@ -37,7 +37,7 @@ import typing as tp
 
 import torch
 
-from . import precision as precisions
+from . import formats, precision as precisions
 from .runner import Runner, unsupported_reason
 
 MODES = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock")
@@ -70,7 +70,7 @@ class Decoder:
         False); on the CPU it runs eagerly, which is how tests check what a graph would replay.
         ``rows``: the matrix rows a step decodes at full load (2 per request; more when concurrent
         requests share steps): what ``auto`` times, and then only precisions whose rows do not
-        depend on each other (:data:`.precision.BATCH_INVARIANT`) are candidates."""
+        depend on each other (:data:`.formats.BATCH_INVARIANT`) are candidates."""
         mode = ALIASES.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"decoding mode must be one of {MODES}, not {mode!r}")
@@ -92,10 +92,10 @@ class Decoder:
             if device.type == "cuda":
                 self.mode, self.runner = "fp16", Runner(lm, "fp16")
             else:
-                candidates = precisions.PRECISIONS if rows <= 2 else precisions.BATCH_INVARIANT
+                candidates = formats.PRECISIONS if rows <= 2 else formats.BATCH_INVARIANT
                 self.mode, self.runner, self.trials, self.choose_s = precisions.choose(lm, candidates, rows)
         elif self.mode != "stock":
-            unavailable = precisions.unavailable_reason(self.mode, device)
+            unavailable = formats.unavailable_reason(self.mode, device)
             if unavailable is not None:  # exact runs everywhere
                 self.reason, self.mode = f"{self.mode} unavailable here: {unavailable}", "exact"
             self.runner = Runner(lm, self.mode)
@@ -131,7 +131,7 @@ class Decoder:
         if self.runner is None or self.runner.exact:
             return 0
         kept = {m.w.untyped_storage().data_ptr() for m in self.runner.matrices() + self._cross_matrices()
-                if isinstance(m, precisions.Dense)}
+                if isinstance(m, formats.Dense)}
         freed = 0
         modules = [m for layer in self.lm.transformer.layers
                    for m in (layer.self_attn, layer.self_attn.out_proj, layer.cross_attention,

@@ -7,22 +7,11 @@ kernels stream them, which differs by machine: on an AMD EPYC with AVX2, fp16
 native bf16, fp16 and bf16 are *slower* than fp32; int8 kernels range from 3x
 fp32 to 12x slower than it (PLATFORM-NOTES). So no rule of thumb picks well.
 
-Candidates (each selectable by name: ``MUSICGEN_DECODER=exact|fp16|bf16|int8|int8dyn``):
-
-- ``exact``: the parameters themselves, stock's operators (fp32 on CPUs);
-- ``fp16`` / ``bf16``: weights converted once, each product's input cast to the
-  weight's dtype and its output back (residual stream, norms, attention and
-  sampling keep the stock dtype);
-- ``int8``: weight-only int8, per output channel (symmetric, scale max|w|/127),
-  products by ``torch._weight_int8pack_mm`` with bf16 inputs (its fast path;
-  the residual stream stays fp32); a quarter of fp32's bytes per step;
-- ``int8dyn``: the same int8 weights, products by fbgemm's dynamic int8 kernel
-  (``quantized::linear_dynamic``: the activations too are quantized per call, per
-  tensor, to 8 bits on CPUs with VNNI and 7 bits without, see
-  :data:`REDUCE_RANGE`). Which int8 kernel is fast differs by CPU (an Intel Xeon
-  without bf16: ``_weight_int8pack_mm`` 12x slower than fp32, fbgemm 3.2x faster;
-  an AMD EPYC with AVX512-BF16: both stream ~31 GB/s of int8, 15x fp32's 2 ms per
-  4096x1024 matrix), hence both.
+Candidates: the formats of :mod:`.formats` (``exact``, ``fp16``, ``bf16``, ``int8``,
+``int8dyn``; each also selectable by name in ``MUSICGEN_DECODER``), those this machine's torch can
+run. Which int8 kernel is fast differs by CPU too (an Intel Xeon without bf16:
+``_weight_int8pack_mm`` 12x slower than fp32, fbgemm 3.2x faster; an AMD EPYC with AVX512-BF16:
+both stream ~31 GB/s of int8, 15x fp32's 2 ms per 4096x1024 matrix), hence both.
 
 ``auto`` (:func:`choose`):
 
@@ -54,144 +43,18 @@ import typing as tp
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+from .formats import PRECISIONS, Matrix, unavailable_reason
+from .runner import Runner
 
 log = logging.getLogger("musicgen")
 
-PRECISIONS = ("exact", "fp16", "bf16", "int8", "int8dyn")
-# a row's product does not depend on the other rows (at a fixed row count; int8dyn's activation
-# scale spans every row): what concurrent requests can share steps in (musicgen_service/batching.py)
-BATCH_INVARIANT = ("exact", "fp16", "bf16", "int8")
-DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # auto's bar, against exact, teacher-forced (see the module docstring)
 QUALITY_BAR = {"kl_mean": 1e-3, "top1": 0.98}
 DECIDED_MARGIN = 0.02  # top-1 agreement counts positions where exact's top-2 probabilities differ by this
 QUALITY_STEPS = 8
 PROBE_LAYERS = 4
 PROBE_ROUNDS = 4
-
-
-# ------------------------------------------------------------------------------------------ matrices
-
-def _cast(t: tp.Optional[torch.Tensor], dtype: tp.Optional[torch.dtype]) -> tp.Optional[torch.Tensor]:
-    if t is None or dtype is None or t.dtype == dtype:
-        return t
-    return t.detach().to(dtype).contiguous()
-
-
-class Dense:
-    """``F.linear`` with the weight in ``dtype`` (None: the parameter itself, no cast)."""
-
-    def __init__(self, w: torch.Tensor, b: tp.Optional[torch.Tensor], dtype: tp.Optional[torch.dtype]):
-        self.w, self.b = _cast(w, dtype), _cast(b, dtype)
-        self.cast = dtype is not None
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.w.dtype) if self.cast else x, self.w, self.b)
-
-    @property
-    def shape(self) -> tp.Tuple[int, ...]:
-        return tuple(self.w.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.w.numel() * self.w.element_size()
-
-
-def cpu_flags() -> tp.Set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-# fbgemm multiplies u8 activations by s8 weights. With VNNI (vpdpbusd) the pair sums go straight to
-# 32 bits; without it (AVX2's vpmaddubsw) they are saturated to 16 bits, so the activations are
-# quantized to 7 bits there ("reduce_range"), which costs precision.
-REDUCE_RANGE = not ({"avx512_vnni", "avx_vnni"} & cpu_flags())
-
-
-def quantize(w: torch.Tensor) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: (int8 weights, fp32 scales max|w| / 127)."""
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale
-
-
-class Int8:
-    """int8 weights per output channel (symmetric), weight-only: ``torch._weight_int8pack_mm``, whose
-    fast CPU path takes bf16 activations (measured: 31 GB/s of int8 there, 1.5 GB/s with fp32 ones),
-    so each product's input is cast to bf16 and its output back to fp32, as the bf16 mode does."""
-
-    def __init__(self, w: torch.Tensor, b: tp.Optional[torch.Tensor]):
-        self.q, scale = quantize(w)
-        self.scale = scale.to(torch.bfloat16)
-        self.b = None if b is None else b.detach().float()
-        self.shape = tuple(w.shape)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(rows, self.q, self.scale).float()
-        if self.b is not None:
-            y = y + self.b
-        return y.view(*x.shape[:-1], self.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-
-class Int8Dynamic:
-    """int8 weights per output channel, fbgemm's dynamic int8 product (fp32 in and out)."""
-
-    def __init__(self, w: torch.Tensor, b: tp.Optional[torch.Tensor]):
-        # Int8's very weights and scales, wrapped as a quantized tensor (5x faster than
-        # torch.quantize_per_channel, measured: 2.6 vs 13.3 ms a 4096x1024 matrix; auto converts 4
-        # layers of every candidate at setup)
-        q, scale = quantize(w)
-        zero = torch.zeros(w.shape[0], dtype=torch.long)
-        qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        self.packed = torch.ops.quantized.linear_prepack(qw, None if b is None else b.detach().float())
-        self.shape = tuple(w.shape)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).float().contiguous()
-        y = torch.ops.quantized.linear_dynamic(rows, self.packed, REDUCE_RANGE)
-        return y.view(*x.shape[:-1], self.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-
-Matrix = tp.Union[Dense, Int8, Int8Dynamic]
-
-
-def matrix(precision: str, w: torch.Tensor, b: tp.Optional[torch.Tensor]) -> Matrix:
-    if precision == "int8":
-        return Int8(w, b)
-    if precision == "int8dyn":
-        return Int8Dynamic(w, b)
-    return Dense(w, b, DENSE_DTYPES.get(precision))
-
-
-def unavailable_reason(precision: str, device: torch.device) -> tp.Optional[str]:
-    """Why ``precision`` cannot run on ``device`` (None: it can): a one-matrix smoke test."""
-    if precision not in PRECISIONS:
-        return f"unknown precision {precision!r}"
-    if precision.startswith("int8") and device.type != "cpu":
-        return "the int8 products are CPU kernels"
-    if precision == "int8dyn" and "fbgemm" not in torch.backends.quantized.supported_engines:
-        return "this torch has no fbgemm"
-    try:
-        w = torch.randn(8, 16, device=device)
-        matrix(precision, w, None)(torch.randn(2, 16, device=device))
-    except Exception as exc:  # an unsupported dtype/kernel on this machine
-        return f"{type(exc).__name__}: {exc}"
-    return None
 
 
 # ------------------------------------------------------------------------------------------ choosing
@@ -299,8 +162,6 @@ def choose(lm: tp.Any, candidates: tp.Sequence[str] = PRECISIONS, rows: int = 2
     2. for candidates faster than exact, fastest first: quality teacher-forced on those layers alone
        (a cheap screen: error grows with depth), then on the whole model; the first within the bar
        is chosen."""
-    from .runner import Runner
-
     start = time.perf_counter()
     device = next(lm.parameters()).device
     act_dtype = lm.emb[0].weight.dtype

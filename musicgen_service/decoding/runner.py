@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .precision import DENSE_DTYPES, Matrix, _cast, matrix
+from .formats import DENSE_DTYPES, Matrix, cast, matrix
 
 # Static caches grow in these steps: a graph is recorded per (span, cross length) pair.
 SPAN_STEP = 256
@@ -111,8 +111,8 @@ class _Norm:
     def __init__(self, ln: torch.nn.LayerNorm, dtype: torch.dtype):
         self.shape = ln.normalized_shape
         self.eps = ln.eps
-        self.weight = _cast(ln.weight, dtype)
-        self.bias = _cast(ln.bias, dtype)
+        self.weight = cast(ln.weight, dtype)
+        self.bias = cast(ln.bias, dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
