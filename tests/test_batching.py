@@ -14,9 +14,10 @@ from musicgen_service.decoding import formats
 from musicgen_service.errors import Cancelled
 
 
-def _runnable(name):
+def _runnable(name, slow=False):
     reason = formats.unavailable_reason(name, torch.device("cpu"))
-    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=name)
+    marks = [pytest.mark.skipif(reason is not None, reason=str(reason))] + ([pytest.mark.slow] if slow else [])
+    return pytest.param(name, marks=marks, id=name)
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,9 @@ def _submit(service, inputs, cancel=None):
     return service.scheduler.submit(prepared, cancel)
 
 
-@pytest.mark.parametrize("padding", ["fixed", "adaptive"])
-@pytest.mark.parametrize("name", [_runnable("fp16"), _runnable("bf16"), _runnable("int8")])
+# fp16 (runnable on every CPU) with adaptive padding in the quick loop; the rest in `--all`
+@pytest.mark.parametrize("padding", [pytest.param("fixed", marks=pytest.mark.slow), "adaptive"])
+@pytest.mark.parametrize("name", [_runnable("fp16"), _runnable("bf16", slow=True), _runnable("int8", slow=True)])
 def test_tokens_are_the_same_alone_and_in_any_batch(tiny_weights, tune, name, padding):
     """Text, melody and continuation rows of different lengths and sampling parameters: alone, all
     submitted at once, and joining a running batch at different steps give the same tokens. Both

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+# whole benchmark runs in subprocesses (tens of seconds each): `script/test --all` and CI run them
+pytestmark = pytest.mark.slow
 
 
 def test_quick_benchmark(tmp_path):

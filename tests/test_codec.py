@@ -100,6 +100,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_300_s_decode_stays_under_a_ceiling_that_one_shot_breaks_at_60_s():
     """Peak resident memory above the start of the call, on the tiny set's EnCodec (a fresh
     process: VmHWM only grows). Ceiling: the output buffer plus 100 MB. The one-shot decode needs

@@ -69,6 +69,7 @@ def exact_33s(text_service):
     return tokens(text_service, "exact", duration=33)
 
 
+@pytest.mark.slow
 def test_exact_equals_stock_past_the_window(text_service, exact_33s):
     assert exact_33s.shape[-1] == 33 * 50
     assert torch.equal(exact_33s, tokens(text_service, "stock", duration=33))
@@ -94,7 +95,7 @@ def _steps(runner, tensors, seq, static: bool, kv_dtype=None, max_steps: int = 2
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("max_steps, steps", [(20, 12), (1503, 600)])
+@pytest.mark.parametrize("max_steps, steps", [(20, 12), pytest.param(1503, 600, marks=pytest.mark.slow)])
 def test_static_steps_match_dynamic_steps(text_service, max_steps, steps):
     """The fixed-shape step a CUDA graph records computes what the dynamic step computes, for a
     short window and for a 30 s one (an attention span of 1536 keys, mostly masked)."""
@@ -206,6 +207,7 @@ def test_static_loop_gives_the_exact_tokens(text_service, melody_service, tune):
         assert decoder.graphs.eager_steps > 0 and decoder.graphs.failures == 0
 
 
+@pytest.mark.slow
 def test_static_loop_past_the_window(text_service, exact_33s):
     """Two extension windows through the static loop: the caches grow to a 30 s span, and the
     second window starts from the first one's prompt. Over a long span, masked attention is not

@@ -44,7 +44,7 @@ import cog_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.image_build
+pytestmark = [pytest.mark.image_build, pytest.mark.slow]
 
 
 def managed_python(prefix: Path) -> Path:

@@ -57,6 +57,7 @@ def test_stereo_default_model_melody_to_mp3(service, tunes):
     assert rate == RATE and data.shape[0] == 2
 
 
+@pytest.mark.slow
 def test_melody_guides_every_extension_window(melody_service, tmp_path):
     # Two 40 s melodies, identical for the first 30 s. The first window (0-30 s) sees only that
     # part; the second window (from 18 s) reads past 30 s, where they differ.
@@ -97,6 +98,7 @@ def test_continuation_starts_with_the_prompt(melody_service, tunes):
     torch.testing.assert_close(out.wav[:, :head], round_trip[:, :head], atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_continuation_past_the_window_and_from_a_long_clip(melody_service, tmp_path):
     long_clip = write(tmp_path / "long.ogg", melody([262, 330, 392, 440] * 9, 1.0, 44100, 2), 44100)  # 36 s
     out = generate(melody_service, input_audio=long_clip, continuation=True, duration=3)

@@ -135,6 +135,7 @@ def test_normalization_strategies(predictor):
     assert lufs == pytest.approx(-14, abs=1.0)
 
 
+@pytest.mark.slow
 def test_longer_than_the_window_uses_windowed_extension(mono_service, capsys):
     path = mono_service.predict(prompt="ambient", duration=33, seed=2)
     data, rate = decode(path)

@@ -271,6 +271,7 @@ def test_cross_field_rules_fail_with_the_message_and_no_traceback(server):
     assert "Traceback" not in server.log_path.read_text()
 
 
+@pytest.mark.slow
 def test_twenty_predictions_in_a_row(server):
     server.predict({"prompt": "warm up", "duration": 1, "seed": 0})
     before = server.rss_mb()

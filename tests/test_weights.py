@@ -158,6 +158,7 @@ def one_line_error(proc: subprocess.Popen, code: int) -> str:
     return err
 
 
+@pytest.mark.slow
 def test_download_without_network_says_so_in_one_line(tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
