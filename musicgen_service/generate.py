@@ -171,14 +171,15 @@ class Generator:
     """Runs one request at a time on a loaded MusicGen, decoding in ``decoding_mode``
     (see :mod:`.decoding`: ``auto``, ``exact``, ``fp16``, ``bf16``, ``int8`` or ``stock``)."""
 
-    def __init__(self, model: tp.Any, decoding_mode: str = "stock", rows: int = 2):
-        """``rows``: matrix rows per decoding step at full load (2 per concurrent request)."""
+    def __init__(self, model: tp.Any, decoding_mode: str = "stock", rows: int = 2, prepared: tp.Any = None):
+        """``rows``: matrix rows per decoding step at full load (2 per concurrent request);
+        ``prepared``: the decoder's decision and weights read from disk (:mod:`.decoding.prepared`)."""
         from .decoding import Decoder
 
         self.model = model
         _install_request_random()
         start = time.perf_counter()
-        self.decoder = Decoder(model.lm, decoding_mode, rows=rows)
+        self.decoder = Decoder(model.lm, decoding_mode, rows=rows, prepared=prepared)
         log.info("decoding: %s (prepared in %.2f s)", self.decoder.describe(), time.perf_counter() - start)
         self.decoder.log_choice()
 

@@ -49,9 +49,17 @@ class Service:
 
         device = settings.resolved_device()
         log.info("weights: %s; model: %s; device: %s", settings.weights_dir, settings.model, device)
-        self.model = loading.load_musicgen(settings, device)
+        rows = 2 * settings.concurrency
+        cache, key = self._prepared_cache(settings, device, rows)
+        # a prepared decoder's files are read and hashed in the background while audiocraft imports;
+        # loading then leaves the LM matrices it holds unread
+        pending = cache.start(key) if cache is not None else None
+        self.model = loading.load_musicgen(settings, device, skip=pending.skips if pending else None)
+        entry = pending.entry() if pending else None
         self.mbd = loading.MBDSource(settings, device)
-        self.generator = Generator(self.model, settings.decoder, rows=2 * settings.concurrency)
+        self.generator = Generator(self.model, settings.decoder, rows=rows, prepared=entry)
+        if cache is not None and entry is None and self.generator.decoder.runner is not None:
+            cache.store(key, self.generator.decoder)
         freed = self.generator.decoder.release_stock_weights()
         if freed:
             log.info("released the LM's %s weights kept in %s instead: %.0f MB", self.model.lm.emb[0].weight.dtype,
@@ -61,6 +69,20 @@ class Service:
             self._warm_up()
         self.scheduler = Scheduler(self.generator, settings.concurrency, self.compute)
         log.info("concurrency: %d; %s", settings.concurrency, self.scheduler.describe())
+
+    @staticmethod
+    def _prepared_cache(settings: Settings, device: str, rows: int) -> tp.Tuple[tp.Any, tp.Any]:
+        """The prepared-decoder cache for this setup and its key (None, None where setups do not use
+        one: GPUs, exact, stock, MUSICGEN_PREPARED=off)."""
+        from . import weights
+        from .decoding import ALIASES, prepared
+
+        decoder = ALIASES.get(settings.decoder, settings.decoder)
+        if not prepared.applies(decoder, device) or not settings.prepared_dirs:
+            return None, None
+        checkpoint = weights.musicgen_folder(settings.weights_dir, settings.model) / weights.LM_FILE
+        return prepared.Cache(settings.prepared_dirs), prepared.key(weights.checkpoint_identity(checkpoint),
+                                                                    decoder, rows)
 
     def _warm_up(self) -> None:
         """One short generation at setup, on GPUs: the first use of each CUDA kernel (module loading,

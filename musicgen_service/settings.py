@@ -13,6 +13,7 @@ environment at all.
 | ``MUSICGEN_MAX_DURATION``  | ``300``                                  | longest ``duration`` (seconds) a request may ask for |
 | ``COG_MAX_CONCURRENCY``    | ``1``                                    | predictions in flight at once (Cog sets it from cog.yaml's ``concurrency.max``); up to this many share decoding steps |
 | ``MUSICGEN_DECODER``       | ``auto``                                 | LM decoding: ``auto`` (``fast``), ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock`` (see ``decoding``) |
+| ``MUSICGEN_PREPARED``      | ``<weights>/prepared``                   | where CPU setups keep prepared decoders (``decoding.prepared``); ``off``: never. Unwritable: ``$XDG_CACHE_HOME/musicgen/prepared`` (``~/.cache``) is used |
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ class Settings:
     max_duration: int = DEFAULT_MAX_DURATION
     decoder: str = DEFAULT_DECODER
     concurrency: int = 1
+    prepared: tp.Optional[Path] = None  # None: <weights_dir>/prepared
+    prepared_fallback: tp.Optional[Path] = None  # a writable place when that one is not
+    prepared_off: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -67,7 +71,12 @@ class Settings:
             concurrency = int(env.get("COG_MAX_CONCURRENCY") or 1)
         except ValueError as exc:
             raise SettingsError(f"COG_MAX_CONCURRENCY must be an integer: {exc}") from None
+        prepared = env.get("MUSICGEN_PREPARED") or None
+        cache_home = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return cls(
+            prepared=None if prepared in (None, "off") else Path(prepared).expanduser().absolute(),
+            prepared_off=prepared == "off",
+            prepared_fallback=cache_home / "musicgen" / "prepared",
             weights_dir=weights,
             model=env.get("MUSICGEN_MODEL") or DEFAULT_MODEL,
             device=env.get("MUSICGEN_DEVICE") or "auto",
@@ -76,6 +85,16 @@ class Settings:
             decoder=(env.get("MUSICGEN_DECODER") or DEFAULT_DECODER).lower(),
             concurrency=concurrency,
         )
+
+    @property
+    def prepared_dirs(self) -> tp.List[Path]:
+        """Where prepared decoders are read from and written to, in order (empty: never)."""
+        if self.prepared_off:
+            return []
+        dirs = [self.prepared or self.weights_dir / "prepared"]
+        if self.prepared_fallback is not None and self.prepared_fallback != dirs[0]:
+            dirs.append(self.prepared_fallback)
+        return dirs
 
     def resolved_device(self) -> str:
         """The torch device to use: ``auto`` becomes ``cuda`` when a GPU is visible."""

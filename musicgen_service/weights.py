@@ -154,6 +154,28 @@ def mbd_files() -> tp.List[HubFile]:
     return [HubFile(MBD_REPO, MBD_FILE), HubFile(MBD_CODEC_REPO, COMPRESSION_FILE)]
 
 
+SAMPLES = 64  # blocks hashed by checkpoint_identity where the file's content hash is not known
+SAMPLE_BYTES = 64 << 10
+
+
+def checkpoint_identity(path: Path) -> tp.Dict[str, tp.Any]:
+    """What identifies a checkpoint's content, cheaply: in the hub cache, its blob's name is the
+    sha256 of its content (files stored with Git LFS, as checkpoints are); elsewhere, its size and the
+    sha256 of 64 blocks of 64 KiB spread evenly over it (4 MiB read, whatever the size: any retrained
+    or fine-tuned checkpoint differs in them). Used to key what is derived from a checkpoint."""
+    path = Path(path)
+    real = path.resolve()
+    size = real.stat().st_size
+    if real.parent.name == "blobs" and len(real.name) == 64 and all(c in "0123456789abcdef" for c in real.name):
+        return {"size": size, "sha256": real.name}
+    h = hashlib.sha256()
+    with open(real, "rb") as f:
+        for i in range(SAMPLES):
+            f.seek(max(0, (size - SAMPLE_BYTES) * i // (SAMPLES - 1)))
+            h.update(f.read(SAMPLE_BYTES))
+    return {"size": size, "sampled_sha256": h.hexdigest()}
+
+
 def map_checkpoint(path: Path) -> tp.Dict[str, tp.Any]:
     """An audiocraft checkpoint (``{'xp.cfg': yaml, 'best_state': ...}``), memory-mapped: only its
     pickled header is read now, each tensor's bytes when first used. Safe loading stays on."""

@@ -84,6 +84,7 @@ def test_exact_and_int8dyn_decode_alone(tiny_weights):
         assert all(p is not None and p.is_file() for p in paths)
 
 
+@pytest.mark.slow
 def test_long_requests_run_alone_between_batches(tiny_weights):
     """Past the window (audiocraft's extension) a request runs alone; the others still batch."""
     service = make_service(tiny_weights, MONO_TEXT, decoder="fp16", concurrency=4)

@@ -321,7 +321,7 @@ def test_setup_skips_int8dyn_where_torch_lacks_dynamic_quantization(tiny_weights
     monkeypatch.setattr(torch.ops, "quantized", types.SimpleNamespace())
     assert formats.unavailable_reason("int8dyn", torch.device("cpu")) == \
         f"this torch ({torch.__version__}) has no torch.ops.quantized.linear_prepack, torch.ops.quantized.linear_dynamic"
-    service = make_service(tiny_weights, MONO_TEXT, decoder="auto")
+    service = make_service(tiny_weights, MONO_TEXT, decoder="auto", prepared_off=True)  # measured here
     assert service.generator.decoder.mode != "int8dyn"
     assert "int8dyn: - (unavailable: this torch" in capsys.readouterr().out
     assert service.predict(prompt="lo-fi beat", duration=1, seed=1).is_file()

@@ -40,6 +40,9 @@ import torch
 from . import formats, precision as precisions
 from .runner import Runner, unsupported_reason
 
+if tp.TYPE_CHECKING:
+    from .prepared import Prepared
+
 MODES = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock")
 ALIASES = {"fast": "auto"}
 
@@ -64,13 +67,16 @@ class Decoder:
     """Generates with one LM in one mode; prepares (and caches) that mode's weights once."""
 
     def __init__(self, lm: tp.Any, mode: str = "exact", use_cuda_graphs: bool = True,
-                 static_steps: tp.Optional[bool] = None, rows: int = 2):
+                 static_steps: tp.Optional[bool] = None, rows: int = 2,
+                 prepared: tp.Optional["Prepared"] = None):
         """``static_steps``: run through the static loop (:mod:`.graphs`; default: on CUDA, for every
         mode but ``exact``, where its steps are recorded as CUDA graphs unless ``use_cuda_graphs`` is
         False); on the CPU it runs eagerly, which is how tests check what a graph would replay.
         ``rows``: the matrix rows a step decodes at full load (2 per request; more when concurrent
         requests share steps): what ``auto`` times, and then only precisions whose rows do not
-        depend on each other (:data:`.formats.BATCH_INVARIANT`) are candidates."""
+        depend on each other (:data:`.formats.BATCH_INVARIANT`) are candidates. ``prepared``: a
+        decision and converted matrices read from disk (:mod:`.prepared`) for this LM, mode and
+        rows, taken instead of measuring and converting."""
         mode = ALIASES.get(mode, mode)
         if mode not in MODES:
             raise ValueError(f"decoding mode must be one of {MODES}, not {mode!r}")
@@ -88,7 +94,11 @@ class Decoder:
             self.reason = unsupported_reason(lm)
             if self.reason is not None:
                 self.mode = "stock"
-        if self.mode == "auto":
+        self.prepared = prepared if self.mode != "stock" else None
+        if self.prepared is not None:
+            self.mode, self.trials, self.choose_s = prepared.precision, prepared.trials, prepared.choose_s
+            self.runner = Runner(lm, self.mode, stored=prepared.matrices)
+        elif self.mode == "auto":
             if device.type == "cuda":
                 self.mode, self.runner = "fp16", Runner(lm, "fp16")
             else:
@@ -111,6 +121,8 @@ class Decoder:
         steps = ""
         if self.graphs is not None:
             steps = ", CUDA graphs" if self.graphs.record else ", static steps"
+        if self.prepared is not None:
+            return f"{self.mode} ({'auto, ' if self.requested == 'auto' else ''}{self.prepared.describe()}){steps}"
         if self.requested == "auto":
             how = "fp16 on GPUs" if not self.trials else (
                 f"measured at {self.rows} rows in {self.choose_s['measuring']:.2f} s, converted in "

@@ -39,11 +39,23 @@ def cast(t: tp.Optional[torch.Tensor], dtype: tp.Optional[torch.dtype]) -> tp.Op
 
 
 class Dense:
-    """``F.linear`` with the weight in ``dtype`` (None: the parameter itself, no cast)."""
+    """``F.linear`` with the weight as stored (``cast_inputs``: each input cast to the weight's dtype
+    and the output back, for the converted fp16/bf16 weights; exact uses the parameters as they are)."""
 
-    def __init__(self, w: torch.Tensor, b: tp.Optional[torch.Tensor], dtype: tp.Optional[torch.dtype]):
-        self.w, self.b = cast(w, dtype), cast(b, dtype)
-        self.cast = dtype is not None
+    def __init__(self, w: torch.Tensor, b: tp.Optional[torch.Tensor], cast_inputs: bool):
+        self.w, self.b, self.cast = w, b, cast_inputs
+
+    @classmethod
+    def convert(cls, w: torch.Tensor, b: tp.Optional[torch.Tensor], dtype: tp.Optional[torch.dtype]) -> "Dense":
+        """From a parameter; ``dtype`` None: the parameter itself, no copy."""
+        return cls(cast(w, dtype), cast(b, dtype), dtype is not None)
+
+    def tensors(self) -> tp.Dict[str, torch.Tensor]:
+        return _present({"w": self.w, "b": self.b})
+
+    @classmethod
+    def from_tensors(cls, t: tp.Mapping[str, torch.Tensor]) -> "Dense":
+        return cls(t["w"], t.get("b"), True)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.w.dtype) if self.cast else x, self.w, self.b)
@@ -55,6 +67,10 @@ class Dense:
     @property
     def nbytes(self) -> int:
         return self.w.numel() * self.w.element_size()
+
+
+def _present(tensors: tp.Dict[str, tp.Optional[torch.Tensor]]) -> tp.Dict[str, torch.Tensor]:
+    return {k: v for k, v in tensors.items() if v is not None}
 
 
 def cpu_flags() -> tp.Set[str]:
@@ -85,11 +101,21 @@ class Int8:
     fast CPU path takes bf16 activations (measured: 31 GB/s of int8 there, 1.5 GB/s with fp32 ones),
     so each product's input is cast to bf16 and its output back to fp32, as the bf16 mode does."""
 
-    def __init__(self, w: torch.Tensor, b: tp.Optional[torch.Tensor]):
-        self.q, scale = quantize(w)
-        self.scale = scale.to(torch.bfloat16)
-        self.b = None if b is None else b.detach().float()
-        self.shape = tuple(w.shape)
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, b: tp.Optional[torch.Tensor]):
+        self.q, self.scale, self.b = q, scale.to(torch.bfloat16), b
+        self.shape = tuple(q.shape)
+
+    @classmethod
+    def convert(cls, w: torch.Tensor, b: tp.Optional[torch.Tensor]) -> "Int8":
+        q, scale = quantize(w)
+        return cls(q, scale, None if b is None else b.detach().float())
+
+    def tensors(self) -> tp.Dict[str, torch.Tensor]:
+        return _present({"q": self.q, "scale": self.scale, "b": self.b})
+
+    @classmethod
+    def from_tensors(cls, t: tp.Mapping[str, torch.Tensor]) -> "Int8":
+        return cls(t["q"], t["scale"], t.get("b"))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -106,15 +132,28 @@ class Int8:
 class Int8Dynamic:
     """int8 weights per output channel, fbgemm's dynamic int8 product (fp32 in and out)."""
 
-    def __init__(self, w: torch.Tensor, b: tp.Optional[torch.Tensor]):
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, b: tp.Optional[torch.Tensor]):
         # Int8's very weights and scales, wrapped as a quantized tensor (5x faster than
         # torch.quantize_per_channel, measured: 2.6 vs 13.3 ms a 4096x1024 matrix; auto converts 4
-        # layers of every candidate at setup)
-        q, scale = quantize(w)
-        zero = torch.zeros(w.shape[0], dtype=torch.long)
+        # layers of every candidate at setup), then packed in fbgemm's layout (a copy)
+        zero = torch.zeros(q.shape[0], dtype=torch.long)
         qw = torch._make_per_channel_quantized_tensor(q, scale.double(), zero, 0)
-        self.packed = torch.ops.quantized.linear_prepack(qw, None if b is None else b.detach().float())
-        self.shape = tuple(w.shape)
+        self.packed = torch.ops.quantized.linear_prepack(qw, b)
+        self.shape = tuple(q.shape)
+
+    @classmethod
+    def convert(cls, w: torch.Tensor, b: tp.Optional[torch.Tensor]) -> "Int8Dynamic":
+        q, scale = quantize(w)
+        return cls(q, scale, None if b is None else b.detach().float())
+
+    def tensors(self) -> tp.Dict[str, torch.Tensor]:
+        """The int8 weights, scales and bias, unpacked from fbgemm's layout (a copy: for storing)."""
+        qw, b = torch.ops.quantized.linear_unpack(self.packed)
+        return _present({"q": qw.int_repr(), "scale": qw.q_per_channel_scales().float(), "b": b})
+
+    @classmethod
+    def from_tensors(cls, t: tp.Mapping[str, torch.Tensor]) -> "Int8Dynamic":
+        return cls(t["q"], t["scale"], t.get("b"))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float().contiguous()
@@ -130,11 +169,18 @@ Matrix = tp.Union[Dense, Int8, Int8Dynamic]
 
 
 def matrix(precision: str, w: torch.Tensor, b: tp.Optional[torch.Tensor]) -> Matrix:
+    """A parameter (``w``, ``b``) converted to ``precision``'s format."""
     if precision == "int8":
-        return Int8(w, b)
+        return Int8.convert(w, b)
     if precision == "int8dyn":
-        return Int8Dynamic(w, b)
-    return Dense(w, b, DENSE_DTYPES.get(precision))
+        return Int8Dynamic.convert(w, b)
+    return Dense.convert(w, b, DENSE_DTYPES.get(precision))
+
+
+def stored_matrix(precision: str, tensors: tp.Mapping[str, torch.Tensor]) -> Matrix:
+    """A matrix of ``precision`` rebuilt from what its ``tensors()`` gave (a prepared decoder's file)."""
+    kind = {"int8": Int8, "int8dyn": Int8Dynamic}.get(precision, Dense)
+    return kind.from_tensors(tensors)
 
 
 # the torch functions each format calls (beyond F.linear): checked by name before the smoke test,

@@ -39,17 +39,31 @@ Two step forms:
 from __future__ import annotations
 
 import contextlib
+import re
 import typing as tp
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .formats import DENSE_DTYPES, Matrix, cast, matrix
+from .formats import DENSE_DTYPES, Matrix, cast, matrix, stored_matrix
 
 # Static caches grow in these steps: a graph is recorded per (span, cross length) pair.
 SPAN_STEP = 256
 CROSS_STEP = 64
+
+
+# The LM parameters a runner in a reduced precision holds its own copies of (the matrices'
+# weights; biases, norms and embeddings are read from the LM): what a prepared decoder replaces
+# (not read from the checkpoint then) and what Decoder.release_stock_weights frees.
+_REPLACED = re.compile(r"^(transformer\.layers\.\d+\.(self_attn\.in_proj_weight|self_attn\.out_proj\.weight|"
+                       r"cross_attention\.in_proj_weight|cross_attention\.out_proj\.weight|linear1\.weight|"
+                       r"linear2\.weight)|linears\.\d+\.weight)$")
+
+
+def replaced_by_matrices(parameter: str) -> bool:
+    """Whether the LM parameter of that state-dict name is a matrix a reduced-precision runner keeps."""
+    return _REPLACED.match(parameter) is not None
 
 
 def round_up(n: int, step: int) -> int:
@@ -121,9 +135,12 @@ class _Norm:
 class Runner:
     """One LM's weights, prepared for step-by-step decoding in one precision (:mod:`.precision`)."""
 
-    def __init__(self, lm: tp.Any, precision: str = "exact", layers: tp.Optional[int] = None):
-        """``precision``: ``exact`` (the parameters themselves, stock's operators), ``fp16``, ``bf16``
-        or ``int8``. ``layers``: only the first ones (what ``auto`` times)."""
+    def __init__(self, lm: tp.Any, precision: str = "exact", layers: tp.Optional[int] = None,
+                 stored: tp.Optional[tp.Mapping[str, tp.Mapping[str, torch.Tensor]]] = None):
+        """``precision``: ``exact`` (the parameters themselves, stock's operators), ``fp16``, ``bf16``,
+        ``int8`` or ``int8dyn``. ``layers``: only the first ones (what ``auto`` times). ``stored``: the
+        matrices already converted, by name (:meth:`named_matrices`' names and each matrix's
+        ``tensors()``; a prepared decoder's file): the LM's own matrix parameters are not read then."""
         reason = unsupported_reason(lm)
         if reason:
             raise ValueError(f"the fast decoder does not support this LM: {reason}")
@@ -144,37 +161,42 @@ class Runner:
         def norm(module: tp.Any) -> tp.Any:  # exact: the module itself, under stock's autocast
             return module if self.exact or module is None else _Norm(module, self.act_dtype)
 
-        def mat(w: torch.Tensor, b: tp.Optional[torch.Tensor]) -> Matrix:
+        def mat(name: str, w: tp.Optional[torch.Tensor], b: tp.Optional[torch.Tensor]) -> Matrix:
+            if stored is not None:
+                return stored_matrix(precision, stored[name])
             return matrix(precision, w, b)
 
         def part(t: tp.Optional[torch.Tensor], i: int) -> tp.Optional[torch.Tensor]:
             return None if t is None else t[i * dim:(i + 1) * dim]
 
         self.layers: tp.List[_Layer] = []
-        for layer in tr.layers[:layers]:
+        for i, layer in enumerate(tr.layers[:layers]):
             sa, ca = layer.self_attn, layer.cross_attention
             cross = ca is not None
+            n = f"layers.{i}."
             self.layers.append(_Layer(
-                norm1=norm(layer.norm1), qkv=mat(sa.in_proj_weight, sa.in_proj_bias),
-                out=mat(sa.out_proj.weight, sa.out_proj.bias), scale1=layer.layer_scale_1,
+                norm1=norm(layer.norm1), qkv=mat(n + "qkv", sa.in_proj_weight, sa.in_proj_bias),
+                out=mat(n + "out", sa.out_proj.weight, sa.out_proj.bias), scale1=layer.layer_scale_1,
                 norm_cross=norm(getattr(layer, "norm_cross", None)),
                 # the keys/values of the text are projected once per window
-                cross_q=mat(part(ca.in_proj_weight, 0), part(ca.in_proj_bias, 0)) if cross else None,
-                cross_k=mat(part(ca.in_proj_weight, 1), part(ca.in_proj_bias, 1)) if cross else None,
-                cross_v=mat(part(ca.in_proj_weight, 2), part(ca.in_proj_bias, 2)) if cross else None,
-                cross_out=mat(ca.out_proj.weight, ca.out_proj.bias) if cross else None,
+                cross_q=mat(n + "cross_q", part(ca.in_proj_weight, 0), part(ca.in_proj_bias, 0)) if cross else None,
+                cross_k=mat(n + "cross_k", part(ca.in_proj_weight, 1), part(ca.in_proj_bias, 1)) if cross else None,
+                cross_v=mat(n + "cross_v", part(ca.in_proj_weight, 2), part(ca.in_proj_bias, 2)) if cross else None,
+                cross_out=mat(n + "cross_out", ca.out_proj.weight, ca.out_proj.bias) if cross else None,
                 scale_cross=getattr(layer, "layer_scale_cross", None),
-                norm2=norm(layer.norm2), ff1=mat(layer.linear1.weight, layer.linear1.bias),
-                ff2=mat(layer.linear2.weight, layer.linear2.bias),
+                norm2=norm(layer.norm2), ff1=mat(n + "ff1", layer.linear1.weight, layer.linear1.bias),
+                ff2=mat(n + "ff2", layer.linear2.weight, layer.linear2.bias),
                 scale2=layer.layer_scale_2, activation=layer.activation))
         self.has_cross = self.layers[0].cross_q is not None
         self.emb = list(lm.emb)
         self.out_norm = norm(lm.out_norm)
         if self.exact:  # stock's K products
-            self.output = [mat(lin.weight, lin.bias) for lin in lm.linears]
+            self.output = [mat(f"output.{k}", lin.weight, lin.bias) for k, lin in enumerate(lm.linears)]
+        elif stored is not None:
+            self.output = [mat("output.0", None, None)]
         else:  # one product for the K output heads
             biases = [lin.bias for lin in lm.linears]
-            self.output = [mat(torch.cat([lin.weight for lin in lm.linears]),
+            self.output = [mat("output.0", torch.cat([lin.weight for lin in lm.linears]),
                                None if biases[0] is None else torch.cat(biases))]
         self.card = lm.card
         self.n_q = lm.n_q
@@ -185,6 +207,14 @@ class Runner:
         per_layer = [m for L in self.layers for m in (L.qkv, L.out, L.cross_q, L.cross_out, L.ff1, L.ff2)
                      if m is not None]
         return per_layer + self.output
+
+    def named_matrices(self) -> tp.Dict[str, Matrix]:
+        """Every matrix, by the name ``stored`` takes (the cross-attention keys/values included)."""
+        names = ("qkv", "out", "cross_q", "cross_k", "cross_v", "cross_out", "ff1", "ff2")
+        named = {f"layers.{i}.{n}": getattr(L, n) for i, L in enumerate(self.layers) for n in names
+                 if getattr(L, n) is not None}
+        named.update({f"output.{k}": m for k, m in enumerate(self.output)})
+        return named
 
     def step_bytes(self) -> int:
         return sum(m.nbytes for m in self.matrices())
