@@ -20,7 +20,7 @@ from pathlib import Path
 from . import audio_in, audio_out, outputs
 from . import compute
 from .compute import relay
-from .logs import get_logger
+from .logs import get_logger, timed
 from .request import Request, parse_request
 from .settings import Settings
 
@@ -49,6 +49,8 @@ class Service:
 
         device = settings.resolved_device()
         log.info("weights: %s; model: %s; device: %s", settings.weights_dir, settings.model, device)
+        with timed("imported torch", log):
+            import torch  # noqa: F401
         rows = 2 * settings.concurrency
         cache, key = self._prepared_cache(settings, device, rows)
         # a prepared decoder's files are read and hashed in the background while audiocraft imports;

@@ -221,13 +221,15 @@ def test_static_loop_past_the_window(text_service, exact_33s):
     assert torch.equal(static[..., :50], exact[..., :50])
 
 
-def _runnable(name, max_kl):
+def _runnable(name, max_kl, slow=False):
     """Skipped only where torch cannot run that precision on this CPU at all."""
     reason = formats.unavailable_reason(name, torch.device("cpu"))
-    return pytest.param(name, max_kl, marks=pytest.mark.skipif(reason is not None, reason=str(reason)), id=name)
+    marks = [pytest.mark.skipif(reason is not None, reason=str(reason))] + ([pytest.mark.slow] if slow else [])
+    return pytest.param(name, max_kl, marks=marks, id=name)
 
 
-@pytest.mark.parametrize("name, max_kl", [_runnable("fp16", 1e-5), _runnable("bf16", 1e-3), _runnable("int8", 1e-3)])
+@pytest.mark.parametrize("name, max_kl", [_runnable("fp16", 1e-5), _runnable("bf16", 1e-3, slow=True),
+                                         _runnable("int8", 1e-3)])
 def test_each_precision_decodes_and_stays_close_to_exact(text_service, melody_service, tune, name, max_kl):
     """Every precision, forced whatever this CPU would pick: it decodes text, melody and continuation,
     and teacher-forced on the same tokens its next-token distributions barely move from exact's

@@ -178,6 +178,7 @@ def test_download_with_a_bad_setting_or_model_says_so_in_one_line(tmp_path, tiny
     hub.shutdown()
 
 
+@pytest.mark.slow
 def test_interrupted_download_resumes(tmp_path, tiny_weights):
     model, dest = "facebook/musicgen-small", tmp_path / "weights"
     lm = HubFile(model, weights.LM_FILE)

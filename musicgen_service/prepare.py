@@ -1,0 +1,40 @@
+"""``script/prepare``: run setup once, so that the prepared decoder it measures and converts is on disk
+before the server's first boot (:mod:`.decoding.prepared`). Setup problems end in one line and a
+non-zero exit, as ``script/predict``'s do."""
+from __future__ import annotations
+
+import sys
+import typing as tp
+
+
+def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    import argparse
+
+    from .settings import Settings, SettingsError
+    from .weights import WeightsMissingError
+
+    argparse.ArgumentParser(prog="script/prepare", description=__doc__).parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        from .decoding import ALIASES, prepared
+
+        decoder = ALIASES.get(settings.decoder, settings.decoder)
+        device = settings.resolved_device()
+        if not prepared.applies(decoder, device) or not settings.prepared_dirs:
+            print(f"prepare: nothing to prepare for MUSICGEN_DECODER={decoder} on {device} "
+                  "(only CPU setups with auto or a reduced precision use prepared decoders)")
+            return 0
+        from .service import Service
+
+        service = Service(settings)
+    except (SettingsError, WeightsMissingError) as exc:
+        print(f"prepare: {exc}", file=sys.stderr)
+        return 1
+    decoder_state = service.generator.decoder
+    print(f"prepare: {decoder_state.describe()}; later setups with these settings read it "
+          f"(concurrency {settings.concurrency}, folders {', '.join(map(str, settings.prepared_dirs))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
