@@ -52,45 +52,51 @@ class Clip:
         return self.wav.shape[-1] / self.sample_rate
 
 
-def check_size(path: Path) -> None:
+def check_size(path: Path, max_bytes: int = MAX_BYTES, field: str = FIELD) -> None:
     try:
         size = path.stat().st_size
     except OSError as exc:
-        _fail(f"could not be read ({exc.strerror or exc})")
+        _fail(f"could not be read ({exc.strerror or exc})", field)
     if size == 0:
-        _fail("the file is empty")
-    if size > MAX_BYTES:
-        _fail(f"the file is {size / 2**20:.0f} MB; the limit is {MAX_BYTES / 2**20:.0f} MB")
+        _fail("the file is empty", field)
+    if size > max_bytes:
+        _fail(f"the file is {size / 2**20:.0f} MB; the limit is {max_bytes / 2**20:.0f} MB", field)
 
 
 def load(path: tp.Union[str, Path], sample_rate: int, channels: int, start: float = 0.0,
-         end: tp.Optional[float] = None) -> Clip:
+         end: tp.Optional[float] = None, max_bytes: int = MAX_BYTES, max_seconds: float = MAX_SECONDS,
+         field: str = FIELD) -> Clip:
     """Decode ``path`` from ``start`` to ``end`` seconds (None: to the end) as float32
     ``[channels, samples]`` at ``sample_rate``.
 
-    Raises InputError for a missing, empty, oversized, too long, damaged or non-audio file, or a
-    ``start`` at or past the end of the audio (the message gives the clip's real length).
+    Raises InputError (naming ``field``) for a missing, empty, oversized (``max_bytes``), too long
+    (``max_seconds``), damaged or non-audio file, or a ``start`` at or past the end of the audio (the
+    message gives the clip's real length). Training datasets use their own limits and field.
     """
     import av
     import torch
 
     path = Path(path)
-    check_size(path)
+    check_size(path, max_bytes, field)
+
+    def fail(rule: str, f: str = field) -> tp.NoReturn:
+        raise InputError([(f, rule)])
+
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.error.FFmpegError as exc:
-        _fail(f"could not be read as audio (wav, mp3, flac, ogg, opus or m4a expected): {_reason(exc)}")
+        fail(f"could not be read as audio (wav, mp3, flac, ogg, opus or m4a expected): {_reason(exc)}")
     with container:
         if not container.streams.audio:
-            _fail("could not be read as audio: the file holds no audio stream")
+            fail("could not be read as audio: the file holds no audio stream")
         stream = container.streams.audio[0]
         declared = _declared_seconds(path, container, stream)
-        if declared is not None and declared > MAX_SECONDS:
-            _fail(f"is {declared / 60:.1f} minutes long; the limit is {MAX_SECONDS / 60:.0f} minutes")
+        if declared is not None and declared > max_seconds:
+            fail(f"is {declared / 60:.1f} minutes long; the limit is {max_seconds / 60:.0f} minutes")
         resampler = av.AudioResampler(format="flt", rate=sample_rate)  # keeps the source layout
         first = int(round(start * sample_rate))
         last = None if end is None else int(round(end * sample_rate))
-        limit = int(MAX_SECONDS * sample_rate)
+        limit = int(max_seconds * sample_rate)
         chunks: tp.List[tp.Any] = []
         decoded = 0  # samples at sample_rate since the start of the file
         reached_end = True
@@ -100,7 +106,7 @@ def load(path: tp.Union[str, Path], sample_rate: int, channels: int, start: floa
                 for out in resampler.resample(frame):
                     decoded = _keep(out, chunks, decoded, first, last, channels)
                 if decoded > limit:
-                    _fail(f"is longer than {MAX_SECONDS / 60:.0f} minutes, the limit")
+                    fail(f"is longer than {max_seconds / 60:.0f} minutes, the limit")
                 if last is not None and decoded >= last:
                     reached_end = False
                     break
@@ -108,18 +114,18 @@ def load(path: tp.Union[str, Path], sample_rate: int, channels: int, start: floa
                 for out in resampler.resample(None):
                     decoded = _keep(out, chunks, decoded, first, last, channels)
         except av.error.FFmpegError as exc:
-            _fail(f"is damaged or truncated: decoding failed after {decoded / sample_rate:.1f} s "
+            fail(f"is damaged or truncated: decoding failed after {decoded / sample_rate:.1f} s "
                   f"({_reason(exc)})")
         file_format = container.format.name
 
     if decoded == 0:
-        _fail("contains no audio samples")
+        fail("contains no audio samples")
     total = decoded / sample_rate
     if (reached_end and declared is not None and file_format not in _ESTIMATED_DURATION_FORMATS
             and total < declared - max(_TRUNCATION_TOLERANCE, 0.02 * declared)):
-        _fail(f"is truncated: its header says {declared:.1f} s but only {total:.1f} s could be decoded")
+        fail(f"is truncated: its header says {declared:.1f} s but only {total:.1f} s could be decoded")
     if first >= decoded:
-        _fail(f"is {total:.1f} s long, so continuation_start ({start:g} s) is past its end",
+        fail(f"is {total:.1f} s long, so continuation_start ({start:g} s) is past its end",
               "continuation_start")
     wav = torch.cat(chunks, dim=1)
     return Clip(wav=wav, sample_rate=sample_rate, start=first / sample_rate,

@@ -1,0 +1,231 @@
+"""A trained file: what it holds, where it comes from, and how it becomes the served model.
+
+**What it holds.** One safetensors file (``*.safetensors``) that a user can store and pass around:
+
+- ``method: lora``: for each adapted matrix ``<parameter>``, ``<parameter>.lora_A`` [rank, in] and
+  ``<parameter>.lora_B`` [out, rank] in fp16; the update is ``scale * B @ A`` (see
+  :mod:`.training.adapters`), with ``scale = alpha / rank``;
+- ``method: full``: every LM parameter (the ``best_state`` of an audiocraft checkpoint) in fp16;
+
+and, in the file's metadata (the safetensors header's string map), ``musicgen_manifest``: JSON with
+``format`` (:data:`FORMAT`), ``base_model`` and ``base_checkpoint`` (the identity of the base's LM
+checkpoint: :func:`.weights.checkpoint_identity`), ``method``, ``rank``, ``alpha``, ``targets``, the
+training settings, a dataset summary, the final loss and when it was made.
+
+**Where it comes from** (:func:`resolve`): ``setup(weights=...)`` (Cog passes ``COG_WEIGHTS``, a path
+or a URL, to a trained version) or ``MUSICGEN_TRAINED`` (a file, or a folder holding one). A URL is
+downloaded into ``<prepared folder>/trained/`` under the sha256 of its content, never under its
+name: two trained versions with the same file name are two files. The URL's ``ETag``, when the
+server gives one, lets a later setup ask ``If-None-Match`` and reuse the stored file on ``304``; any
+other answer is downloaded again and stored by its own hash.
+
+**How it is served** (:func:`apply`): the file must name the served base model (``MUSICGEN_MODEL``)
+and that model's checkpoint identity; another base is refused with a message naming both. A LoRA is
+merged into the LM's weights before the decoder prepares them (``W += scale * B @ A``, in fp32, then
+the parameter's dtype), so every decoder (``exact``, ``auto`` with its int8 formats, CUDA graphs) and
+batching serve it unchanged; a full fine-tune replaces the LM's parameters. The prepared-decoder
+cache keys its entries by the trained file's identity too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import typing as tp
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .logs import get_logger
+
+log = get_logger()
+
+FORMAT = "musicgen-cog-trained/1"
+MANIFEST_KEY = "musicgen_manifest"
+SUFFIX = ".safetensors"
+
+
+class TrainedError(ValueError):
+    """A trained file that cannot be served here (the message says why and what to do)."""
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def write(path: Path, tensors: tp.Mapping[str, tp.Any], manifest: tp.Mapping[str, tp.Any]) -> Path:
+    """Write the trained file atomically (a temporary name, then a rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    manifest = {"format": FORMAT, **manifest}
+    tmp = path.with_name(f".{path.name}.partial")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={MANIFEST_KEY: json.dumps(manifest)})
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+class Trained:
+    """A trained file, opened: its manifest, and its tensors read (memory-mapped) on demand."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = f.metadata() or {}
+                self.names = list(f.keys())
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise TrainedError(f"{self.path} is not a safetensors file ({type(exc).__name__}: {exc})") from None
+        try:
+            self.manifest = json.loads(meta[MANIFEST_KEY])
+        except (KeyError, ValueError):
+            raise TrainedError(f"{self.path} has no MusicGen training manifest: it was not written by "
+                               "this project's trainer (script/train, cog train)") from None
+        if self.manifest.get("format") != FORMAT:
+            raise TrainedError(f"{self.path} is a trained file of format {self.manifest.get('format')!r}; "
+                               f"this service reads {FORMAT!r}")
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]
+
+    @property
+    def base_model(self) -> str:
+        return self.manifest["base_model"]
+
+    def tensors(self) -> tp.Dict[str, tp.Any]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.path))
+
+    def identity(self) -> tp.Dict[str, tp.Any]:
+        return {"sha256": sha256_of(self.path), "size": self.path.stat().st_size}
+
+    def describe(self) -> str:
+        m = self.manifest
+        what = f"LoRA rank {m.get('rank')}" if self.method == "lora" else "full fine-tune"
+        return (f"{self.path.name}: {what} of {self.base_model}, {m.get('training', {}).get('steps', '?')} steps, "
+                f"final loss {m.get('final_loss', float('nan')):.3f}")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ where from
+
+def resolve(source: tp.Union[str, Path], cache_dir: Path) -> Path:
+    """The local trained file for ``source``: a file, a folder holding exactly one ``*.safetensors``,
+    or an http(s) URL (downloaded into ``cache_dir`` by content)."""
+    text = str(source)
+    if text.startswith(("http://", "https://")):
+        return _download(text, Path(cache_dir))
+    path = Path(text).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob(f"*{SUFFIX}"))
+        if len(found) != 1:
+            raise TrainedError(f"the trained weights folder {path} holds {len(found)} {SUFFIX} files; "
+                               "it must hold exactly one")
+        path = found[0]
+    if not path.is_file():
+        raise TrainedError(f"trained weights {path}: no such file")
+    return path
+
+
+def _download(url: str, cache_dir: Path) -> Path:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    index_path = cache_dir / "urls.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    known = index.get(url)
+    headers = {}
+    if known and known.get("etag") and (cache_dir / known["file"]).is_file():
+        headers["If-None-Match"] = known["etag"]
+    request = urllib.request.Request(url, headers=headers)
+    start = time.perf_counter()
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 304 and known:
+            log.info("trained weights: %s unchanged (ETag), using the stored %s", url, known["file"])
+            return cache_dir / known["file"]
+        raise TrainedError(f"trained weights: {url} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrainedError(f"trained weights: cannot download {url}: {getattr(exc, 'reason', exc)}") from None
+    h = hashlib.sha256()
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=".download-")
+    try:
+        with response, os.fdopen(fd, "wb") as out:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                h.update(block)
+                out.write(block)
+            etag = response.headers.get("ETag")
+        name = f"{h.hexdigest()}{SUFFIX}"
+        os.replace(tmp_name, cache_dir / name)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    index[url] = {"file": name, "etag": etag}
+    tmp_index = index_path.with_name(f".urls-{os.getpid()}.json")
+    tmp_index.write_text(json.dumps(index, indent=1))
+    os.replace(tmp_index, index_path)
+    log.info("trained weights: downloaded %s (%.1f MB) in %.2f s, stored as %s", url,
+             (cache_dir / name).stat().st_size / 1e6, time.perf_counter() - start, name)
+    return cache_dir / name
+
+
+# ------------------------------------------------------------------------------------------ serving
+
+def check_base(trained: Trained, model: str, checkpoint: tp.Mapping[str, tp.Any]) -> None:
+    """Refuse a file trained on another base than the served ``model`` (id and checkpoint)."""
+    base, base_ckpt = trained.base_model, trained.manifest.get("base_checkpoint")
+    if base != model:
+        raise TrainedError(f"{trained.path.name} was trained on {base}, but this service serves {model}: "
+                           f"set MUSICGEN_MODEL={base} (with its weights in the weights folder) to serve it")
+    if base_ckpt and dict(base_ckpt) != dict(checkpoint):
+        raise TrainedError(f"{trained.path.name} was trained on {base} with checkpoint {_short(base_ckpt)}, "
+                           f"but the weights folder's {model} is checkpoint {_short(checkpoint)}: another "
+                           "release of the model; train again on this one")
+
+
+def _short(identity: tp.Mapping[str, tp.Any]) -> str:
+    value = identity.get("sha256") or identity.get("sampled_sha256") or "?"
+    return f"{value[:12]} ({identity.get('size', '?')} bytes)"
+
+
+def apply(trained: Trained, lm: tp.Any) -> None:
+    """Put the trained weights into ``lm`` (before any decoder prepares it)."""
+    import torch
+
+    start = time.perf_counter()
+    tensors = trained.tensors()
+    params = dict(lm.named_parameters())
+    with torch.no_grad():
+        if trained.method == "full":
+            missing = sorted(set(params) - set(tensors))
+            unexpected = sorted(set(tensors) - set(params))
+            if missing or unexpected:
+                raise TrainedError(f"{trained.path.name} does not fit this LM: missing {missing[:3]}, "
+                                   f"unexpected {unexpected[:3]}")
+            for name, p in params.items():
+                if p.numel():  # (empty: a prepared decoder holds it, made from these weights)
+                    p.copy_(tensors[name].to(p.dtype))
+        elif trained.method == "lora":
+            from .training.adapters import merge_into
+
+            merge_into(lm, tensors, trained.manifest)
+        else:
+            raise TrainedError(f"{trained.path.name}: unknown method {trained.method!r}")
+    log.info("trained weights: %s applied in %.2f s", trained.describe(), time.perf_counter() - start)

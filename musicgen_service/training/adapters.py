@@ -1,0 +1,125 @@
+"""LoRA adapters on MusicGen's LM: which matrices, how they are attached, saved and merged.
+
+Targets (:func:`targets`): in every transformer layer the self-attention's fused q/k/v projection
+``self_attn.in_proj_weight`` (a bare ``nn.Parameter`` that audiocraft multiplies with
+``F.linear``, not an ``nn.Linear``), its output projection, the cross-attention's (text models:
+its keys/values read the text) and the feed-forward ``linear1`` / ``linear2``; and the ``K`` output
+heads ``linears.k`` (they map the transformer's state to each codebook's distribution, where a
+style shows first). Embeddings, norms and the conditioners' projections stay frozen.
+
+Mechanism: a :class:`LoRA` parametrization (``torch.nn.utils.parametrize``) on each target weight,
+so that reading the weight gives ``W + scale * B @ A`` with ``B`` starting at zero (the adapted model
+starts as the base) and ``scale = alpha / rank``. One mechanism for ``nn.Linear`` weights and bare
+Parameters alike, with audiocraft's modules left as they are. ``peft`` was considered: its LoRA
+layers wrap ``nn.Linear`` modules, and a bare Parameter needs its ``target_parameters`` (0.17+),
+itself a parametrization; one small class does both here, without another dependency pinned against
+this torch and transformers.
+
+Saved as ``<parameter>.lora_A`` [rank, in] / ``<parameter>.lora_B`` [out, rank] in fp16
+(:mod:`..trained`); merged at serving time into the weights (:func:`merge_into`).
+"""
+from __future__ import annotations
+
+import math
+import re
+import typing as tp
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+TARGETS = re.compile(r"^(transformer\.layers\.\d+\.(self_attn\.in_proj_weight|self_attn\.out_proj\.weight|"
+                     r"cross_attention\.in_proj_weight|cross_attention\.out_proj\.weight|linear1\.weight|"
+                     r"linear2\.weight)|linears\.\d+\.weight)$")
+
+
+class LoRA(nn.Module):
+    """``W -> W + scale * B @ A``; ``A`` [rank, in] Kaiming-uniform (as ``nn.Linear``'s init), ``B``
+    [out, rank] zero. Kept in fp32 whatever the base weight's dtype (the update is cast to it)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float,
+                 generator: torch.Generator, device: tp.Any = None):
+        super().__init__()
+        a = torch.empty(rank, in_features)
+        bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear initialises
+        a.uniform_(-bound, bound, generator=generator)
+        self.A = nn.Parameter(a.to(device))
+        self.B = nn.Parameter(torch.zeros(out_features, rank, device=device))
+        self.scale = alpha / rank
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.B @ self.A).to(weight.dtype) * self.scale
+
+
+def targets(lm: nn.Module) -> tp.List[str]:
+    """The LM's parameter names that LoRA adapts."""
+    return [name for name, _ in lm.named_parameters() if TARGETS.match(name)]
+
+
+def smallest_width(lm: nn.Module) -> int:
+    """The rank a LoRA on this LM cannot exceed: the smallest side of a target matrix."""
+    return min(min(lm.get_parameter(n).shape) for n in targets(lm))
+
+
+def _owner(lm: nn.Module, name: str) -> tp.Tuple[nn.Module, str]:
+    module_name, _, attr = name.rpartition(".")
+    return lm.get_submodule(module_name), attr
+
+
+def attach(lm: nn.Module, rank: int, alpha: float, seed: int) -> tp.Dict[str, LoRA]:
+    """Add a LoRA to every target of ``lm``; everything else is frozen. Returns them by parameter name."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    adapters = {}
+    for name in targets(lm):
+        module, attr = _owner(lm, name)
+        weight = getattr(module, attr)
+        lora = LoRA(weight.shape[0], weight.shape[1], rank, alpha, generator, weight.device)
+        parametrize.register_parametrization(module, attr, lora)
+        adapters[name] = lora
+    return adapters
+
+
+def detach_merged(lm: nn.Module, adapters: tp.Mapping[str, LoRA]) -> None:
+    """Remove the parametrizations, leaving each weight as its merged value (for sampling after
+    training)."""
+    with torch.no_grad():
+        for name in adapters:
+            module, attr = _owner(lm, name)
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+
+
+def state(adapters: tp.Mapping[str, LoRA]) -> tp.Dict[str, torch.Tensor]:
+    """What the trained file stores: ``<parameter>.lora_A`` / ``.lora_B`` in fp16."""
+    out = {}
+    for name, lora in adapters.items():
+        out[f"{name}.lora_A"] = lora.A.detach().to("cpu", torch.float16)
+        out[f"{name}.lora_B"] = lora.B.detach().to("cpu", torch.float16)
+    return out
+
+
+def merge_into(lm: nn.Module, tensors: tp.Mapping[str, torch.Tensor], manifest: tp.Mapping[str, tp.Any]) -> int:
+    """``W += scale * B @ A`` for every adapted weight, in fp32 then the weight's dtype. Weights left
+    empty (a prepared decoder holds them, made from these very weights) are skipped. Returns the
+    number merged."""
+    scale = float(manifest["alpha"]) / int(manifest["rank"])
+    names = sorted(n[: -len(".lora_A")] for n in tensors if n.endswith(".lora_A"))
+    from ..trained import TrainedError
+
+    merged = 0
+    for name in names:
+        try:
+            weight = lm.get_parameter(name)
+        except AttributeError:
+            raise TrainedError(f"the trained file adapts {name}, which this LM does not have") from None
+        if weight.numel() == 0:
+            continue
+        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise TrainedError(f"the trained file's {name} is {b.shape[0]}x{a.shape[1]}, the LM's "
+                               f"{tuple(weight.shape)}")
+        update = (b.to(weight.device) @ a.to(weight.device)) * scale
+        weight.data.copy_((weight.data.float() + update).to(weight.dtype))
+        merged += 1
+    return merged
