@@ -63,6 +63,7 @@ def write(path: Path, tensors: tp.Mapping[str, tp.Any], manifest: tp.Mapping[str
     tmp = path.with_name(f".{path.name}.partial")
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
               metadata={MANIFEST_KEY: json.dumps(manifest)})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 

@@ -1,0 +1,314 @@
+"""One training run, start to end: settings and dataset checked, tokens, training, the trained file.
+
+Order (everything a user can get wrong is refused before the model loads, and nothing is returned
+unless the whole run succeeded):
+
+1. settings (:mod:`.options`; the base model must be in the weights folder: training never downloads);
+2. the dataset unpacked into the run's own folder, its audio found and cut (:mod:`.dataset`);
+3. the base model loaded as the service loads it (:mod:`..loading`); vocals removed if asked (the
+   HTDemucs of the weights folder); codes and condition features computed once (:mod:`.tokens`);
+4. a sample of the base model (the prompt of the first segment, the run's seed);
+5. LoRA attached (:mod:`.adapters`) or every LM weight made trainable; the updates (:mod:`.loop`), in
+   this process, or in one process per GPU when several are visible;
+6. the trained file (:mod:`..trained`), the loss curve, and the same sample from the trained model.
+"""
+from __future__ import annotations
+
+import datetime
+import shutil
+import socket
+import tempfile
+import time
+import typing as tp
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import weights
+from ..errors import InputError
+from ..logs import get_logger
+from ..settings import Settings
+from . import adapters, dataset, loop, tokens
+from .options import Options
+
+log = get_logger()
+
+SAMPLE_SECONDS = 8
+
+
+@dataclass
+class Outputs:
+    weights: Path
+    loss_curve: Path
+    sample_before: tp.Optional[Path]
+    sample_after: tp.Optional[Path]
+    manifest: tp.Dict[str, tp.Any]
+
+
+def model_width(settings: Settings) -> tp.Callable[[str], int]:
+    """For :func:`.options.parse`: the narrowest adapted matrix of a base model, read from its
+    checkpoint's config; InputError (``base_model``) when the model or its conditioners are not in
+    the weights folder."""
+    def width(base: str) -> int:
+        try:
+            folder = weights.musicgen_folder(settings.weights_dir, base)
+            cfg = weights.read_lm_config(folder / weights.LM_FILE)
+            weights.require(settings.weights_dir, weights.conditioner_files(cfg), f"the model {base}")
+        except weights.WeightsMissingError as exc:
+            raise InputError([("base_model", f"{base} is not in the weights folder; training never downloads: "
+                                             f"{exc}")]) from None
+        return int(min(cfg.transformer_lm.dim, cfg.transformer_lm.card))
+    return width
+
+
+def require_demucs(settings: Settings) -> None:
+    try:
+        weights.require(settings.weights_dir, [weights.HubFile(weights.DEMUCS_REPO, f) for f in weights.DEMUCS_FILES],
+                        "drop_vocals")
+    except weights.WeightsMissingError as exc:
+        raise InputError([("drop_vocals", f"needs HTDemucs in the weights folder: {exc}")]) from None
+
+
+def prepare_dataset(path: Path, folder: Path, sample_rate: int, channels: int, window: float,
+                    cancelled: tp.Callable[[], bool]) -> tp.Tuple[tp.List[dataset.Segment], tp.Dict[str, tp.Any]]:
+    start = time.perf_counter()
+    root = dataset.unpack(path, folder)
+    found = dataset.collect(root)
+    if not found.audio:
+        listed = ", ".join(name for name, _ in found.skipped[:5]) or "nothing"
+        raise InputError([(dataset.FIELD, f"holds no audio file (wav, mp3, flac, ogg, opus, m4a...; found {listed})")])
+    segs = dataset.segments(root, found, sample_rate, channels, window, cancelled)
+    dataset.describe_skipped(found)
+    if not segs:
+        raise InputError([(dataset.FIELD, f"no usable audio: every file is shorter than "
+                                          f"{dataset.MIN_SEGMENT_SECONDS:g} s or could not be decoded "
+                                          f"({'; '.join(f'{n}: {w}' for n, w in found.skipped[:5])})")])
+    summary = dataset.summary(found, segs, sample_rate)
+    log.info("dataset: %d segments (%.0f s) from %d file(s), %d captioned, %d file(s) skipped; prepared in %.1f s",
+             summary["segments"], summary["seconds"], summary["audio_files"], summary["captioned_segments"],
+             len(found.skipped), time.perf_counter() - start)
+    return segs, summary
+
+
+def _melody_conditioner(model: tp.Any) -> tp.Any:
+    conditioners = model.lm.condition_provider.conditioners
+    return conditioners[tokens.MELODY] if tokens.MELODY in conditioners else None
+
+
+def remove_vocals(model: tp.Any, segs: tp.Sequence[dataset.Segment]) -> None:
+    """Replace each segment by its mix without the vocals stem (HTDemucs: drums + bass + other)."""
+    from demucs import pretrained
+    from demucs.apply import apply_model
+    from demucs.audio import convert_audio
+
+    start = time.perf_counter()
+    melody = _melody_conditioner(model)
+    demucs = melody.demucs if melody is not None else pretrained.get_model("htdemucs").to(model.device)
+    keep = [i for i, name in enumerate(demucs.sources) if name != "vocals"]
+    for s in segs:
+        wav = convert_audio(s.wav[None].to(model.device), model.sample_rate, demucs.samplerate, demucs.audio_channels)
+        with torch.no_grad():
+            stems = apply_model(demucs, wav, device=model.device)
+        mix = stems[:, keep].sum(1)
+        s.wav = convert_audio(mix, demucs.samplerate, model.sample_rate, model.audio_channels)[0].cpu()
+    log.info("removed vocals from %d segments in %.1f s", len(segs), time.perf_counter() - start)
+
+
+def sample(model: tp.Any, prompt: str, seed: int, seconds: int, folder: Path, name: str) -> Path:
+    """``seconds`` of the model's music for ``prompt`` with ``seed``, as the service makes it."""
+    from .. import audio_out
+    from ..generate import Generator
+    from ..request import Capabilities, parse_request
+
+    mode = "fp16" if str(model.device).startswith("cuda") else "exact"
+    generator = Generator(model, mode)
+    caps = Capabilities(max_duration=max(seconds, 1), card=model.lm.card)
+    wav = generator.generate(parse_request(caps, prompt=prompt or "music", duration=seconds, seed=seed)).wav
+    wav = audio_out.normalize(wav, model.sample_rate, "loudness")
+    return audio_out.write(wav, model.sample_rate, "wav", folder, stem=name)
+
+
+def loss_curve(history: loop.History, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    steps = range(1, len(history.losses) + 1)
+    ax.plot(steps, history.losses, lw=1, color="#1f77b4", label="loss per update")
+    if len(history.losses) >= 5:
+        k = max(2, len(history.losses) // 10)
+        smooth = [sum(history.losses[max(0, i - k + 1):i + 1]) / len(history.losses[max(0, i - k + 1):i + 1])
+                  for i in range(len(history.losses))]
+        ax.plot(steps, smooth, lw=2, color="#d62728", label=f"mean of {k}")
+    ax.set_xlabel("update")
+    ax.set_ylabel("cross-entropy (nats, mean over codebooks)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(settings: Settings, base: str, device: str) -> tp.Any:
+    from .. import loading
+
+    return loading.load_musicgen(Settings(weights_dir=settings.weights_dir, model=base, device=device, mbd="off",
+                                          decoder="exact", prepared_off=True), device)
+
+
+def _prepare_for_training(model: tp.Any, o: Options, seed: int) -> tp.Tuple[tp.List[torch.nn.Parameter], tp.Dict[str, adapters.LoRA]]:
+    """LoRA attached (frozen base) or every LM weight trainable; the trainable parameters."""
+    lm = model.lm
+    cuda = str(model.device).startswith("cuda")
+    if o.method == "lora":
+        if cuda and torch.cuda.is_bf16_supported():
+            lm.to(torch.bfloat16)  # the frozen base in bf16; the adapters stay fp32
+        loras = adapters.attach(lm, o.lora_rank, o.lora_alpha, seed)
+        params = [p for lora in loras.values() for p in (lora.A, lora.B)]
+        return params, loras
+    lm.float()  # full: fp32 weights (bf16 autocast computes on GPUs)
+    for p in lm.parameters():
+        p.requires_grad_(True)
+    return list(lm.parameters()), {}
+
+
+def train_worker(rank: int, world: int, backend: str, port: int, settings: Settings, o: Options,
+                 features_path: str, result_path: str) -> None:
+    """One process of a data-parallel run (``torch.multiprocessing.spawn``)."""
+    import torch.distributed as dist
+
+    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        weights.use_hub_cache(settings.weights_dir)
+        model = _load(settings, o.base_model, device)
+        features = tokens.Features.load(features_path)
+        params, loras = _prepare_for_training(model, o, o.seed)
+        history = loop.train(model.lm, features, o, params, rank=rank, world=world)
+        if rank == 0:
+            state = adapters.state(loras) if loras else {n: p.detach().cpu() for n, p in model.lm.named_parameters()}
+            torch.save({"state": state, "losses": history.losses, "lrs": history.learning_rates,
+                        "seconds": history.seconds, "tokens": history.tokens * world, "last": history.last}, result_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_processes(settings: Settings, o: Options, features: tokens.Features, world: int, backend: str,
+                    work: Path) -> tp.Tuple[tp.Dict[str, torch.Tensor], loop.History]:
+    """The run in ``world`` processes (data parallel); returns what rank 0 kept and its history."""
+    import torch.multiprocessing as mp
+
+    features_path, result_path = work / "features.pt", work / "result.pt"
+    features.save(features_path)
+    mp.spawn(train_worker, args=(world, backend, _free_port(), settings, o, str(features_path), str(result_path)),
+             nprocs=world, join=True)
+    out = torch.load(result_path, weights_only=True)
+    history = loop.History(losses=out["losses"], learning_rates=out["lrs"], seconds=out["seconds"],
+                           tokens=out["tokens"], last=out["last"])
+    return out["state"], history
+
+
+def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, device: tp.Optional[str] = None,
+        sample_seconds: int = SAMPLE_SECONDS, world: tp.Optional[int] = None, backend: tp.Optional[str] = None,
+        cancelled: tp.Callable[[], bool] = lambda: False) -> Outputs:
+    """The whole run (see the module docstring). ``world``: processes (default: the visible GPUs,
+    else 1); ``backend``: their process group's (nccl on GPUs, gloo on CPUs)."""
+    from .. import trained
+
+    start = time.perf_counter()
+    device = device or settings.resolved_device()
+    weights.use_hub_cache(settings.weights_dir)
+    if o.drop_vocals:
+        require_demucs(settings)
+    cfg = weights.read_lm_config(weights.musicgen_folder(settings.weights_dir, o.base_model) / weights.LM_FILE)
+    # the model's rate, channels and training window, from its checkpoint's config (not loaded yet)
+    sample_rate, channels, window = int(cfg.sample_rate), int(cfg.get("channels", 1)), float(cfg.dataset.segment_duration)
+    work = Path(tempfile.mkdtemp(prefix="musicgen-train-", dir=out_dir))
+    try:
+        return _run(dataset_path, o, settings, out_dir, device, sample_seconds, world, backend, cancelled,
+                    work, sample_rate, channels, window, start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, device: str, sample_seconds: int,
+         world: tp.Optional[int], backend: tp.Optional[str], cancelled: tp.Callable[[], bool], work: Path,
+         sample_rate: int, channels: int, window: float, start: float) -> Outputs:
+    from .. import trained
+
+    segs, summary = prepare_dataset(Path(dataset_path), work / "dataset", sample_rate, channels, window, cancelled)
+
+    log.info("base model: %s on %s (%s)", o.base_model, device, "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune")
+    model = _load(settings, o.base_model, device)
+    if o.drop_vocals:
+        remove_vocals(model, segs)
+    features = tokens.compute(model, segs, o.caption, cancelled)
+    del segs
+    prompt = features.examples[0].caption
+    before = after = None
+    if sample_seconds:
+        before = sample(model, prompt, o.seed, sample_seconds, out_dir, "sample-before")
+    loss_before = loop.teacher_forced_loss(model.lm, features)
+
+    world = world or (torch.cuda.device_count() if device.startswith("cuda") else 1) or 1
+    if world > 1:
+        backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
+        log.info("data parallel: %d processes (%s)", world, backend)
+        del model
+        torch.cuda.empty_cache() if device.startswith("cuda") else None
+        state, history = train_processes(settings, o, features, world, backend, work)
+        model = _load(settings, o.base_model, device)
+        if o.method == "lora":
+            adapters.merge_into(model.lm, state, {"rank": o.lora_rank, "alpha": o.lora_alpha})
+        else:
+            with torch.no_grad():
+                for name, p in model.lm.named_parameters():
+                    p.copy_(state[name].to(p.dtype))
+    else:
+        params, loras = _prepare_for_training(model, o, o.seed)
+        history = loop.train(model.lm, features, o, params, cancelled=cancelled)
+        state = adapters.state(loras) if loras else None
+        if loras:
+            adapters.detach_merged(model.lm, loras)
+        else:
+            state = {n: p.detach().to("cpu", torch.float16) for n, p in model.lm.named_parameters()}
+    state = {n: t.to(torch.float16) for n, t in state.items()}
+    loss_after = loop.teacher_forced_loss(model.lm, features)
+    log.info("teacher-forced loss on the training set: %.4f before, %.4f after", loss_before, loss_after)
+
+    base_ckpt = weights.checkpoint_identity(weights.musicgen_folder(settings.weights_dir, o.base_model) / weights.LM_FILE)
+    manifest = {
+        "base_model": o.base_model, "base_checkpoint": base_ckpt, "method": o.method,
+        "rank": o.lora_rank if o.method == "lora" else None, "alpha": o.lora_alpha if o.method == "lora" else None,
+        "targets": sorted({n.rsplit(".lora_", 1)[0] for n in state}) if o.method == "lora" else "all LM parameters",
+        "training": {**o.asdict(), "steps": len(history.losses), "world": world, "seconds": round(history.seconds, 1),
+                     "tokens": history.tokens, "device": device},
+        "dataset": summary, "final_loss": history.final_loss, "loss_before": loss_before, "loss_after": loss_after,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    name = f"{o.base_model.rsplit('/', 1)[-1]}-{o.method}.safetensors"
+    path = trained.write(out_dir / name, state, manifest)
+    curve = loss_curve(history, out_dir / "loss-curve.png",
+                       f"{o.base_model}, {o.method}: {len(history.losses)} updates, final loss {history.final_loss:.3f}")
+    if sample_seconds:
+        if o.method == "full":
+            model.lm.to(next(model.lm.parameters()).dtype)
+        after = sample(model, prompt, o.seed, sample_seconds, out_dir, "sample-after")
+    log.info("trained file: %s (%.1f MB) in %.1f s; serve it with MUSICGEN_TRAINED=<file> (and "
+             "MUSICGEN_MODEL=%s), or as COG_WEIGHTS of a trained version", path.name, path.stat().st_size / 1e6,
+             time.perf_counter() - start, o.base_model)
+    return Outputs(weights=path, loss_curve=curve, sample_before=before, sample_after=after, manifest=manifest)
+
