@@ -25,11 +25,13 @@ from cog import BasePredictor, Input, Path
 
 
 class Predictor(BasePredictor):
-    def setup(self) -> None:
+    def setup(self, weights: Optional[Path] = None) -> None:
+        """``weights``: a trained version's weights (Cog passes ``COG_WEIGHTS``: a path or URL of a file
+        made by ``cog train`` / ``script/train``), served on top of the base model."""
         from musicgen_service.service import Service
         from musicgen_service.settings import Settings
 
-        self.service = Service(Settings.from_env())
+        self.service = Service(Settings.from_env(), trained=str(weights) if weights else None)
 
     async def predict(
         self,

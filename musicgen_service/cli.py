@@ -1,12 +1,16 @@
-"""``cog predict`` without Docker: run the Predictor named in cog.yaml from a shell.
+"""``cog predict`` and ``cog train`` without Docker: run the Predictor or the train function named in
+cog.yaml from a shell.
 
     script/predict -i prompt="lo-fi beat" -i duration=8
     script/predict -i input_audio=@melody.mp3 -i prompt="jazz piano" -o jazz.wav
+    script/train -i dataset=@my-music.zip -i caption="in the style of my band" -o trained/
 
 Inputs are given as ``-i name=value`` (``@path`` for a file), converted to the
-types ``predict()`` declares, and unknown names are refused. The output is
+types ``predict()`` / ``train()`` declare, and unknown names are refused. A prediction's output is
 copied to ``output.<ext>`` (or ``-o``) and its path printed, as ``cog predict``
-does. The Predictor is loaded the way Cog loads it, from cog.yaml's ``predict``.
+does; a training's files (the trained weights, the loss curve, the samples) are copied into the
+folder ``-o`` (default ``trained/``). Both are loaded the way Cog loads them, from cog.yaml's
+``predict`` / ``train``.
 """
 from __future__ import annotations
 
@@ -25,16 +29,23 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def load_predictor(project: Path = PROJECT_ROOT) -> tp.Any:
+def load_entry(kind: str = "predict", project: Path = PROJECT_ROOT) -> tp.Any:
+    """cog.yaml's ``predict`` (an instance of the Predictor) or ``train`` (the function)."""
     import yaml
 
     config = yaml.safe_load((project / "cog.yaml").read_text())
-    file_name, class_name = config["predict"].split(":")
-    spec = importlib.util.spec_from_file_location("predict", project / file_name)
+    file_name, name = config[kind].split(":")
+    module_name = Path(file_name).stem
+    spec = importlib.util.spec_from_file_location(module_name, project / file_name)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["predict"] = module
+    sys.modules[module_name] = module
     spec.loader.exec_module(module)
-    return getattr(module, class_name)()
+    entry = getattr(module, name)
+    return entry() if kind == "predict" else entry
+
+
+def load_predictor(project: Path = PROJECT_ROOT) -> tp.Any:
+    return load_entry("predict", project)
 
 
 def _base_type(annotation: tp.Any) -> tp.Any:
@@ -82,7 +93,40 @@ def parse_inputs(pairs: tp.Sequence[str], predict: tp.Callable[..., tp.Any]) -> 
     return inputs
 
 
+def train_main(argv: tp.Sequence[str]) -> int:
+    """``script/train``."""
+    parser = argparse.ArgumentParser(prog="script/train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
+                        help="an input of train(); @path for a file; repeat for each input")
+    parser.add_argument("-o", "--output", type=Path, default=Path.cwd() / "trained",
+                        help="the folder the trained files are copied into (default: ./trained)")
+    args = parser.parse_args(argv)
+
+    from .errors import InputError
+    from .settings import SettingsError
+    from .weights import WeightsMissingError
+
+    train = load_entry("train")
+    inputs = parse_inputs(args.input, train)
+    try:
+        result = train(**inputs)
+    except (InputError, SettingsError, WeightsMissingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    for name, value in vars(result).items():
+        if value is not None:
+            target = args.output / Path(value).name
+            shutil.copyfile(value, target)
+            print(f"{name}: {target}")
+    return 0
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="script/predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
@@ -93,13 +137,14 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     from .errors import InputError
     from .settings import SettingsError
+    from .trained import TrainedError
     from .weights import WeightsMissingError
 
     predictor = load_predictor()
     inputs = parse_inputs(args.input, predictor.predict)
     try:
         predictor.setup()
-    except (SettingsError, WeightsMissingError) as exc:  # a setting or the weights folder: one line
+    except (SettingsError, WeightsMissingError, TrainedError) as exc:  # a setting, the weights: one line
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:

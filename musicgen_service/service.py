@@ -28,9 +28,12 @@ log = get_logger()
 
 
 class Service:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, trained: tp.Optional[str] = None):
+        """``trained``: a trained file, a folder holding one, or its URL, served on top of the model
+        (``setup(weights=...)``; None: ``settings.trained``, MUSICGEN_TRAINED)."""
         start = time.perf_counter()
         self.settings = settings
+        self.trained_source = trained or settings.trained
         # every torch call of the service runs in this one thread, setup's too (why: .compute)
         self.compute = compute.shared()
         self.compute.call(self._load, settings)
@@ -52,12 +55,17 @@ class Service:
         with timed("imported torch", log):
             import torch  # noqa: F401
         rows = 2 * settings.concurrency
-        cache, key = self._prepared_cache(settings, device, rows)
+        self.trained = self._trained(settings)  # checked against the model before anything loads
+        cache, key = self._prepared_cache(settings, device, rows, self.trained)
         # a prepared decoder's files are read and hashed in the background while audiocraft imports;
         # loading then leaves the LM matrices it holds unread
         pending = cache.start(key) if cache is not None else None
         self.model = loading.load_musicgen(settings, device, skip=pending.skips if pending else None)
         entry = pending.entry() if pending else None
+        if self.trained is not None:
+            from . import trained
+
+            trained.apply(self.trained, self.model.lm)
         self.mbd = loading.MBDSource(settings, device)
         self.generator = Generator(self.model, settings.decoder, rows=rows, prepared=entry)
         if cache is not None and entry is None and self.generator.decoder.runner is not None:
@@ -72,10 +80,33 @@ class Service:
         self.scheduler = Scheduler(self.generator, settings.concurrency, self.compute)
         log.info("concurrency: %d; %s", settings.concurrency, self.scheduler.describe())
 
+    def _trained(self, settings: Settings) -> tp.Any:
+        """The trained file to serve (None: none), resolved (a URL is downloaded, by content) and
+        checked against the served model: another base is refused here, before any model loads."""
+        if not self.trained_source:
+            return None
+        from . import trained, weights
+
+        path = None
+        for folder in settings.trained_dirs:  # downloads go to the first folder that can be written
+            try:
+                path = trained.resolve(self.trained_source, folder)
+                break
+            except OSError as exc:
+                log.info("trained weights: cannot use %s (%s)", folder, exc.strerror or exc)
+        if path is None:
+            raise trained.TrainedError(f"trained weights: no writable folder to download into "
+                                       f"({', '.join(map(str, settings.trained_dirs))})")
+        t = trained.Trained(path)
+        checkpoint = weights.musicgen_folder(settings.weights_dir, settings.model) / weights.LM_FILE
+        trained.check_base(t, settings.model, weights.checkpoint_identity(checkpoint))
+        log.info("trained weights: %s", t.describe())
+        return t
+
     @staticmethod
-    def _prepared_cache(settings: Settings, device: str, rows: int) -> tp.Tuple[tp.Any, tp.Any]:
+    def _prepared_cache(settings: Settings, device: str, rows: int, trained: tp.Any = None) -> tp.Tuple[tp.Any, tp.Any]:
         """The prepared-decoder cache for this setup and its key (None, None where setups do not use
-        one: GPUs, exact, stock, MUSICGEN_PREPARED=off)."""
+        one: GPUs, exact, stock, MUSICGEN_PREPARED=off); a trained file's identity is part of the key."""
         from . import weights
         from .decoding import ALIASES, prepared
 
@@ -83,8 +114,9 @@ class Service:
         if not prepared.applies(decoder, device) or not settings.prepared_dirs:
             return None, None
         checkpoint = weights.musicgen_folder(settings.weights_dir, settings.model) / weights.LM_FILE
+        adapter = None if trained is None else weights.checkpoint_identity(trained.path)
         return prepared.Cache(settings.prepared_dirs), prepared.key(weights.checkpoint_identity(checkpoint),
-                                                                    decoder, rows)
+                                                                    decoder, rows, adapter)
 
     def _warm_up(self) -> None:
         """One short generation at setup, on GPUs: the first use of each CUDA kernel (module loading,

@@ -14,6 +14,7 @@ environment at all.
 | ``COG_MAX_CONCURRENCY``    | ``1``                                    | predictions in flight at once (Cog sets it from cog.yaml's ``concurrency.max``); up to this many share decoding steps |
 | ``MUSICGEN_DECODER``       | ``auto``                                 | LM decoding: ``auto`` (``fast``), ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock`` (see ``decoding``) |
 | ``MUSICGEN_PREPARED``      | ``<weights>/prepared``                   | where CPU setups keep prepared decoders (``decoding.prepared``); ``off``: never. Unwritable: ``$XDG_CACHE_HOME/musicgen/prepared`` (``~/.cache``) is used |
+| ``MUSICGEN_TRAINED``       | none                                     | a trained file (or a folder holding one) to serve on top of ``MUSICGEN_MODEL`` (``trained``); ``setup(weights=...)``, Cog's ``COG_WEIGHTS``, wins over it. Downloads go to ``<weights>/trained`` (else ``$XDG_CACHE_HOME/musicgen/trained``) |
 """
 from __future__ import annotations
 
@@ -45,8 +46,9 @@ class Settings:
     decoder: str = DEFAULT_DECODER
     concurrency: int = 1
     prepared: tp.Optional[Path] = None  # None: <weights_dir>/prepared
-    prepared_fallback: tp.Optional[Path] = None  # a writable place when that one is not
     prepared_off: bool = False
+    cache_home: tp.Optional[Path] = None  # $XDG_CACHE_HOME: the writable place when the weights' folder is not
+    trained: tp.Optional[str] = None  # a trained file, folder or URL
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -76,7 +78,8 @@ class Settings:
         return cls(
             prepared=None if prepared in (None, "off") else Path(prepared).expanduser().absolute(),
             prepared_off=prepared == "off",
-            prepared_fallback=cache_home / "musicgen" / "prepared",
+            cache_home=cache_home,
+            trained=env.get("MUSICGEN_TRAINED") or None,
             weights_dir=weights,
             model=env.get("MUSICGEN_MODEL") or DEFAULT_MODEL,
             device=env.get("MUSICGEN_DEVICE") or "auto",
@@ -91,9 +94,17 @@ class Settings:
         """Where prepared decoders are read from and written to, in order (empty: never)."""
         if self.prepared_off:
             return []
-        dirs = [self.prepared or self.weights_dir / "prepared"]
-        if self.prepared_fallback is not None and self.prepared_fallback != dirs[0]:
-            dirs.append(self.prepared_fallback)
+        return self._with_fallback(self.prepared or self.weights_dir / "prepared", "prepared")
+
+    @property
+    def trained_dirs(self) -> tp.List[Path]:
+        """Where downloaded trained files are kept, in order of preference."""
+        return self._with_fallback(self.weights_dir / "trained", "trained")
+
+    def _with_fallback(self, first: Path, name: str) -> tp.List[Path]:
+        dirs = [first]
+        if self.cache_home is not None and self.cache_home / "musicgen" / name != first:
+            dirs.append(self.cache_home / "musicgen" / name)
         return dirs
 
     def resolved_device(self) -> str:

@@ -128,11 +128,11 @@ def test_an_unwritable_folder_falls_back_to_the_next(tiny_weights, tmp_path, cap
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o500)
-    fallback = tmp_path / "fallback"
-    svc = make_service(tiny_weights, MONO_TEXT, decoder=FORMAT, prepared=locked, prepared_fallback=fallback)
+    fallback = tmp_path / "cache" / "musicgen" / "prepared"
+    svc = make_service(tiny_weights, MONO_TEXT, decoder=FORMAT, prepared=locked, cache_home=tmp_path / "cache")
     assert f"cannot write into {locked}" in capsys.readouterr().out
     assert len(entries(fallback)) == 1
-    again = make_service(tiny_weights, MONO_TEXT, decoder=FORMAT, prepared=locked, prepared_fallback=fallback)
+    again = make_service(tiny_weights, MONO_TEXT, decoder=FORMAT, prepared=locked, cache_home=tmp_path / "cache")
     assert again.generator.decoder.prepared is not None
     assert torch.equal(tokens(again), tokens(svc))
 

@@ -1,0 +1,33 @@
+"""A training as ``train.py`` (Cog) and ``script/train`` start it: settings from the environment,
+inputs checked, a fresh output folder, the run; nothing is returned unless it all succeeded."""
+from __future__ import annotations
+
+import shutil
+import typing as tp
+from pathlib import Path
+
+from ..logs import get_logger
+
+log = get_logger()
+
+
+def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, sample_seconds: tp.Optional[int] = None,
+          **inputs: tp.Any) -> tp.Any:
+    from .. import outputs
+    from ..settings import Settings
+    from . import options, run
+
+    settings = Settings.from_env()
+    o = options.parse(base_model=base_model, default_model=settings.model,
+                      model_width=run.model_width(settings), **inputs)
+    log.info("training %s (%s) with seed %d: %s", o.base_model, o.method, o.seed,
+             ", ".join(f"{k}={v}" for k, v in o.asdict().items() if k not in ("base_model", "method", "seed")))
+    outputs.remove_expired()
+    outputs.remove_all_at_exit()
+    folder = outputs.fresh_folder()  # (kept after the run, until Cog has uploaded its files)
+    try:
+        return run.run(Path(dataset), o, settings, folder,
+                       sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # no partial weights
+        raise
