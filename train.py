@@ -3,7 +3,13 @@ nothing else of substance. The work happens in ``musicgen_service.training`` (st
 ``training/run.py``); every input is checked there, with a message naming it, before any training.
 
 As predict.py, every ``Input()`` argument is a plain literal (Cog's static schema parser reads them).
+``train`` is async because the image's ``COG_MAX_CONCURRENCY`` (cog.yaml's ``concurrency.max``)
+applies to the training server too, and coglet refuses a sync function above 1: the work runs in a
+thread, one training at a time per process (others wait their turn), and a cancel stops it within
+an update.
 """
+import asyncio
+import threading
 from typing import Optional
 
 from cog import BaseModel, Input, Path
@@ -16,7 +22,7 @@ class TrainingOutput(BaseModel):
     sample_after: Optional[Path] = None
 
 
-def train(
+async def train(
     dataset: Path = Input(
         description="Your music: a zip or tar (.tar, .tar.gz) archive of audio files (wav, mp3, flac, ogg, opus, m4a...) in any folders, or one audio file. A same-name .txt beside an audio file is its caption. Long files are cut into 30 s segments; shorter ones train at their own length."),
     base_model: Optional[str] = Input(
@@ -50,11 +56,17 @@ def train(
 ) -> TrainingOutput:
     from musicgen_service.training.entry import train as run_training
 
-    out = run_training(
-        dataset=dataset, base_model=base_model, method=method, lora_rank=lora_rank, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-        learning_rate=learning_rate, caption=caption, drop_vocals=drop_vocals,
-        gradient_checkpointing=gradient_checkpointing, seed=seed)
+    cancel = threading.Event()
+    try:
+        out = await asyncio.to_thread(
+            run_training, dataset=dataset, base_model=base_model, method=method, lora_rank=lora_rank,
+            epochs=epochs, max_steps=max_steps, batch_size=batch_size,
+            gradient_accumulation=gradient_accumulation, learning_rate=learning_rate, caption=caption,
+            drop_vocals=drop_vocals, gradient_checkpointing=gradient_checkpointing, seed=seed,
+            cancelled=cancel.is_set)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
     return TrainingOutput(weights=Path(out.weights), loss_curve=Path(out.loss_curve),
                           sample_before=Path(out.sample_before) if out.sample_before else None,
                           sample_after=Path(out.sample_after) if out.sample_after else None)

@@ -110,7 +110,7 @@ def train_main(argv: tp.Sequence[str]) -> int:
     train = load_entry("train")
     inputs = parse_inputs(args.input, train)
     try:
-        result = train(**inputs)
+        result = asyncio.run(train(**inputs))  # async, as Cog runs it
     except (InputError, SettingsError, WeightsMissingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

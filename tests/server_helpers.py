@@ -115,13 +115,15 @@ class CogServer:
     """``script/serve`` on a free loopback port, logs to a file."""
 
     def __init__(self, weights: Path, log_path: Path, upload_url: tp.Optional[str] = None,
-                 env: tp.Optional[dict] = None):
+                 env: tp.Optional[dict] = None, train: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         args = [str(ROOT / "script" / "serve"), "--port", str(self.port)]
         if upload_url:
             args += ["--upload-url", upload_url]
+        if train:
+            args += ["--train"]
         environment = {**os.environ, "MUSICGEN_WEIGHTS": str(weights), "MUSICGEN_DEVICE": "cpu",
                        **(env or {})}
         self.log = open(log_path, "wb")
@@ -169,8 +171,19 @@ class CogServer:
                 return response
             time.sleep(0.05)
 
-    def cancel(self, prediction_id: str) -> Response:
-        return request("POST", f"{self.url}/predictions/{prediction_id}/cancel", timeout=10)
+    def train(self, inputs: dict, training_id: tp.Optional[str] = None, asynchronous: bool = False,
+              webhook: tp.Optional[str] = None, timeout: float = 600) -> Response:
+        """One training (POST /trainings, or PUT /trainings/<id>)."""
+        body: tp.Dict[str, tp.Any] = {"input": inputs}
+        if webhook:
+            body["webhook"] = webhook
+        headers = {"Prefer": "respond-async"} if asynchronous else {}
+        if training_id:
+            return request("PUT", f"{self.url}/trainings/{training_id}", body, headers, timeout)
+        return request("POST", f"{self.url}/trainings", body, headers, timeout)
+
+    def cancel(self, prediction_id: str, kind: str = "predictions") -> Response:
+        return request("POST", f"{self.url}/{kind}/{prediction_id}/cancel", timeout=10)
 
     def worker_pids(self) -> tp.List[int]:
         """The server's child processes (its session, minus the server itself)."""

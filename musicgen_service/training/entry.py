@@ -1,18 +1,21 @@
 """A training as ``train.py`` (Cog) and ``script/train`` start it: settings from the environment,
-inputs checked, a fresh output folder, the run; nothing is returned unless it all succeeded."""
+inputs checked, a fresh output folder, the run; nothing is returned unless it all succeeded. One
+training runs at a time in a process (a server may accept several: the others wait)."""
 from __future__ import annotations
 
 import shutil
+import threading
 import typing as tp
 from pathlib import Path
 
 from ..logs import get_logger
 
 log = get_logger()
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, sample_seconds: tp.Optional[int] = None,
-          **inputs: tp.Any) -> tp.Any:
+          cancelled: tp.Callable[[], bool] = lambda: False, **inputs: tp.Any) -> tp.Any:
     from .. import outputs
     from ..settings import Settings
     from . import options, run
@@ -24,10 +27,19 @@ def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, 
              ", ".join(f"{k}={v}" for k, v in o.asdict().items() if k not in ("base_model", "method", "seed")))
     outputs.remove_expired()
     outputs.remove_all_at_exit()
+    if not _ONE_AT_A_TIME.acquire(blocking=False):
+        log.info("another training is running in this process: this one starts when it ends")
+        while not _ONE_AT_A_TIME.acquire(timeout=1.0):
+            if cancelled():
+                from ..errors import Cancelled
+
+                raise Cancelled("training cancelled while waiting")
     folder = outputs.fresh_folder()  # (kept after the run, until Cog has uploaded its files)
     try:
-        return run.run(Path(dataset), o, settings, folder,
+        return run.run(Path(dataset), o, settings, folder, cancelled=cancelled,
                        sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # no partial weights
         raise
+    finally:
+        _ONE_AT_A_TIME.release()

@@ -42,6 +42,7 @@ log = get_logger()
 class History:
     losses: tp.List[float] = field(default_factory=list)  # per update
     learning_rates: tp.List[float] = field(default_factory=list)
+    grad_norms: tp.List[float] = field(default_factory=list)  # before clipping, of the whole update
     seconds: float = 0.0
     tokens: int = 0
 
@@ -74,14 +75,32 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
 
 
 def batch_codes(lm: nn.Module, batch: tp.Sequence[Example], device: tp.Any) -> tp.Tuple[torch.Tensor, torch.Tensor]:
-    """[B, K, T] codes padded with the LM's special token, and the mask of real positions."""
+    """[B, K, T] codes padded with the LM's special token, and the mask of the positions each
+    example would be trained on alone: its own codebook pattern's valid positions (with the delay
+    pattern, codebook k up to T_i - delay_k), so that padding never enters its loss, not even as
+    the context of its last delayed codebooks."""
     length = max(e.codes.shape[-1] for e in batch)
     codes = torch.full((len(batch), batch[0].codes.shape[0], length), lm.special_token_id, dtype=torch.long)
     real = torch.zeros_like(codes, dtype=torch.bool)
+    masks: tp.Dict[int, torch.Tensor] = {}
     for i, e in enumerate(batch):
-        codes[i, :, : e.codes.shape[-1]] = e.codes.long()
-        real[i, :, : e.codes.shape[-1]] = True
+        n = e.codes.shape[-1]
+        codes[i, :, :n] = e.codes.long()
+        if n not in masks:
+            masks[n] = _valid_alone(lm, e.codes.shape[0], n)
+        real[i, :, :n] = masks[n]
     return codes.to(device), real.to(device)
+
+
+def _valid_alone(lm: nn.Module, K: int, length: int) -> torch.Tensor:
+    """[K, length]: the positions ``compute_predictions`` predicts from real context for a sequence
+    of that length (the pattern's own mask)."""
+    pattern = lm.pattern_provider.get_pattern(length)
+    seq, _, _ = pattern.build_pattern_sequence(torch.zeros(1, K, length, dtype=torch.long), lm.special_token_id,
+                                               keep_only_valid_steps=True)
+    _, _, mask = pattern.revert_pattern_logits(torch.zeros(1, 1, K, seq.shape[-1]), float("nan"),
+                                               keep_only_valid_steps=True)
+    return mask.bool()
 
 
 def loss_of(predict: nn.Module, lm: nn.Module, features: Features, batch: tp.Sequence[Example],
@@ -193,7 +212,7 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
                 history.tokens += sum(chosen[i].codes.numel() for i in idx)
             if not math.isfinite(loss_sum):
                 raise RuntimeError(f"the loss became {loss_sum} at update {step + 1}: lower the learning rate")
-            torch.nn.utils.clip_grad_norm_(trainable, opts.MAX_GRAD_NORM)
+            history.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, opts.MAX_GRAD_NORM)))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

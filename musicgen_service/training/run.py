@@ -201,6 +201,7 @@ def train_worker(rank: int, world: int, backend: str, port: int, settings: Setti
         if rank == 0:
             state = adapters.state(loras) if loras else {n: p.detach().cpu() for n, p in model.lm.named_parameters()}
             torch.save({"state": state, "losses": history.losses, "lrs": history.learning_rates,
+                        "grad_norms": history.grad_norms,
                         "seconds": history.seconds, "tokens": history.tokens * world, "last": history.last}, result_path)
     finally:
         dist.destroy_process_group()
@@ -216,7 +217,8 @@ def train_processes(settings: Settings, o: Options, features: tokens.Features, w
     mp.spawn(train_worker, args=(world, backend, _free_port(), settings, o, str(features_path), str(result_path)),
              nprocs=world, join=True)
     out = torch.load(result_path, weights_only=True)
-    history = loop.History(losses=out["losses"], learning_rates=out["lrs"], seconds=out["seconds"],
+    history = loop.History(losses=out["losses"], learning_rates=out["lrs"], grad_norms=out["grad_norms"],
+                           seconds=out["seconds"],
                            tokens=out["tokens"], last=out["last"])
     return out["state"], history
 

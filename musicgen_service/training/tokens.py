@@ -56,8 +56,9 @@ class Features:
     seconds: float = 0.0
 
     def save(self, path: tp.Any) -> None:
-        torch.save({"examples": [vars(e) for e in self.examples], "text": self.text,
-                    "null_melody": self.null_melody, "frame_rate": self.frame_rate, "seconds": self.seconds}, path)
+        examples = [{**vars(e), "start": float(e.start)} for e in self.examples]
+        torch.save({"examples": examples, "text": self.text, "null_melody": self.null_melody,
+                    "frame_rate": float(self.frame_rate), "seconds": float(self.seconds)}, path)
 
     @classmethod
     def load(cls, path: tp.Any) -> "Features":
@@ -97,7 +98,7 @@ def compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
     provider = lm.condition_provider
     text_cond = provider.conditioners[TEXT]
     melody_cond = provider.conditioners[MELODY] if MELODY in provider.conditioners else None
-    features = Features(examples=[], frame_rate=model.frame_rate)
+    features = Features(examples=[], frame_rate=float(model.frame_rate))
     for caption in sorted({s.caption if s.caption is not None else instance_prompt for s in segments}):
         tokens = provider.tokenize([_attributes(caption, None, rate, melody_cond is not None, device)])[TEXT]
         states = text_cond.t5(**tokens).last_hidden_state[0]
