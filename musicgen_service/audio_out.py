@@ -83,6 +83,38 @@ def _normalize(wav: tp.Any, sample_rate: int, strategy: str) -> tp.Any:
     return wav
 
 
+def fixed_levelling(first: tp.Any, sample_rate: int, strategy: str) -> tp.Callable[[tp.Any], tp.Any]:
+    """``strategy``'s processing with its gain measured on ``first`` (a stream's opening seconds)
+    instead of the whole signal, to apply to every later block as it comes (streaming): peak and rms
+    scale by the gain that brings ``first`` to their target, loudness scales to -14 LUFS of ``first``
+    then soft-clips (tanh) as :func:`normalize` does, clip clips; all end clamped to [-1, 1]. The
+    returned function also tells its gain in dB (``.gain_db``)."""
+    import torch
+
+    with torch.inference_mode():
+        x = first.detach().to("cpu", torch.float32)
+        peak = float(x.abs().max()) if x.numel() else 0.0
+        gain, soft = 1.0, False
+        if peak > 0 and strategy == "peak":
+            gain = 10 ** (-PEAK_CLIP_HEADROOM_DB / 20) / peak
+        elif peak > 0 and strategy == "rms":
+            gain = 10 ** (-RMS_HEADROOM_DB / 20) / float(x.mean(dim=0).pow(2).mean().sqrt())
+        elif peak > 0 and strategy == "loudness":
+            soft = True
+            if math.sqrt(float(x.pow(2).mean())) >= LOUDNESS_ENERGY_FLOOR:
+                gain = 10.0 ** ((-LOUDNESS_HEADROOM_DB - loudness(x.clone(), sample_rate)) / 20.0)
+    limit = 10 ** (-PEAK_CLIP_HEADROOM_DB / 20) if strategy == "clip" else 1.0
+
+    def level(block: tp.Any) -> tp.Any:
+        y = block.detach().to("cpu", torch.float32) * gain
+        if soft:
+            y = y.tanh()
+        return y.clamp(-limit, limit)
+
+    level.gain_db = 20 * math.log10(gain)  # type: ignore[attr-defined]
+    return level
+
+
 def _apply(wav: tp.Any, fn: tp.Callable[[tp.Any], tp.Any]) -> None:
     for b in _blocks(wav.shape[-1]):
         fn(wav[:, b])
@@ -207,10 +239,10 @@ def encode_wav(wav: tp.Any, sample_rate: int, path: Path) -> None:
             f.write(_pcm16(wav[:, b]))
 
 
-def encode_mp3(wav: tp.Any, sample_rate: int, path: Path) -> None:
+def mp3_encoder(sample_rate: int, channels: int) -> tp.Any:
+    """lameenc's encoder as every mp3 here is made (320 kbps, high quality)."""
     import lameenc
 
-    channels = wav.shape[0]
     if channels not in (1, 2):
         raise ValueError(f"mp3 holds mono or stereo audio, not {channels} channels")
     encoder = lameenc.Encoder()
@@ -218,6 +250,15 @@ def encode_mp3(wav: tp.Any, sample_rate: int, path: Path) -> None:
     encoder.set_in_sample_rate(sample_rate)
     encoder.set_channels(channels)
     encoder.set_quality(2)  # 2 = high quality, 7 = fastest
+    return encoder
+
+
+def mp3_bytes(encoder: tp.Any, wav: tp.Any) -> bytes:
+    return encoder.encode(_pcm16(wav).tobytes())
+
+
+def encode_mp3(wav: tp.Any, sample_rate: int, path: Path) -> None:
+    encoder = mp3_encoder(sample_rate, wav.shape[0])
     with open(path, "wb") as f:
         for b in _blocks(wav.shape[-1]):
             f.write(encoder.encode(_pcm16(wav[:, b]).tobytes()))

@@ -77,6 +77,37 @@ def decode(compression_model: tp.Any, codes: tp.Any, chunk_frames: int = CHUNK_F
     return out
 
 
+class StreamingDecoder:
+    """:func:`decode` fed as codes arrive (streaming): :meth:`push` takes the next frames of a [1, K, T]
+    code stream and returns the [channels, samples] audio that is final so far (the decoder's
+    receptive field holds back a few frames until more arrive or :meth:`finish`). The samples are
+    the one-shot decode's, as :func:`decode`'s are, whatever the pushes' sizes."""
+
+    def __init__(self, compression_model: tp.Any):
+        codec, streams = _mono_codec(compression_model)
+        decoder = getattr(codec, "decoder", None)
+        if streams is None or not _streamable(getattr(decoder, "model", None)):
+            raise ValueError(f"{type(compression_model).__name__} cannot be decoded as a stream")
+        self.codec, self.streams = codec, streams
+        self.rows = [_Stream(decoder.model) for _ in range(streams.count)]
+
+    def push(self, codes: tp.Any, last: bool = False) -> tp.Any:
+        import torch
+
+        with torch.inference_mode():
+            rows = [None] * len(self.rows) if codes is None else self.streams.split(codes).split(1)
+            pieces = []
+            for stream, row_codes in zip(self.rows, rows):
+                has = row_codes is not None and row_codes.shape[-1] > 0
+                pieces.append(stream.push(self.codec.decode_latent(row_codes) if has else None, last=last))
+            if any(p is None for p in pieces):
+                return torch.zeros(self.streams.count, 0)
+            return torch.cat([p[0].float().cpu() for p in pieces], dim=0)
+
+    def finish(self) -> tp.Any:
+        return self.push(None, last=True)
+
+
 def encode(compression_model: tp.Any, wav: tp.Any, chunk_frames: int = CHUNK_FRAMES) -> tp.Any:
     """[B, channels, samples] audio -> [B, K, T] codes: the one-shot
     ``compression_model.encode(wav)[0]``, computed in chunks of ``chunk_frames`` frames."""

@@ -236,10 +236,12 @@ class Generator:
         return frames + 1 <= int(self.model.max_duration * self.model.frame_rate) and \
             (prepared.head is None or prepared.head.shape[-1] == 0)
 
-    def tokens(self, prepared: "Prepared", cancelled: tp.Optional[tp.Callable[[], bool]] = None) -> tp.Any:
+    def tokens(self, prepared: "Prepared", cancelled: tp.Optional[tp.Callable[[], bool]] = None,
+               stream: tp.Any = None) -> tp.Any:
         """The LM's tokens for one request, alone, through audiocraft's generation (windowed
-        extension past the model's window) with this generator's decoder. Not thread-safe: it sets
-        the model's generation parameters; one call at a time."""
+        extension past the model's window) with this generator's decoder. ``stream``: a
+        :class:`~.streaming.ChunkStream` that follows each window as it decodes. Not thread-safe: it
+        sets the model's generation parameters; one call at a time."""
         import torch
 
         model = self.model
@@ -253,7 +255,7 @@ class Generator:
             progress = Progress(prepared.new_frames, prepared.prompt_frames, fr, int(EXTEND_STRIDE * fr),
                                 say=prepared.say, cancelled=cancelled)
             # every window's chroma: demucs draws what it would after stock's random.seed(seed)
-            with _windows_followed_by(model.lm, progress, self.decoder.generate), \
+            with _windows_followed_by(model.lm, progress, self.decoder.generate, stream), \
                     request_random(random.Random(prepared.seed)):
                 tokens = model._generate_tokens(prepared.attributes, prepared.context)
             if prepared.head is not None and prepared.head.shape[-1]:
@@ -293,20 +295,28 @@ class _windows_followed_by:
     ``generate_fn`` (the chosen decoder), with a progress callback that knows where the window
     starts."""
 
-    def __init__(self, lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any]):
+    def __init__(self, lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any], stream: tp.Any = None):
         self.lm = lm
         self.progress = progress
         self.generate_fn = generate_fn
+        self.stream = stream
 
     def __enter__(self) -> None:
         stock_generate = self.generate_fn
-        progress = self.progress
+        progress, stream = self.progress, self.stream
 
         def generate(prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any,
                      callback: tp.Any = None, **kwargs: tp.Any) -> tp.Any:
             window_prompt = 0 if prompt is None else prompt.shape[-1]
-            return stock_generate(prompt, conditions, *args, callback=progress.new_window(window_prompt),
-                                  **kwargs)
+            step = progress.new_window(window_prompt)
+            if stream is not None:  # the stream sees the window (our decoders) and every step
+                kwargs["tap"] = stream.window
+                follow = step
+
+                def step(generated: int, total: int) -> None:
+                    follow(generated, total)
+                    stream.step(generated)
+            return stock_generate(prompt, conditions, *args, callback=step, **kwargs)
 
         self.lm.generate = generate
 

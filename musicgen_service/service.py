@@ -174,6 +174,50 @@ class Service:
                  path.name, time.perf_counter() - start)
         return path
 
+    def stream(self, request: Request, cancel: tp.Optional[threading.Event] = None) -> tp.Iterator[Path]:
+        """The streaming model's prediction: yields each chunk file as its audio is generated
+        (:mod:`.streaming`), then the whole file, which is what :meth:`run` returns for the same
+        request. A failure after some chunks raises (no final file); a cancel stops at the next step."""
+        from .errors import InputError
+
+        if request.multi_band_diffusion:
+            raise InputError([("multi_band_diffusion", "the streaming model decodes with EnCodec as it generates; "
+                               "MultiBand Diffusion renders whole 30 s windows at the end: use the main model")])
+        outputs.remove_expired()
+        log.info("model: %s; mode: %s; duration: %d s; streaming", self.settings.model, request.mode, request.duration)
+        cancel = cancel or threading.Event()
+        items: "queue.SimpleQueue[Path]" = queue.SimpleQueue()
+        lines: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        future = self.compute.post(lambda: self._stream(request, cancel, items.put), say=lines.put)
+        try:
+            while not future.done() or not items.empty() or not lines.empty():
+                while not lines.empty():
+                    log.info(lines.get())
+                try:
+                    yield items.get(timeout=0.02)
+                except queue.Empty:
+                    pass
+            future.result()  # raises what the work raised (after the chunks already sent)
+        except BaseException:
+            cancel.set()  # (a cancel of the prediction arrives here as an exception in this thread)
+            raise
+
+    def _stream(self, request: Request, cancel: threading.Event, emit: tp.Callable[[Path], None]) -> None:
+        import torch
+        from .streaming import ChunkStream
+
+        prepared = self.generator.prepare(request, self.input_clip(request))
+        head = None
+        if prepared.context is not None:  # a continuation: its audio comes first
+            parts = [p for p in (prepared.head, prepared.context) if p is not None and p.shape[-1]]
+            head = torch.cat(parts, dim=-1) if parts else None
+        folder = outputs.fresh_folder()
+        chunks = ChunkStream(self.model, request.normalization_strategy, request.output_format, folder, emit, head)
+        tokens = self.generator.tokens(prepared, cancelled=cancel.is_set, stream=chunks)
+        chunks.finish(tokens)
+        log.info("streaming: %d chunk(s), the first after %.2f s", chunks.index, chunks.first_chunk_at or 0.0)
+        emit(self._finish(request, tokens))
+
     def mbd_decoder(self) -> tp.Any:
         """The MBD decoder (loaded on first use when lazy), checked against this model's tokens."""
         from .mbd import check_compatible

@@ -171,6 +171,7 @@ class Decoder:
                  two_step_cfg: tp.Optional[bool] = None, remove_prompts: bool = False, check: bool = False,
                  callback: tp.Optional[tp.Callable[[int, int], None]] = None, **kwargs: tp.Any) -> torch.Tensor:
         lm = self.lm
+        tap = kwargs.pop("tap", None)  # streaming's view of the window (our loop only; stock has none)
         two_step_cfg = lm.two_step_cfg if two_step_cfg is None else two_step_cfg
         if self.runner is None or two_step_cfg:
             if self.released:
@@ -181,4 +182,4 @@ class Decoder:
         from .loop import generate
 
         return generate(self, prompt, list(conditions), num_samples, max_gen_len, use_sampling, temp, top_k,
-                        top_p, cfg_coef, remove_prompts, callback)
+                        top_p, cfg_coef, remove_prompts, callback, tap)

@@ -91,10 +91,31 @@ class Sequence:
         return out_codes
 
 
+class WindowView:
+    """What a window has generated so far, in codebook order (for streaming: :mod:`..streaming`)."""
+
+    def __init__(self, seq: Sequence, live: tp.Callable[[], torch.Tensor]):
+        self.seq, self.live = seq, live
+
+    @property
+    def prompt_frames(self) -> int:
+        return self.seq.prompt_len
+
+    def completed(self) -> torch.Tensor:
+        """[B, K, n]: the frames whose every codebook is known (the prompt's included)."""
+        tokens = self.live().clone()
+        codes, _, _ = self.seq.pattern.revert_pattern_sequence(tokens, special_token=Sequence.UNKNOWN)
+        codes = codes[..., :self.seq.max_gen_len]
+        unknown = (codes == Sequence.UNKNOWN).any(dim=1).any(dim=0)  # [T]
+        n = int(unknown.nonzero()[0]) if unknown.any() else codes.shape[-1]
+        return codes[..., :n]
+
+
 def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.List[tp.Any],
              num_samples: tp.Optional[int], max_gen_len: int, use_sampling: bool, temp: float, top_k: int,
              top_p: float, cfg_coef: tp.Optional[float], remove_prompts: bool,
-             callback: tp.Optional[tp.Callable[[int, int], None]]) -> torch.Tensor:
+             callback: tp.Optional[tp.Callable[[int, int], None]],
+             tap: tp.Optional[tp.Callable[[WindowView], None]] = None) -> torch.Tensor:
     lm = decoder.lm
     runner = decoder.runner
     assert not lm.training, "generation shouldn't be used in training mode."
@@ -111,6 +132,9 @@ def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.
     batch = 2 * B if tensors else B
     cfg = bool(tensors)
 
+    if tap is not None:  # (the graphs keep the tokens in their own buffer while they run)
+        tap(WindowView(seq, (lambda: decoder.graphs.tokens[..., :seq.length]) if decoder.graphs is not None
+                       else (lambda: seq.tokens)))
     if decoder.graphs is not None:
         graphs = decoder.graphs
         window = runner.start(tensors, batch, seq.length, caches=graphs.caches_for(batch))
