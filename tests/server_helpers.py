@@ -115,7 +115,7 @@ class CogServer:
     """``script/serve`` on a free loopback port, logs to a file."""
 
     def __init__(self, weights: Path, log_path: Path, upload_url: tp.Optional[str] = None,
-                 env: tp.Optional[dict] = None, train: bool = False):
+                 env: tp.Optional[dict] = None, train: bool = False, stream: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -124,6 +124,8 @@ class CogServer:
             args += ["--upload-url", upload_url]
         if train:
             args += ["--train"]
+        if stream:
+            args += ["--stream"]
         environment = {**os.environ, "MUSICGEN_WEIGHTS": str(weights), "MUSICGEN_DEVICE": "cpu",
                        **(env or {})}
         self.log = open(log_path, "wb")
