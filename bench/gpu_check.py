@@ -16,7 +16,10 @@ in order of importance, writing the JSON after every step so that a run cut shor
 3. the same on musicgen-small, with transformers' MusicGen, and fast-vs-exact quality
    (teacher-forced KL and top-1 agreement, bench/quality.py);
 4. what ``exact`` promises on CUDA: stock's agreement with itself (same seed, twice) and
-   ``exact``'s with stock (musicgen-small, 2 s).
+   ``exact``'s with stock (musicgen-small, 2 s);
+5. the streaming model on the default model (time to first audio, bench/stream.py);
+6. LoRA fine-tuning of musicgen-small and of the default model, batch 4 x 30 s with gradient
+   checkpointing (seconds per update, peak GPU memory: bench/train.py).
 
 0. setup as a user sees it: a fresh process's ``import predict`` + ``setup()`` (imports, loading, the
    warm-up generation, graph recording), then its first and second 8 s request (bench/coldstart.py);
@@ -378,6 +381,41 @@ def exact_promise(report: Report, service: tp.Any, device: str, duration: int) -
 
 # ---------------------------------------------------------------------------------------- main
 
+def streaming_and_training(report: Report, device: str, dry: bool, cache: Path, default_model: str) -> None:
+    """5. the streaming model's time to first audio (bench/stream.py) on the default model; 6. LoRA
+    training of musicgen-small and of the default model at batch 4 x 30 s with gradient checkpointing
+    (bench/train.py): seconds per update and peak GPU memory. Fresh processes, their JSON kept."""
+    import subprocess
+
+    def bench(script: str, flags: tp.List[str], out: str) -> tp.Callable[[], tp.Dict[str, tp.Any]]:
+        def run() -> tp.Dict[str, tp.Any]:
+            path = Path(tempfile.mkdtemp(prefix="musicgen-gpu-check-")) / out
+            cmd = [sys.executable, str(ROOT / "bench" / script), "--device", device, "--out", str(path)] + flags
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+            if done.returncode:
+                raise RuntimeError(done.stderr[-3000:])
+            return json.loads(path.with_suffix(".json").read_text())
+        return run
+
+    stream_flags = ["--dry"] if dry else ["--model", default_model, "--durations", "8", "--runs", "2",
+                                          "--cache", str(cache)]
+    r = report.run("streaming_default", bench("stream.py", stream_flags, "stream"))
+    if r:
+        report.headline["stream_first_chunk_s"] = r["rows"][0]["first_chunk_s"]
+        report.headline["stream_vs_main"] = r["rows"][0]["stream_vs_main"]
+    train_flags = ["--dry", "--segments", "4", "--steps", "2", "--batches", "4", "--methods", "lora"] if dry else \
+        ["--scales", "small,large", "--segments", "4", "--steps", "3", "--batches", "4", "--methods", "lora",
+         "--checkpointing", "--cache", str(cache)]
+    r = report.run("train_lora_batch4", bench("train.py", train_flags, "train"))
+    if r:
+        for entry in r["models"]:
+            run = next((x for x in entry["runs"] if "s_per_step" in x), None)
+            key = "default" if "melody" in entry["model"] else "small"
+            if run:
+                report.headline[f"train_{key}_lora_b4_s_per_update"] = run["s_per_step"]
+                report.headline[f"train_{key}_lora_b4_peak_GB"] = round(run["peak_memory_MB"] / 1024, 1)
+
+
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry", action="store_true", help="CPU, xsmall scale: the same flow, for the test suite")
@@ -467,6 +505,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         if "_exact_tokens" in res:
             quality(report, service, res["_exact_tokens"], device)
         exact_promise(report, service, device, 2)
+        del service
+        holder.clear()
+        gc.collect()
+        torch.cuda.empty_cache() if device == "cuda" else None
+    streaming_and_training(report, device, args.dry, cache, models.model_id(scale, True, True))
     report.headline["cuda_graph_failures"] = failures + sum(
         step["result"]["graphs"]["failures"] for step in report.data["steps"].values()
         if isinstance(step, dict) and isinstance(step.get("result"), dict)

@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--dry", action="store_true", help="the tiny set, 3 s segments: the flow, in seconds")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    parser.add_argument("--cache", type=Path, default=None, help="the model sets' hub cache (default: WORK/full)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train")
     # one configuration in a fresh process (used by the run itself)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
@@ -140,7 +141,7 @@ def main() -> None:
             tiny.write_tiny_set(cache)
             model_id = "facebook/musicgen-stereo-melody-large" if scale == "large" else "facebook/musicgen-small"
         else:
-            cache = (args.work / "full").resolve()
+            cache = (args.cache or args.work / "full").resolve()
             melody, stereo = (True, True) if scale == "large" else (False, False)
             model_id = models.ensure_set(cache, scale, melody, mbd=False, stereo=stereo, device=args.device)
         weights.use_hub_cache(cache)

@@ -29,11 +29,11 @@ _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
 
 
-def load_entry(kind: str = "predict", project: Path = PROJECT_ROOT) -> tp.Any:
-    """cog.yaml's ``predict`` (an instance of the Predictor) or ``train`` (the function)."""
+def load_entry(kind: str = "predict", project: Path = PROJECT_ROOT, config_file: str = "cog.yaml") -> tp.Any:
+    """The config's ``predict`` (an instance of the Predictor) or ``train`` (the function)."""
     import yaml
 
-    config = yaml.safe_load((project / "cog.yaml").read_text())
+    config = yaml.safe_load((project / config_file).read_text())
     file_name, name = config[kind].split(":")
     module_name = Path(file_name).stem
     spec = importlib.util.spec_from_file_location(module_name, project / file_name)
@@ -132,7 +132,9 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
                         help="an input of predict(); @path for a file; repeat for each input")
     parser.add_argument("-o", "--output", type=Path, help="where to write the result "
-                        "(default: output.<ext> in the current folder)")
+                        "(default: output.<ext> in the current folder; --stream: a folder, default ./stream)")
+    parser.add_argument("--stream", action="store_true",
+                        help="the streaming model (cog.stream.yaml): each chunk is written as it arrives")
     args = parser.parse_args(argv)
 
     from .errors import InputError
@@ -140,13 +142,25 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from .trained import TrainedError
     from .weights import WeightsMissingError
 
-    predictor = load_predictor()
+    predictor = load_entry("predict", config_file="cog.stream.yaml" if args.stream else "cog.yaml")
     inputs = parse_inputs(args.input, predictor.predict)
     try:
         predictor.setup()
     except (SettingsError, WeightsMissingError, TrainedError) as exc:  # a setting, the weights: one line
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.stream:
+        folder = args.output or Path.cwd() / "stream"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            for item in predictor.predict(**inputs):  # a sync generator, as coglet streams it
+                target = folder / Path(item).name
+                shutil.copyfile(item, target)
+                print(target, flush=True)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         result = Path(asyncio.run(predictor.predict(**inputs)))
     except InputError as exc:

@@ -91,3 +91,22 @@ def test_coldstart_comparison_smoke(tmp_path, tiny_weights):
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["prepared_hit"] for r in report["raw"]["first boot"] + report["raw"]["later boot"]] == [False, True]
     assert report["summary"]["later boot"]["vs_stock"] > 0 and "later boot" in out.with_suffix(".md").read_text()
+
+
+def test_training_and_streaming_benchmarks_smoke(tmp_path):
+    """bench/train.py and bench/stream.py on the tiny set (--dry): every field of their reports."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--dry", "--segments", "2", "--steps", "2",
+                           "--batches", "1", "--out", str(tmp_path / "train")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "train.json").read_text())
+    runs = report["models"][0]["runs"]
+    assert [r["method"] for r in runs] == ["lora", "full"] and all(r["s_per_step"] > 0 for r in runs), runs
+    assert report["models"][0]["tokenize_s_per_audio_minute"] > 0
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stream.py"), "--dry", "--runs", "1",
+                           "--out", str(tmp_path / "stream")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "stream.json").read_text())["rows"]
+    assert all(0 < r["first_chunk_s"] < r["stream_total_s"] and r["stream_vs_main"] > 0 for r in rows), rows

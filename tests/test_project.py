@@ -117,13 +117,20 @@ def test_predict_has_the_seed_schema():
 
 
 def _input_calls() -> tp.Dict[str, ast.Call]:
-    """predict()'s ``Input(...)`` calls in predict.py, by parameter name, as the parser sees them."""
+    """The ``Input(...)`` calls of predict.py's ``Inputs`` class, by name, as the parser sees them; and
+    both predictors take them as ``Inputs.<name>``, in the seed's order (Cog's static parser resolves
+    such references within the file: its input registry, pkg/schema/python/inputs.go)."""
     tree = ast.parse((ROOT / "predict.py").read_text())
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
-    predict = next(n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict")
-    params = predict.args.args[len(predict.args.args) - len(predict.args.defaults):]
-    return {a.arg: d for a, d in zip(params, predict.args.defaults)
-            if isinstance(d, ast.Call) and getattr(d.func, "id", None) == "Input"}
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    calls = {t.targets[0].id: t.value for t in classes["Inputs"].body
+             if isinstance(t, ast.Assign) and isinstance(t.value, ast.Call) and getattr(t.value.func, "id", None) == "Input"}
+    for name in ("Predictor", "StreamingPredictor"):
+        predict = next(n for n in classes[name].body
+                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict")
+        params = predict.args.args[len(predict.args.args) - len(predict.args.defaults):]
+        refs = [(a.arg, ast.unparse(d)) for a, d in zip(params, predict.args.defaults)]
+        assert refs == [(n, f"Inputs.{n}") for n in calls], name
+    return calls
 
 
 def test_predict_inputs_are_literals_that_cogs_static_schema_parser_reads():
