@@ -107,6 +107,16 @@ class request_random:
         _REQUEST_RANDOM.rng = self.previous
 
 
+class demucs_random(request_random):
+    """Within the block, demucs' random time shifts (the chroma conditioner's stem separation) in this
+    thread come from a generator seeded with ``seed``: the same audio gives the same chroma (training
+    tokenizes with it, so a seed gives the same run)."""
+
+    def __init__(self, seed: int):
+        _install_request_random()
+        super().__init__(random.Random(seed))
+
+
 def _seed_host_generators(seed: int) -> None:
     import numpy as np
 

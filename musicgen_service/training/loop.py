@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import Cancelled
 from ..logs import get_logger
@@ -204,7 +205,8 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
                 idx = list(mine)[m * micro:(m + 1) * micro]
                 sync = m == o.gradient_accumulation - 1 or world == 1
                 ctx = predict.no_sync() if not sync and world > 1 else contextlib.nullcontext()
-                with ctx:
+                # (each adapted weight, W + B @ A, computed once per forward however often it is read)
+                with ctx, parametrize.cached():
                     loss = loss_of(predict, lm, features, [chosen[i] for i in idx], drop_all[idx],
                                    drop_melody[idx], autocast)
                     (loss / o.gradient_accumulation).backward()

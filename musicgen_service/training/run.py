@@ -257,7 +257,7 @@ def _run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devi
     model = _load(settings, o.base_model, device)
     if o.drop_vocals:
         remove_vocals(model, segs)
-    features = tokens.compute(model, segs, o.caption, cancelled)
+    features = tokens.compute(model, segs, o.caption, cancelled, seed=o.seed)
     del segs
     prompt = features.examples[0].caption
     before = after = None

@@ -84,12 +84,25 @@ def _attributes(caption: tp.Optional[str], wav: tp.Optional[torch.Tensor], sampl
     return attributes
 
 
-@torch.no_grad()
 def compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
-            cancelled: tp.Callable[[], bool] = lambda: False) -> Features:
+            cancelled: tp.Callable[[], bool] = lambda: False, seed: int = 0) -> Features:
     """Codes and condition features for every segment (see the module docstring), through the LM's
     condition provider's own tokenization (which, for instance, folds a stereo melody into one
-    channel as MusicGen's inference does)."""
+    channel as MusicGen's inference does). ``seed``: demucs' random shifts (the melody's stems)."""
+    with torch.no_grad():
+        return _compute(model, segments, instance_prompt, cancelled, seed)
+
+
+def segment_seed(seed: int, index: int) -> int:
+    """The seed of demucs' random shifts for segment ``index`` (-1: the null melody): each segment's
+    chroma is the same whatever else was computed before it."""
+    return seed * 1_000_003 + index
+
+
+def _compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
+             cancelled: tp.Callable[[], bool], seed: int) -> Features:
+    from ..generate import demucs_random
+
     from .. import codec
     from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
@@ -108,10 +121,11 @@ def compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
         longest = max(segments, key=lambda s: s.wav.shape[-1]).wav.to(device)
         real = _attributes("", longest, rate, True, device)
         both = provider.tokenize([real] + ClassifierFreeGuidanceDropout(p=1.0)([real]))[MELODY]
-        features.null_melody = melody_cond._get_wav_embedding(both)[1].float().cpu()
+        with demucs_random(segment_seed(seed, -1)):
+            features.null_melody = melody_cond._get_wav_embedding(both)[1].float().cpu()
     total = sum(s.wav.shape[-1] for s in segments) / rate
     done, next_report = 0.0, 0.1
-    for s in segments:
+    for i, s in enumerate(segments):
         if cancelled():
             break
         wav = s.wav.to(device)
@@ -119,7 +133,8 @@ def compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
         melody = None
         if melody_cond is not None:
             tokenized = provider.tokenize([_attributes("", wav, rate, True, device)])[MELODY]
-            melody = melody_cond._get_wav_embedding(tokenized)[0].float().cpu()
+            with demucs_random(segment_seed(seed, i)):
+                melody = melody_cond._get_wav_embedding(tokenized)[0].float().cpu()
         features.examples.append(Example(codes=codes.to(torch.int16).cpu(),
                                          caption=s.caption if s.caption is not None else instance_prompt,
                                          melody=melody, source=s.source, start=s.start))
