@@ -7,19 +7,18 @@ its keys/values read the text) and the feed-forward ``linear1`` / ``linear2``; a
 heads ``linears.k`` (they map the transformer's state to each codebook's distribution, where a
 style shows first). Embeddings, norms and the conditioners' projections stay frozen.
 
-Mechanism, with audiocraft's modules left as they are, ``B`` starting at zero (the adapted model
-starts as the base) and ``scale = alpha / rank``:
+Mechanism: a :class:`LoRA` parametrization (``torch.nn.utils.parametrize``) on each target weight,
+so that reading the weight gives ``W + scale * B @ A`` with ``B`` starting at zero (the adapted model
+starts as the base) and ``scale = alpha / rank``; the training loop computes each adapted weight once
+per forward (``parametrize.cached()``). One mechanism for ``nn.Linear`` weights and bare Parameters
+alike, with audiocraft's modules left as they are.
 
-- an ``nn.Linear`` target gets a forward hook adding ``scale * (x @ A.T) @ B.T`` to its output: the
-  usual LoRA arithmetic, which never forms a full-size matrix;
-- a bare Parameter (the fused q/k/v ``in_proj_weight``, which audiocraft multiplies with
-  ``F.linear`` inside its attention) gets a parametrization (``torch.nn.utils.parametrize``), so
-  reading it gives ``W + scale * B @ A`` (computed once per forward under ``parametrize.cached()``).
-
-Measured on musicgen-small at real size, batch 1 x 30 s, on the 2-core CPU (bench/train.py, peak RSS
-of the process): every target parametrized 18.3 GB (14.1 GB computed once per forward), hooks on the
-Linear layers 14.6 GB and a little faster (42 vs 46 s an update); a full fine-tune of the same model
-peaked at 11.5 GB, so most of LoRA's peak is not the adapters (not found yet: see docs/fine-tuning.md).
+Measured on musicgen-small at real size, batch 1 x 30 s, on the 2-core AVX2 CPU (bench/train.py, peak
+RSS of the process): 18.3 GB with every adapted weight recomputed at each read, 14.1 GB computed once
+per forward. Forward hooks on the ``nn.Linear`` targets instead (the usual ``x @ A.T @ B.T`` arithmetic,
+no full-size matrix) peaked at 14.6 GB at batch 1 and ran out of the machine's 23 GB at batch 2, so
+they were not kept. A full fine-tune of the same model peaked at 11.5 GB: most of LoRA's peak is not
+the adapters' own memory (not found yet).
 
 ``peft`` was considered: its LoRA layers replace ``nn.Linear`` modules with its own, and a bare
 Parameter needs its ``target_parameters`` (0.17+), itself a parametrization; one small class does
@@ -58,13 +57,7 @@ class LoRA(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        """As a parametrization: the adapted weight."""
         return weight + (self.B @ self.A).to(weight.dtype) * self.scale
-
-    def hook(self, module: nn.Module, inputs: tp.Tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
-        """As an ``nn.Linear`` forward hook: the output plus the low-rank update of its input."""
-        x = inputs[0]
-        return output + ((x.to(self.A.dtype) @ self.A.t()) @ self.B.t()).to(output.dtype) * self.scale
 
 
 def targets(lm: nn.Module) -> tp.List[str]:
@@ -92,28 +85,18 @@ def attach(lm: nn.Module, rank: int, alpha: float, seed: int) -> tp.Dict[str, Lo
         module, attr = _owner(lm, name)
         weight = getattr(module, attr)
         lora = LoRA(weight.shape[0], weight.shape[1], rank, alpha, generator, weight.device)
-        if isinstance(module, nn.Linear) and attr == "weight":
-            lora.handle = module.register_forward_hook(lora.hook)
-            module.add_module("lora", lora)  # (its parameters belong to the LM: DDP, .to(), state)
-        else:
-            parametrize.register_parametrization(module, attr, lora)
+        parametrize.register_parametrization(module, attr, lora)
         adapters[name] = lora
     return adapters
 
 
 def detach_merged(lm: nn.Module, adapters: tp.Mapping[str, LoRA]) -> None:
-    """Remove the adapters, leaving each weight as its merged value (for sampling after training)."""
+    """Remove the parametrizations, leaving each weight as its merged value (for sampling after
+    training)."""
     with torch.no_grad():
-        for name, lora in adapters.items():
+        for name in adapters:
             module, attr = _owner(lm, name)
-            handle = getattr(lora, "handle", None)
-            if handle is not None:
-                handle.remove()
-                del module.lora
-                weight = getattr(module, attr)
-                weight.copy_((weight.float() + (lora.B @ lora.A) * lora.scale).to(weight.dtype))
-            else:
-                parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 
 def state(adapters: tp.Mapping[str, LoRA]) -> tp.Dict[str, torch.Tensor]:
