@@ -63,6 +63,7 @@ def test_tokens_are_the_same_alone_and_in_any_batch(tiny_weights, tune, name, pa
     assert max(n for n in service.scheduler.batch_sizes) > 1  # they did share steps
 
 
+@pytest.mark.slow
 def test_exact_and_int8dyn_decode_alone(tiny_weights):
     """exact keeps its promise (stock's tokens) by decoding alone; fbgemm's dynamic int8 scales
     activations over all rows, so its rows would depend on each other: alone too."""

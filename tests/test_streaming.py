@@ -86,6 +86,7 @@ def test_mp3_chunks_are_one_stream(text, tmp_path):
     assert rate == RATE and abs(audio.shape[-1] - 4 * RATE) <= 2 * 1152 + 529
 
 
+@pytest.mark.slow
 def test_melody_and_continuation_stream(stereo, tmp_path):
     tune = write(tmp_path / "tune.wav", melody([262, 392, 330, 523], 0.75, 44100, 2), 44100)
     chunks, final = streamed(stereo, prompt="synth", input_audio=str(tune), duration=3, seed=4)
@@ -124,6 +125,7 @@ def test_a_failure_after_some_chunks_sends_no_final_file(text, monkeypatch):
     assert got and all(p.name.startswith("chunk-") for p in got)
 
 
+@pytest.mark.slow
 def test_chunks_are_cut_while_generating(text):
     """The first chunk arrives before the tokens are all generated."""
     import time

@@ -141,6 +141,7 @@ def test_training_lowers_the_loss_and_writes_one_file(lora_run):
     assert len([p for p in res.weights.parent.iterdir() if p.name.startswith("musicgen-train-")]) == 0
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tiny_weights, lora_run, tmp_path):
     res, clip = lora_run
     again = run.run(clip, opts(tiny_weights, max_steps=30, batch_size=1, learning_rate=1e-2, lora_rank=8),
@@ -172,6 +173,7 @@ def test_the_trained_file_is_served_and_changes_the_tokens(tiny_weights, lora_ru
     assert torch.equal(p2.service.generator.generate(p2.service.parse(**req)).tokens, t_tuned)
 
 
+@pytest.mark.slow
 def test_every_decoder_serves_the_merged_lora(tiny_weights, lora_run, tmp_path):
     """The LoRA is merged before the decoder prepares its weights: a reduced precision serves it too,
     and a prepared decoder made from it is keyed by it (a base model's entry is not reused)."""
@@ -195,6 +197,7 @@ def test_another_base_model_is_refused_naming_both(tiny_weights, lora_run):
         make_service(tiny_weights, MONO_MELODY, decoder="exact", trained=str(res.weights))
 
 
+@pytest.mark.slow
 def test_full_fine_tune_of_a_melody_model_keeps_its_melody(tiny_weights, tmp_path):
     """Full training of a melody model runs with the segments' chroma; the trained model still
     conditions on a melody: two melodies, same seed, different music."""
