@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import stat
 import tarfile
@@ -110,24 +111,40 @@ def _check_totals(count: int, size: int) -> None:
         _fail(f"the archive unpacks to {size / 1024**3:.1f} GB; the limit is {MAX_UNPACKED_BYTES / 1024**3:.0f} GB")
 
 
+@dataclass
+class _Member:
+    """An archive member, whatever the archive's format."""
+    name: str
+    kind: str  # file, dir, link or special
+    size: int
+    open: tp.Callable[[], tp.Any]
+
+
+def _extract(members: tp.Sequence[_Member], folder: Path) -> None:
+    """Check every member, then the totals, then write the files (bytes counted as they are)."""
+    for m in members:
+        problem = _member_problem(m.name)
+        if problem:
+            _fail(f"the archive member {m.name!r} has {problem}: refused, nothing was unpacked")
+        if m.kind in ("link", "special"):
+            what = "a link" if m.kind == "link" else "not a regular file"
+            _fail(f"the archive member {m.name!r} is {what}: refused, nothing was unpacked")
+    files = [m for m in members if m.kind == "file"]
+    _check_totals(len(files), sum(m.size for m in files))
+    written = 0
+    for m in files:
+        target = folder / PurePosixPath(m.name.replace("\\", "/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with m.open() as src, open(target, "wb") as dst:
+            written = _copy_counted(src, dst, written)
+
+
 def _unzip(path: Path, folder: Path) -> None:
     try:
         with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            for info in infos:
-                problem = _member_problem(info.filename)
-                if problem:
-                    _fail(f"the archive member {info.filename!r} has {problem}: refused, nothing was unpacked")
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    _fail(f"the archive member {info.filename!r} is a symbolic link: refused, nothing was unpacked")
-            files = [i for i in infos if not i.is_dir()]
-            _check_totals(len(files), sum(i.file_size for i in files))
-            written = 0
-            for info in files:
-                target = folder / PurePosixPath(info.filename.replace("\\", "/"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, open(target, "wb") as dst:
-                    written = _copy_counted(src, dst, written)
+            _extract([_Member(i.filename, "link" if stat.S_ISLNK(i.external_attr >> 16) else
+                              "dir" if i.is_dir() else "file", i.file_size, functools.partial(z.open, i))
+                      for i in z.infolist()], folder)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as exc:
         _fail(f"{path.name} is a damaged zip archive ({exc})")
 
@@ -135,25 +152,9 @@ def _unzip(path: Path, folder: Path) -> None:
 def _untar(path: Path, folder: Path) -> None:
     try:
         with tarfile.open(path) as t:
-            members = t.getmembers()
-            for m in members:
-                problem = _member_problem(m.name)
-                if problem:
-                    _fail(f"the archive member {m.name!r} has {problem}: refused, nothing was unpacked")
-                if m.issym() or m.islnk():
-                    _fail(f"the archive member {m.name!r} is a link: refused, nothing was unpacked")
-                if not (m.isfile() or m.isdir()):
-                    _fail(f"the archive member {m.name!r} is not a regular file: refused, nothing was unpacked")
-            files = [m for m in members if m.isfile()]
-            _check_totals(len(files), sum(m.size for m in files))
-            written = 0
-            for m in files:
-                target = folder / PurePosixPath(m.name)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = t.extractfile(m)
-                assert src is not None
-                with src, open(target, "wb") as dst:
-                    written = _copy_counted(src, dst, written)
+            _extract([_Member(m.name, "link" if m.issym() or m.islnk() else "dir" if m.isdir() else
+                              "file" if m.isfile() else "special", m.size, functools.partial(t.extractfile, m))
+                      for m in t.getmembers()], folder)
     except (tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, InputError):
             raise
