@@ -224,9 +224,31 @@ def apply(trained: Trained, lm: tp.Any) -> None:
                 if p.numel():  # (empty: a prepared decoder holds it, made from these weights)
                     p.copy_(tensors[name].to(p.dtype))
         elif trained.method == "lora":
-            from .training.adapters import merge_into
-
-            merge_into(lm, tensors, trained.manifest)
+            merge_lora(lm, tensors, trained.manifest)
         else:
             raise TrainedError(f"{trained.path.name}: unknown method {trained.method!r}")
     log.info("trained weights: %s applied in %.2f s", trained.describe(), time.perf_counter() - start)
+
+
+def merge_lora(lm: tp.Any, tensors: tp.Mapping[str, tp.Any], manifest: tp.Mapping[str, tp.Any]) -> int:
+    """``W += scale * B @ A`` for every adapted weight, in fp32 then the weight's dtype. Weights left
+    empty (a prepared decoder holds them, made from these very weights) are skipped. Returns the
+    number merged."""
+    scale = float(manifest["alpha"]) / int(manifest["rank"])
+    names = sorted(n[: -len(".lora_A")] for n in tensors if n.endswith(".lora_A"))
+    merged = 0
+    for name in names:
+        try:
+            weight = lm.get_parameter(name)
+        except AttributeError:
+            raise TrainedError(f"the trained file adapts {name}, which this LM does not have") from None
+        if weight.numel() == 0:
+            continue
+        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
+        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
+            raise TrainedError(f"the trained file's {name} is {b.shape[0]}x{a.shape[1]}, the LM's "
+                               f"{tuple(weight.shape)}")
+        update = (b.to(weight.device) @ a.to(weight.device)) * scale
+        weight.data.copy_((weight.data.float() + update).to(weight.dtype))
+        merged += 1
+    return merged

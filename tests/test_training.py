@@ -229,7 +229,7 @@ def test_lora_attaches_to_the_fused_qkv_parameter_and_merges_exactly(tiny_weight
     state = adapters.state(loras)
     adapters.detach_merged(lm, loras)
     fresh = make_service(tiny_weights, MONO_TEXT, decoder="exact").model.lm
-    adapters.merge_into(fresh, state, {"rank": 4, "alpha": 4.0})
+    trained.merge_lora(fresh, state, {"rank": 4, "alpha": 4.0})
     assert torch.allclose(fresh.get_parameter(name), lm.get_parameter(name), atol=2e-3)  # fp16 storage
 
 

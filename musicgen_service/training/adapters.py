@@ -25,7 +25,7 @@ Parameter needs its ``target_parameters`` (0.17+), itself a parametrization; one
 both here, without another dependency pinned against this torch and transformers.
 
 Saved as ``<parameter>.lora_A`` [rank, in] / ``<parameter>.lora_B`` [out, rank] in fp16
-(:mod:`..trained`); merged at serving time into the weights (:func:`merge_into`).
+(:mod:`..trained`); merged into the weights when served (:func:`..trained.merge_lora`).
 """
 from __future__ import annotations
 
@@ -106,29 +106,3 @@ def state(adapters: tp.Mapping[str, LoRA]) -> tp.Dict[str, torch.Tensor]:
         out[f"{name}.lora_A"] = lora.A.detach().to("cpu", torch.float16)
         out[f"{name}.lora_B"] = lora.B.detach().to("cpu", torch.float16)
     return out
-
-
-def merge_into(lm: nn.Module, tensors: tp.Mapping[str, torch.Tensor], manifest: tp.Mapping[str, tp.Any]) -> int:
-    """``W += scale * B @ A`` for every adapted weight, in fp32 then the weight's dtype. Weights left
-    empty (a prepared decoder holds them, made from these very weights) are skipped. Returns the
-    number merged."""
-    scale = float(manifest["alpha"]) / int(manifest["rank"])
-    names = sorted(n[: -len(".lora_A")] for n in tensors if n.endswith(".lora_A"))
-    from ..trained import TrainedError
-
-    merged = 0
-    for name in names:
-        try:
-            weight = lm.get_parameter(name)
-        except AttributeError:
-            raise TrainedError(f"the trained file adapts {name}, which this LM does not have") from None
-        if weight.numel() == 0:
-            continue
-        a, b = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()
-        if (b.shape[0], a.shape[1]) != tuple(weight.shape):
-            raise TrainedError(f"the trained file's {name} is {b.shape[0]}x{a.shape[1]}, the LM's "
-                               f"{tuple(weight.shape)}")
-        update = (b.to(weight.device) @ a.to(weight.device)) * scale
-        weight.data.copy_((weight.data.float() + update).to(weight.dtype))
-        merged += 1
-    return merged

@@ -228,8 +228,6 @@ def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devic
         cancelled: tp.Callable[[], bool] = lambda: False) -> Outputs:
     """The whole run (see the module docstring). ``world``: processes (default: the visible GPUs,
     else 1); ``backend``: their process group's (nccl on GPUs, gloo on CPUs)."""
-    from .. import trained
-
     start = time.perf_counter()
     device = device or settings.resolved_device()
     weights.use_hub_cache(settings.weights_dir)
@@ -274,7 +272,7 @@ def _run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devi
         state, history = train_processes(settings, o, features, world, backend, work)
         model = _load(settings, o.base_model, device)
         if o.method == "lora":
-            adapters.merge_into(model.lm, state, {"rank": o.lora_rank, "alpha": o.lora_alpha})
+            trained.merge_lora(model.lm, state, {"rank": o.lora_rank, "alpha": o.lora_alpha})
         else:
             with torch.no_grad():
                 for name, p in model.lm.named_parameters():
