@@ -99,6 +99,18 @@ class Peer:
         self.server.shutdown()
         self.server.server_close()
 
+    def wait_logs(self, prediction_id: str, text: str = "generated ", timeout: float = 60) -> None:
+        """Until a webhook of the prediction carries ``text`` in its logs (by default a progress
+        line: generation is under way)."""
+        deadline = time.time() + timeout
+        while True:
+            with self.lock:
+                if any(w.get("id") == prediction_id and text in (w.get("logs") or "") for w in self.webhooks):
+                    return
+            if time.time() > deadline:
+                raise TimeoutError(f"{prediction_id}: no webhook with {text!r} in its logs")
+            time.sleep(0.05)
+
     def final_webhook(self, prediction_id: str, timeout: float = 120) -> dict:
         terminal = {"succeeded", "failed", "canceled"}
         deadline = time.time() + timeout

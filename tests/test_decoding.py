@@ -191,6 +191,7 @@ def _tokens_with(service, decoder, **inputs):
     return generator.generate(req, service.input_clip(req)).tokens
 
 
+@pytest.mark.slow  # ~11 s: the CUDA-graph step run eagerly on CPU; in `--all`
 def test_static_loop_gives_the_exact_tokens(text_service, melody_service, tune):
     """The whole static step (layers, guidance, sampling, token write: what a CUDA graph replays),
     run eagerly on the exact weights, against the exact decoder's dynamic steps, same seed: text (cross-attention), melody

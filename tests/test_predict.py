@@ -194,6 +194,7 @@ def test_missing_conditioner_weights_are_named(tiny_weights, tmp_path):
     assert "adefossez/HTDemucs/htdemucs.yaml" in str(info.value)
 
 
+@pytest.mark.slow  # the script in a fresh process (~15 s); test_command_line_mp3_and_errors runs the same CLI in-process
 def test_command_line_predict_writes_playable_files(tiny_weights, tmp_path):
     env = {**os.environ, "MUSICGEN_WEIGHTS": str(tiny_weights)}
     out = tmp_path / "song.wav"

@@ -167,8 +167,13 @@ def test_busy_server_answers_409_beyond_its_concurrency(server, peer):
         assert started.status == 202
     extra = server.predict({"prompt": "another", "duration": 1}, retry_busy=0)
     assert extra.status == 409, extra
+    # cancel once each is generating: coglet 0.23.1 has a race for async predictors, where a cancel
+    # that arrives while it is still submitting the coroutine fails the prediction ("Failed to
+    # submit coroutine: CancelationException") and the coroutine runs on unseen (docs/concurrency.md)
     for pid in ids:
-        server.cancel(pid)
+        peer.wait_logs(pid, "seed: ")
+    for pid in ids:
+        assert server.cancel(pid).status == 200
     for pid in ids:
         final = peer.final_webhook(pid)
         assert final["status"] == "canceled", final.get("error")
@@ -221,10 +226,7 @@ def test_cancel_and_bad_input_inside_a_batch(server, peer):
         assert server.predict(inputs, prediction_id=pid, asynchronous=True, webhook=f"{peer.url}/hook").status == 202
     bad = server.predict({"prompt": "x", "continuation": True, "duration": 2}, retry_busy=0)  # continuation without audio
     assert bad.status == 200 and bad.body["status"] == "failed" and "input_audio" in bad.body["error"]
-    deadline = time.time() + 60
-    while not any(w["id"] == "batch-1" and "generated " in (w.get("logs") or "") for w in peer.webhooks):
-        assert time.time() < deadline, "generation never started"
-        time.sleep(0.05)
+    peer.wait_logs("batch-1")
     assert server.cancel("batch-1").status == 200
     assert peer.final_webhook("batch-1", timeout=10)["status"] == "canceled"
     for pid in ("batch-0", "batch-2"):
@@ -237,10 +239,7 @@ def test_cancel_mid_generation_then_predict_again(server, peer):
     started = server.predict({"prompt": "epic", "duration": 60, "seed": 6}, prediction_id="cancel-1",
                              asynchronous=True, webhook=f"{peer.url}/hook")
     assert started.status == 202
-    deadline = time.time() + 60  # wait until generation is under way (a progress webhook)
-    while not any(w["id"] == "cancel-1" and "generated " in (w.get("logs") or "") for w in peer.webhooks):
-        assert time.time() < deadline, "generation never started"
-        time.sleep(0.05)
+    peer.wait_logs("cancel-1")  # generation under way
     asked = time.monotonic()
     assert server.cancel("cancel-1").status == 200
     final = peer.final_webhook("cancel-1", timeout=10)
