@@ -11,7 +11,9 @@ Measured, per model:
 - **training**: for each method (``lora``, ``full``) and batch size (``--batches``), a fresh process
   runs ``--steps`` updates on those segments: seconds per update (the median of the updates after the
   first, which pays one-off costs), tokens per second, and peak memory (the process' VmHWM on CPUs,
-  ``torch.cuda.max_memory_allocated`` on GPUs), with gradient checkpointing where ``--checkpointing``.
+  ``torch.cuda.max_memory_allocated`` on GPUs), with gradient checkpointing where ``--checkpointing``;
+- **allocator** (CPU): ``--thresholds 0,1048576`` runs each configuration with glibc's default
+  allocator (0, stock) and with the mmap threshold training sets (``training.allocator``), side by side.
 
 Writes ``bench/results/train.{md,json}`` (``--out``) and prints the table. On the 2-core CPU a full
 update of musicgen-small at batch 2 takes minutes: the defaults are 2 updates each.
@@ -67,8 +69,9 @@ def one(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
 
     from musicgen_service import weights
     from musicgen_service.settings import Settings
-    from musicgen_service.training import loop, options, run, tokens
+    from musicgen_service.training import allocator, loop, options, run, tokens
 
+    allocator.THRESHOLD = args.threshold  # what loop.train sets (0: glibc's default, as stock)
     weights.use_hub_cache(args.weights)
     settings = Settings(weights_dir=args.weights, model=args.model, device=args.device, prepared_off=True)
     model = run._load(settings, args.model, args.device)
@@ -95,7 +98,8 @@ def one(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
     steady = per_step[1:] or per_step
     tokens_per_step = args.batch * features.examples[0].codes.numel()
     s = statistics.median(steady)
-    return {"method": args.method, "batch": args.batch, "checkpointing": args.checkpointing, "steps": len(per_step),
+    return {"method": args.method, "batch": args.batch, "threshold": args.threshold if args.device == "cpu" else None,
+            "checkpointing": args.checkpointing, "steps": len(per_step),
             "s_per_step": round(s, 2), "first_step_s": round(per_step[0], 2), "tokens_per_s": round(tokens_per_step / s, 1),
             "peak_memory_MB": round(peak_memory_mb(args.device), 0), "final_loss": round(history.losses[-1], 4),
             "trainable_M": round(sum(p.numel() for p in params) / 1e6, 2)}
@@ -111,6 +115,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--thresholds", default=None, help="CPU: comma-separated glibc mmap thresholds in bytes "
+                        "to compare (0: glibc's default); default: the one training sets")
     parser.add_argument("--dry", action="store_true", help="the tiny set, 3 s segments: the flow, in seconds")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     parser.add_argument("--cache", type=Path, default=None, help="the model sets' hub cache (default: WORK/full)")
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--features", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--threshold", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(args)))
@@ -131,8 +138,11 @@ def main() -> None:
     from bench.run import machine
     from musicgen_service import tiny, weights
     from musicgen_service.settings import Settings
-    from musicgen_service.training import run, tokens
+    from musicgen_service.training import allocator, run, tokens
 
+    thresholds = [int(t) for t in args.thresholds.split(",")] if args.thresholds else [allocator.THRESHOLD]
+    if args.device != "cpu":
+        thresholds = [0]  # (GPU tensors are not in glibc's heap)
     report: tp.Dict[str, tp.Any] = {"machine": machine(), "device": args.device, "models": []}
     seconds = 3.0 if args.dry else 30.0
     for scale in args.scales.split(","):
@@ -156,19 +166,21 @@ def main() -> None:
         features.save(features_path)
         entry = {"model": model_id, "segment_s": seconds, "segments": args.segments,
                  "tokenize_s_per_audio_minute": round(60 * tokenize_s / (seconds * args.segments), 2), "runs": []}
-        for method in args.methods.split(","):
-            for batch in map(int, args.batches.split(",")):
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--weights", str(cache), "--model", model_id,
-                       "--features", str(features_path), "--method", method, "--batch", str(batch), "--steps",
-                       str(args.steps), "--device", args.device] + (["--checkpointing"] if args.checkpointing else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if out.returncode or line is None:
-                    entry["runs"].append({"method": method, "batch": batch, "error": out.stderr[-2000:]})
-                else:
-                    entry["runs"].append(json.loads(line[7:]))
-                print(f"{model_id} {method} batch {batch}: {entry['runs'][-1]}", file=sys.stderr)
+        for method, batch, threshold in [(m, b, t) for m in args.methods.split(",")
+                                         for b in map(int, args.batches.split(",")) for t in thresholds]:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--weights", str(cache), "--model", model_id,
+                   "--features", str(features_path), "--method", method, "--batch", str(batch), "--steps",
+                   str(args.steps), "--device", args.device, "--threshold", str(threshold)] + (
+                ["--checkpointing"] if args.checkpointing else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            if out.returncode or line is None:
+                entry["runs"].append({"method": method, "batch": batch, "threshold": threshold,
+                                      "error": out.stderr[-2000:]})
+            else:
+                entry["runs"].append(json.loads(line[7:]))
+            print(f"{model_id} {method} batch {batch} threshold {threshold}: {entry['runs'][-1]}", file=sys.stderr)
         report["models"].append(entry)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
@@ -186,13 +198,16 @@ def markdown(report: tp.Dict[str, tp.Any]) -> str:
         lines += [f"## {entry['model']}", "",
                   f"Tokenizing: {entry['tokenize_s_per_audio_minute']} s per minute of audio "
                   f"({entry['segments']} segments of {entry['segment_s']:g} s).", "",
-                  "| method | batch | trainable M | s / update | first update s | tokens/s | peak memory MB |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | batch | allocator | trainable M | s / update | first update s | tokens/s | peak memory MB |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in entry["runs"]:
+            t = r.get("threshold")
+            alloc = "-" if t is None else "glibc default (stock)" if t == 0 else f"mmap from {t // 1024} KiB"
             if "error" in r:
-                lines.append(f"| {r['method']} | {r['batch']} | failed: {r['error'].splitlines()[-1][:80]} | | | | |")
+                lines.append(f"| {r['method']} | {r['batch']} | {alloc} | failed: {r['error'].splitlines()[-1][:80]} "
+                             "| | | | |")
             else:
-                lines.append(f"| {r['method']} | {r['batch']} | {r['trainable_M']} | {r['s_per_step']} | "
+                lines.append(f"| {r['method']} | {r['batch']} | {alloc} | {r['trainable_M']} | {r['s_per_step']} | "
                              f"{r['first_step_s']} | {r['tokens_per_s']} | {r['peak_memory_MB']} |")
         lines.append("")
     return "\n".join(lines)

@@ -97,12 +97,15 @@ def test_training_and_streaming_benchmarks_smoke(tmp_path):
     """bench/train.py and bench/stream.py on the tiny set (--dry): every field of their reports."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--dry", "--segments", "2", "--steps", "2",
-                           "--batches", "1", "--out", str(tmp_path / "train")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env=env)
+                           "--batches", "1", "--thresholds", "0,1048576", "--out", str(tmp_path / "train")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "train.json").read_text())
     runs = report["models"][0]["runs"]
-    assert [r["method"] for r in runs] == ["lora", "full"] and all(r["s_per_step"] > 0 for r in runs), runs
+    assert [(r["method"], r["threshold"]) for r in runs] == [("lora", 0), ("lora", 1048576), ("full", 0),
+                                                              ("full", 1048576)], runs
+    assert all(r["s_per_step"] > 0 for r in runs), runs
+    assert "| lora | 1 | glibc default (stock) |" in (tmp_path / "train.md").read_text()
     assert report["models"][0]["tokenize_s_per_audio_minute"] > 0
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stream.py"), "--dry", "--runs", "1",
                            "--out", str(tmp_path / "stream")], cwd=ROOT, capture_output=True, text=True,

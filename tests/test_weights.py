@@ -185,7 +185,10 @@ def test_interrupted_download_resumes(tmp_path, tiny_weights):
     size = weights.cached_file(tiny_weights, lm).stat().st_size
     hub = LocalHub(tiny_weights)
     hub.hold = lm
-    first = download_weights("--model", model, "--weights", str(dest), "--no-mbd", HF_ENDPOINT=hub.url)
+    # (the client's read timeout, 10 s by default, would otherwise resume on its own, with a Range
+    # request, when a loaded machine delays the Ctrl-C below: seen once in CI)
+    first = download_weights("--model", model, "--weights", str(dest), "--no-mbd", HF_ENDPOINT=hub.url,
+                             HF_HUB_DOWNLOAD_TIMEOUT="300")
     partial = weights.repo_folder(dest, model) / "blobs"
     deadline = time.monotonic() + 120
     while sum(p.stat().st_size for p in partial.glob("*.incomplete")) < size // 2:

@@ -16,6 +16,8 @@
   same order and dropout decisions from the run's seed, so the update is the one a single process
   makes with the same global batch (tested), as long as every share holds as many tokens (each
   process averages over its own tokens, as audiocraft's solver does).
+- **memory on CPUs**: glibc's mmap threshold is fixed for the run (:mod:`.allocator`), so that a
+  step's large blocks go back to the system when freed instead of fragmenting its heap.
 - **progress**: step, loss, learning rate, tokens per second and time left, about every 5% of the
   run (and every 30 s); ``cancelled`` is checked before every micro-batch.
 """
@@ -33,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import Cancelled
 from ..logs import get_logger
-from . import options as opts
+from . import allocator, options as opts
 from .tokens import Example, Features, conditions, dropout_probabilities
 
 log = get_logger()
@@ -164,6 +166,9 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
         raise ValueError(f"a batch of {batch} cannot be split into {o.gradient_accumulation} micro-batches "
                          f"on each of {world} processes")
     micro = batch // (o.gradient_accumulation * world)
+    if device.type == "cpu" and allocator.map_large_blocks() and rank == 0:
+        log.info("allocator: blocks from %d KiB up mapped, and returned when freed (glibc's mmap threshold "
+                 "fixed: training.allocator)", allocator.THRESHOLD // 1024)
     warmup = max(1, round(opts.WARMUP_FRACTION * total))
     optimizer = torch.optim.AdamW(trainable, lr=o.learning_rate, betas=opts.BETAS,
                                   weight_decay=opts.WEIGHT_DECAY[o.method])

@@ -29,7 +29,7 @@ from .. import weights
 from ..errors import InputError
 from ..logs import get_logger
 from ..settings import Settings
-from . import adapters, dataset, loop, tokens
+from . import adapters, allocator, dataset, loop, tokens
 from .options import Options
 
 log = get_logger()
@@ -189,6 +189,8 @@ def train_worker(rank: int, world: int, backend: str, port: int, settings: Setti
     import torch.distributed as dist
 
     device = f"cuda:{rank}" if backend == "nccl" else "cpu"
+    if device == "cpu":
+        allocator.map_large_blocks()
     if backend == "nccl":
         torch.cuda.set_device(rank)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -230,6 +232,8 @@ def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devic
     else 1); ``backend``: their process group's (nccl on GPUs, gloo on CPUs)."""
     start = time.perf_counter()
     device = device or settings.resolved_device()
+    if device == "cpu":
+        allocator.map_large_blocks()  # before the dataset and the model load too (logged by loop.train)
     weights.use_hub_cache(settings.weights_dir)
     if o.drop_vocals:
         require_demucs(settings)
