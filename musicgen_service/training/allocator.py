@@ -11,7 +11,7 @@ threshold up are mapped, and unmapped when freed.
 Measured (bench/train.py's flow, musicgen-small at real size, LoRA, batch 1, AMD EPYC AVX2, 2 cores;
 process RSS after each update's backward): with glibc's default, 10 s segments grew 7.5 -> 9.7 ->
 12.0 -> 12.0 GB over four updates, 30 s segments 9.4 -> 11.9 -> 13.9 GB over three; with the
-threshold set, the 10 s run stayed at 5.9-6.2 GB. At 30 s, each method at batch 1 and 2 side by side
+threshold set, the 10 s run stayed at 5.9-6.3 GB. At 30 s, each method at batch 1 and 2 side by side
 (bench/results/train.md): peaks 28-38% lower, -4% to +13% time per update (the pages of each large
 block are faulted in again).
 
