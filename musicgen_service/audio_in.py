@@ -1,19 +1,26 @@
-"""Decoding ``input_audio``: any common format in, the model's rate and channels out, bounded.
+"""Decoding ``input_audio``: plain audio containers in, the model's rate and channels out, bounded.
 
-PyAV (FFmpeg, already an audiocraft dependency) decodes in-process: wav, mp3,
-flac, ogg/vorbis, opus, m4a/aac and anything else FFmpeg reads. Each decoded
-frame is resampled to the model's rate (libswresample) and converted to the
-model's channel count with audiocraft's own rule (``convert_audio_channels``:
-mono is the average of all channels, stereo from more channels keeps the first
-two, mono to stereo repeats) *while* decoding, so memory is bounded by the kept
-audio at 32 kHz, whatever the file's own rate or channel count. audiocraft's ``audio_read`` is not used: it
-returns the whole file at its native rate and channel count before any
+PyAV (FFmpeg, already an audiocraft dependency) decodes in-process. Only plain audio containers are
+opened (:data:`CONTAINERS`: wav, mp3, flac, ogg (vorbis, opus), m4a/mp4, aac, aiff, webm/mkv: what
+recorders, DAWs, phones and browsers write), recognised by their content (:func:`container`), never by
+their name, and FFmpeg is told which demuxer to use: left to itself it picks by content *and* name,
+and a text file named ``*.m3u8`` is an HLS playlist whose entries (``/etc/...``, ``file://...``) it
+opens and decodes, handing back a local file's samples. FFmpeg also never opens a path or URL itself:
+it reads the one file through a Python file object, so no protocol (file, concat, subfile, http...)
+is ever involved. Playlists, lists, image sequences, network streams and every other format are
+refused with a message naming the field.
+
+Each decoded frame is resampled to the model's rate (libswresample) and converted to the
+model's channel count with audiocraft's own rule (``convert_audio_channels``: mono is the average of
+all channels, stereo from more channels keeps the first two, mono to stereo repeats) *while*
+decoding, so memory is bounded by the kept audio at 32 kHz, whatever the file's own rate or channel
+count (:func:`blocks` hands it out piece by piece, for callers that keep less). audiocraft's
+``audio_read`` is not used: it returns the whole file at its native rate and channel count before any
 conversion, which is what a limit must prevent.
 
-Limits, checked as early as possible: the file's size before opening it, the
-duration its header claims before decoding, and the decoded length while
-decoding (a header can lie). Every failure is an ``InputError`` naming
-``input_audio`` (or the continuation bounds) in plain words, never a decoder
+Limits, checked as early as possible: the file's size before opening it, the duration its header
+claims before decoding, and the decoded length while decoding (a header can lie). Every failure is an
+``InputError`` naming ``input_audio`` (or the continuation bounds) in plain words, never a decoder
 stack trace.
 """
 from __future__ import annotations
@@ -25,6 +32,10 @@ from pathlib import Path
 
 from .errors import InputError
 
+# The FFmpeg demuxers opened, by what the file starts with (:func:`container`). Users send wav, mp3,
+# flac, ogg/opus, m4a (phones, iTunes), aac, aiff (Logic, Pro Tools) and webm (browsers' recorders).
+CONTAINERS = ("wav", "mp3", "flac", "ogg", "mp4", "aac", "aiff", "matroska")
+EXPECTED = "wav, mp3, flac, ogg, opus, m4a, aac, aiff or webm"
 MAX_BYTES = 100 * 1024 * 1024
 MAX_SECONDS = 600.0
 FIELD = "input_audio"
@@ -74,79 +85,180 @@ def load(path: tp.Union[str, Path], sample_rate: int, channels: int, start: floa
     (``max_seconds``), damaged or non-audio file, or a ``start`` at or past the end of the audio (the
     message gives the clip's real length). Training datasets use their own limits and field.
     """
-    import av
     import torch
 
-    path = Path(path)
-    max_seconds = MAX_SECONDS if max_seconds is None else max_seconds  # (read now: tests lower the limits)
-    check_size(path, max_bytes, field)
+    decoding = Decoding(path, sample_rate, channels, start, end, max_bytes, max_seconds, field)
+    pieces = list(decoding)
+    return Clip(wav=torch.cat(pieces, dim=1), sample_rate=sample_rate, start=decoding.first / sample_rate,
+                file_seconds=decoding.file_seconds)
 
-    def fail(rule: str, f: str = field) -> tp.NoReturn:
-        raise InputError([(f, rule)])
 
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except av.error.FFmpegError as exc:
-        fail(f"could not be read as audio (wav, mp3, flac, ogg, opus or m4a expected): {_reason(exc)}")
-    with container:
-        if not container.streams.audio:
-            fail("could not be read as audio: the file holds no audio stream")
-        stream = container.streams.audio[0]
-        declared = _declared_seconds(path, container, stream)
-        if declared is not None and declared > max_seconds:
-            fail(f"is {declared / 60:.1f} minutes long; the limit is {max_seconds / 60:.0f} minutes")
-        resampler = av.AudioResampler(format="flt", rate=sample_rate)  # keeps the source layout
-        first = int(round(start * sample_rate))
-        last = None if end is None else int(round(end * sample_rate))
-        limit = int(max_seconds * sample_rate)
-        chunks: tp.List[tp.Any] = []
-        decoded = 0  # samples at sample_rate since the start of the file
+class Decoding:
+    """``path`` decoded as it is read: iterating gives the [channels, n] float32 pieces between ``start``
+    and ``end`` at ``sample_rate``, in order (a piece is what one of the file's frames holds); after the
+    last piece, the checks that need the whole file (truncation, a start past the end) have run, and
+    :attr:`file_seconds` is set. Every problem raises InputError naming ``field``, before the first
+    piece where it can (size, container, declared length) and else where it shows: a caller that keeps
+    pieces must drop them when iteration raises."""
+
+    def __init__(self, path: tp.Union[str, Path], sample_rate: int, channels: int, start: float = 0.0,
+                 end: tp.Optional[float] = None, max_bytes: tp.Optional[int] = None,
+                 max_seconds: tp.Optional[float] = None, field: str = FIELD):
+        self.path = Path(path)
+        self.sample_rate, self.channels, self.field = sample_rate, channels, field
+        self.start = start
+        self.max_seconds = MAX_SECONDS if max_seconds is None else max_seconds  # (read now: tests lower it)
+        self.max_bytes = max_bytes
+        self.first = int(round(start * sample_rate))
+        self.last = None if end is None else int(round(end * sample_rate))
+        self.file_seconds: tp.Optional[float] = None  # the whole file's length, once decoded to its end
+
+    def fail(self, rule: str, field: tp.Optional[str] = None) -> tp.NoReturn:
+        raise InputError([(field or self.field, rule)])
+
+    def __iter__(self) -> tp.Iterator[tp.Any]:
+        import av
+
+        check_size(self.path, self.max_bytes, self.field)
+        demuxer = container(self.path, self.field)
+        try:
+            source = open(self.path, "rb")
+        except OSError as exc:
+            self.fail(f"could not be read ({exc.strerror or exc})")
+        with source:
+            try:
+                opened = av.open(source, format=demuxer, metadata_errors="ignore")
+            except av.error.FFmpegError as exc:
+                self.fail(f"could not be read as audio ({EXPECTED} expected): {_reason(exc)}")
+            with opened as media:
+                yield from self._pieces(media)
+
+    def _pieces(self, media: tp.Any) -> tp.Iterator[tp.Any]:
+        import av
+
+        rate, first, last = self.sample_rate, self.first, self.last
+        if not media.streams.audio:
+            self.fail("could not be read as audio: the file holds no audio stream")
+        stream = media.streams.audio[0]
+        declared = _declared_seconds(self.path, media, stream)
+        if declared is not None and declared > self.max_seconds:
+            self.fail(f"is {declared / 60:.1f} minutes long; the limit is {self.max_seconds / 60:.0f} minutes")
+        resampler = av.AudioResampler(format="flt", rate=rate)  # keeps the source layout
+        limit = int(self.max_seconds * rate)
+        decoded = 0  # samples at the model's rate since the start of the file
         reached_end = True
         try:
-            for frame in container.decode(stream):
+            for frame in media.decode(stream):
                 frame.pts = None  # let the resampler follow sample counts, not damaged timestamps
                 for out in resampler.resample(frame):
-                    decoded = _keep(out, chunks, decoded, first, last, channels)
+                    piece, decoded = _kept(out, decoded, first, last, self.channels)
+                    if piece is not None:
+                        yield piece
                 if decoded > limit:
-                    fail(f"is longer than {max_seconds / 60:.0f} minutes, the limit")
+                    self.fail(f"is longer than {self.max_seconds / 60:.0f} minutes, the limit")
                 if last is not None and decoded >= last:
                     reached_end = False
                     break
             else:
                 for out in resampler.resample(None):
-                    decoded = _keep(out, chunks, decoded, first, last, channels)
+                    piece, decoded = _kept(out, decoded, first, last, self.channels)
+                    if piece is not None:
+                        yield piece
         except av.error.FFmpegError as exc:
-            fail(f"is damaged or truncated: decoding failed after {decoded / sample_rate:.1f} s "
-                  f"({_reason(exc)})")
-        file_format = container.format.name
-
-    if decoded == 0:
-        fail("contains no audio samples")
-    total = decoded / sample_rate
-    if (reached_end and declared is not None and file_format not in _ESTIMATED_DURATION_FORMATS
-            and total < declared - max(_TRUNCATION_TOLERANCE, 0.02 * declared)):
-        fail(f"is truncated: its header says {declared:.1f} s but only {total:.1f} s could be decoded")
-    if first >= decoded:
-        fail(f"is {total:.1f} s long, so continuation_start ({start:g} s) is past its end",
-              "continuation_start")
-    wav = torch.cat(chunks, dim=1)
-    return Clip(wav=wav, sample_rate=sample_rate, start=first / sample_rate,
-                file_seconds=total if reached_end else None)
+            self.fail(f"is damaged or truncated: decoding failed after {decoded / rate:.1f} s ({_reason(exc)})")
+        if decoded == 0:
+            self.fail("contains no audio samples")
+        total = decoded / rate
+        if (reached_end and declared is not None and media.format.name not in _ESTIMATED_DURATION_FORMATS
+                and total < declared - max(_TRUNCATION_TOLERANCE, 0.02 * declared)):
+            self.fail(f"is truncated: its header says {declared:.1f} s but only {total:.1f} s could be decoded")
+        if first >= decoded:
+            self.fail(f"is {total:.1f} s long, so continuation_start ({self.start:g} s) is past its end",
+                      "continuation_start")
+        self.file_seconds = total if reached_end else None
 
 
-def _keep(frame: tp.Any, chunks: tp.List[tp.Any], decoded: int, first: int,
-          last: tp.Optional[int], channels: int) -> int:
-    """Append the part of ``frame`` inside [first, last) to ``chunks``, as ``channels`` channels;
-    return the new count of decoded samples."""
+def container(path: Path, field: str = FIELD) -> str:
+    """The FFmpeg demuxer for ``path``, from its first bytes (an ID3v2 tag skipped): one of
+    :data:`CONTAINERS`; anything else raises InputError naming ``field``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            skipped = 0
+            while head[:3] == b"ID3" and len(head) >= 10:  # ID3v2 (mp3, sometimes flac/aac): skip it
+                size = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | head[9] & 0x7F)
+                size += 10 if head[5] & 0x10 else 0  # a footer
+                skipped += size
+                f.seek(skipped)
+                head = f.read(64)
+    except OSError as exc:
+        raise InputError([(field, f"could not be read ({exc.strerror or exc})")]) from None
+    found = _signature(head)
+    if found is None and skipped and _mpeg_audio_sync(head):
+        found = "mp3"
+    if found is None:
+        what = _what_else(head)
+        raise InputError([(field, f"could not be read as audio: it is not a {EXPECTED} file{what}")])
+    return found
+
+
+def _signature(head: bytes) -> tp.Optional[str]:
+    if head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
+        return "wav"
+    if head[:4] == b"fLaC":
+        return "flac"
+    if head[:4] == b"OggS":
+        return "ogg"
+    if head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+        return "aiff"
+    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: matroska, webm
+        return "matroska"
+    if head[4:8] == b"ftyp":  # ISO base media: m4a, mp4
+        return "mp4"
+    if head[:4] == b"ADIF":
+        return "aac"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xF6 == 0xF0:  # ADTS: sync, layer 00
+        return "aac"
+    if _mpeg_audio_sync(head):
+        return "mp3"
+    return None
+
+
+def _mpeg_audio_sync(head: bytes) -> bool:
+    """An MPEG audio frame header: 11 sync bits, a valid version and layer, bitrate and rate indices."""
+    if len(head) < 4 or head[0] != 0xFF or head[1] & 0xE0 != 0xE0:
+        return False
+    version, layer = (head[1] >> 3) & 3, (head[1] >> 1) & 3
+    bitrate, rate = head[2] >> 4, (head[2] >> 2) & 3
+    return version != 1 and layer != 0 and bitrate != 15 and rate != 3
+
+
+def _what_else(head: bytes) -> str:
+    """A word on what the file seems to be instead, when it is recognisable."""
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith(b"#EXTM3U") or text.startswith(b"#EXT"):
+        return ": this is a playlist (HLS/m3u), not audio"
+    if text[:10].lower().startswith(b"ffconcat") or text.startswith(b"file "):
+        return ": this is a list of files, not audio"
+    if text.startswith((b"v=0", b"<?xml", b"<", b"{", b"[")) or all(32 <= c < 127 or c in (9, 10, 13) for c in head[:32]):
+        return ": this is a text file"
+    if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff" or head[:4] in (b"GIF8", b"%PDF"):
+        return ": this is an image or document"
+    return ""
+
+
+def _kept(frame: tp.Any, decoded: int, first: int, last: tp.Optional[int],
+          channels: int) -> tp.Tuple[tp.Any, int]:
+    """The part of ``frame`` inside [first, last) as ``channels`` channels (None: nothing of it), and the
+    new count of decoded samples."""
     import torch
     from audiocraft.data.audio_utils import convert_audio_channels
 
     data = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).T  # packed -> [C, n]
     n = data.shape[1]
     lo, hi = max(first - decoded, 0), n if last is None else min(last - decoded, n)
-    if hi > lo:
-        chunks.append(convert_audio_channels(torch.from_numpy(data[:, lo:hi].copy()), channels))
-    return decoded + n
+    piece = convert_audio_channels(torch.from_numpy(data[:, lo:hi].copy()), channels) if hi > lo else None
+    return piece, decoded + n
 
 
 def _declared_seconds(path: Path, container: tp.Any, stream: tp.Any) -> tp.Optional[float]:

@@ -164,9 +164,10 @@ class Service:
         wav = audio_out.normalize(wav, sample_rate, request.normalization_strategy)
         folder = outputs.fresh_folder()
         try:
-            # a unique name: uploads (`--upload-url`) of different predictions never collide
-            path = audio_out.write(wav, sample_rate, request.output_format, folder,
-                                   stem=f"musicgen-{uuid.uuid4().hex[:12]}")
+            with outputs.held(folder):
+                # a unique name: uploads (`--upload-url`) of different predictions never collide
+                path = audio_out.write(wav, sample_rate, request.output_format, folder,
+                                       stem=f"musicgen-{uuid.uuid4().hex[:12]}")
         except BaseException:
             outputs.remove_folder(folder)
             raise
@@ -211,10 +212,10 @@ class Service:
         if prepared.context is not None:  # a continuation: its audio comes first
             parts = [p for p in (prepared.head, prepared.context) if p is not None and p.shape[-1]]
             head = torch.cat(parts, dim=-1) if parts else None
-        folder = outputs.fresh_folder()
-        chunks = ChunkStream(self.model, request.normalization_strategy, request.output_format, folder, emit, head)
-        tokens = self.generator.tokens(prepared, cancelled=cancel.is_set, stream=chunks)
-        chunks.finish(tokens)
+        with outputs.held(outputs.fresh_folder()) as folder:  # (a stream may outlast the keep period)
+            chunks = ChunkStream(self.model, request.normalization_strategy, request.output_format, folder, emit, head)
+            tokens = self.generator.tokens(prepared, cancelled=cancel.is_set, stream=chunks)
+            chunks.finish(tokens)
         log.info("streaming: %d chunk(s), the first after %.2f s", chunks.index, chunks.first_chunk_at or 0.0)
         emit(self._finish(request, tokens))
 

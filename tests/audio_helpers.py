@@ -13,6 +13,9 @@ FORMATS = {
     "flac": ("flac", "flac", "s16"),
     "opus": ("ogg", "libopus", "flt"),
     "m4a": ("ipod", "aac", "fltp"),
+    "aac": ("adts", "aac", "fltp"),
+    "aiff": ("aiff", "pcm_s16be", "s16"),
+    "webm": ("webm", "libopus", "flt"),
 }
 
 

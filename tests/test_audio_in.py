@@ -34,6 +34,7 @@ CASES = [  # (format, source channels, source rate)
     ("ogg", 1, 8000), ("ogg", 2, 44100), ("ogg", 2, 48000),
     ("opus", 1, 8000), ("opus", 2, 48000), ("opus", 6, 48000),
     ("m4a", 1, 8000), ("m4a", 2, 44100), ("m4a", 6, 48000),
+    ("aac", 2, 44100), ("aiff", 2, 44100), ("webm", 2, 48000),
 ]
 
 
@@ -141,3 +142,48 @@ def test_decoding_stops_at_the_limit_when_the_header_says_nothing(tmp_path, monk
     monkeypatch.setattr(audio_in, "_declared_seconds", lambda path, container, stream: None)
     path = write(tmp_path / "long.wav", sine(440, 5, RATE), RATE)
     fails(path, "is longer than 0 minutes, the limit")
+
+
+# ------------------------------------------------------------------ hostile files
+
+
+def test_a_playlist_naming_a_local_file_is_refused_whatever_its_name(tmp_path):
+    """FFmpeg left to itself opens an HLS playlist (by its content and a .m3u8 name) and decodes the
+    local files it names: their samples would come back in continuation mode."""
+    secret = write(tmp_path / "secret.flac", sine(440, 2.0, RATE), RATE)
+    playlist = ("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{}\n#EXT-X-ENDLIST\n")
+    for entry in (str(secret), f"file://{secret}"):
+        for name in ("list.m3u8", "song.wav", "song.mp3", "song.m4a", "song"):
+            path = tmp_path / name
+            path.write_text(playlist.format(entry))
+            error = fails(path, "playlist")
+            assert "could not be read as audio" in str(error)
+
+
+@pytest.mark.parametrize("name, content, what", [
+    ("files.ffconcat", "ffconcat version 1.0\nfile '/etc/passwd'\n", "list of files"),
+    ("files.txt", "file '/tmp/a.wav'\nfile '/tmp/b.wav'\n", "list of files"),
+    ("stream.sdp", "v=0\no=- 0 0 IN IP4 127.0.0.1\nm=audio 5004 RTP/AVP 0\n", "text file"),
+    ("frames.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "image"),
+    ("cover.jpg", b"\xff\xd8\xff\xe0" + bytes(200), "image"),
+    ("sound.au", b".snd" + bytes(200), "not a wav, mp3"),  # a real format, but not one users send
+])
+def test_lists_protocols_images_and_other_formats_are_refused(tmp_path, name, content, what):
+    path = tmp_path / name
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    fails(path, what)
+
+
+def test_the_container_is_recognised_by_content_not_by_name(tmp_path):
+    flac = write(tmp_path / "a.flac", sine(440, 1.0, RATE), RATE)
+    misnamed = tmp_path / "a.mp3"
+    misnamed.write_bytes(flac.read_bytes())
+    assert audio_in.container(misnamed) == "flac"
+    assert audio_in.load(misnamed, RATE, 1).wav.shape == (1, RATE)
+    # an ID3v2 tag before the audio (taggers put one before mp3, sometimes flac)
+    tag = b"ID3\x04\x00\x00" + bytes([0, 0, 0, 20]) + bytes(20)
+    tagged = tmp_path / "tagged.flac"
+    tagged.write_bytes(tag + flac.read_bytes())
+    assert audio_in.container(tagged) == "flac"
+    mp3 = write(tmp_path / "b.mp3", sine(440, 1.0, 44100), 44100)
+    assert audio_in.container(mp3) == "mp3"

@@ -35,7 +35,7 @@ log = get_logger()
 
 FIELD = "dataset"
 AUDIO_EXTENSIONS = {".wav", ".wave", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
-                    ".aif", ".aiff", ".webm", ".wma"}
+                    ".aif", ".aiff", ".webm"}
 CAPTION_EXTENSION = ".txt"
 MAX_FILES = 10_000
 MAX_UNPACKED_BYTES = 8 * 1024**3

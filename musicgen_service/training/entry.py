@@ -36,8 +36,9 @@ def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, 
                 raise Cancelled("training cancelled while waiting")
     folder = outputs.fresh_folder()  # (kept after the run, until Cog has uploaded its files)
     try:
-        return run.run(Path(dataset), o, settings, folder, cancelled=cancelled,
-                       sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds)
+        with outputs.held(folder):  # never cleaned while the run writes into it (for longer than the keep period)
+            return run.run(Path(dataset), o, settings, folder, cancelled=cancelled,
+                           sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # no partial weights
         raise
