@@ -71,24 +71,26 @@ def require_demucs(settings: Settings) -> None:
 
 
 def prepare_dataset(path: Path, folder: Path, sample_rate: int, channels: int, window: float,
-                    cancelled: tp.Callable[[], bool]) -> tp.Tuple[tp.List[dataset.Segment], tp.Dict[str, tp.Any]]:
+                    cancelled: tp.Callable[[], bool]) -> tp.Tuple[Path, dataset.Plan]:
+    """The dataset unpacked into ``folder`` and gone through once (:func:`.dataset.plan`): every
+    refusal happens here, before the model loads; the audio is decoded again as it is tokenized."""
     start = time.perf_counter()
-    root = dataset.unpack(path, folder)
+    root = dataset.unpack(path, folder, cancelled)
     found = dataset.collect(root)
     if not found.audio:
         listed = ", ".join(name for name, _ in found.skipped[:5]) or "nothing"
         raise InputError([(dataset.FIELD, f"holds no audio file (wav, mp3, flac, ogg, opus, m4a...; found {listed})")])
-    segs = dataset.segments(root, found, sample_rate, channels, window, cancelled)
+    plan = dataset.plan(root, found, sample_rate, channels, window, cancelled)
     dataset.describe_skipped(found)
-    if not segs:
+    if not plan.summary["segments"]:
         raise InputError([(dataset.FIELD, f"no usable audio: every file is shorter than "
                                           f"{dataset.MIN_SEGMENT_SECONDS:g} s or could not be decoded "
                                           f"({'; '.join(f'{n}: {w}' for n, w in found.skipped[:5])})")])
-    summary = dataset.summary(found, segs, sample_rate)
-    log.info("dataset: %d segments (%.0f s) from %d file(s), %d captioned, %d file(s) skipped; prepared in %.1f s",
+    summary = plan.summary
+    log.info("dataset: %d segments (%.0f s) from %d file(s), %d captioned, %d file(s) skipped; checked in %.1f s",
              summary["segments"], summary["seconds"], summary["audio_files"], summary["captioned_segments"],
              len(found.skipped), time.perf_counter() - start)
-    return segs, summary
+    return root, plan
 
 
 def _melody_conditioner(model: tp.Any) -> tp.Any:
@@ -96,8 +98,8 @@ def _melody_conditioner(model: tp.Any) -> tp.Any:
     return conditioners[tokens.MELODY] if tokens.MELODY in conditioners else None
 
 
-def remove_vocals(model: tp.Any, segs: tp.Sequence[dataset.Segment]) -> None:
-    """Replace each segment by its mix without the vocals stem (HTDemucs: drums + bass + other)."""
+def without_vocals(model: tp.Any, segs: tp.Iterable[dataset.Segment]) -> tp.Iterator[dataset.Segment]:
+    """Each segment as its mix without the vocals stem (HTDemucs: drums + bass + other), as they come."""
     from demucs import pretrained
     from demucs.apply import apply_model
     from demucs.audio import convert_audio
@@ -106,13 +108,16 @@ def remove_vocals(model: tp.Any, segs: tp.Sequence[dataset.Segment]) -> None:
     melody = _melody_conditioner(model)
     demucs = melody.demucs if melody is not None else pretrained.get_model("htdemucs").to(model.device)
     keep = [i for i, name in enumerate(demucs.sources) if name != "vocals"]
+    count = 0
     for s in segs:
         wav = convert_audio(s.wav[None].to(model.device), model.sample_rate, demucs.samplerate, demucs.audio_channels)
         with torch.no_grad():
             stems = apply_model(demucs, wav, device=model.device)
         mix = stems[:, keep].sum(1)
         s.wav = convert_audio(mix, demucs.samplerate, model.sample_rate, model.audio_channels)[0].cpu()
-    log.info("removed vocals from %d segments in %.1f s", len(segs), time.perf_counter() - start)
+        count += 1
+        yield s
+    log.info("removed vocals from %d segments in %.1f s", count, time.perf_counter() - start)
 
 
 def sample(model: tp.Any, prompt: str, seed: int, seconds: int, folder: Path, name: str) -> Path:
@@ -253,14 +258,20 @@ def _run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devi
          sample_rate: int, channels: int, window: float, start: float) -> Outputs:
     from .. import trained
 
-    segs, summary = prepare_dataset(Path(dataset_path), work / "dataset", sample_rate, channels, window, cancelled)
+    root, plan = prepare_dataset(Path(dataset_path), work / "dataset", sample_rate, channels, window, cancelled)
+    summary = plan.summary
 
     log.info("base model: %s on %s (%s)", o.base_model, device, "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune")
     model = _load(settings, o.base_model, device)
+    # the audio decoded again, segment by segment, as it is tokenized: never the whole dataset in memory
+    segs = dataset.segments(root, plan.usable, sample_rate, channels, window, cancelled)
     if o.drop_vocals:
-        remove_vocals(model, segs)
-    features = tokens.compute(model, segs, o.caption, cancelled, seed=o.seed)
-    del segs
+        segs = without_vocals(model, segs)
+    features = tokens.compute(model, segs, o.caption, cancelled, seed=o.seed, total_seconds=summary["seconds"])
+    if cancelled():
+        from ..errors import Cancelled
+
+        raise Cancelled("training cancelled while tokenizing")
     prompt = features.examples[0].caption
     before = after = None
     if sample_seconds:

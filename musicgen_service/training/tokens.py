@@ -84,13 +84,16 @@ def _attributes(caption: tp.Optional[str], wav: tp.Optional[torch.Tensor], sampl
     return attributes
 
 
-def compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
-            cancelled: tp.Callable[[], bool] = lambda: False, seed: int = 0) -> Features:
+def compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
+            cancelled: tp.Callable[[], bool] = lambda: False, seed: int = 0,
+            total_seconds: tp.Optional[float] = None) -> Features:
     """Codes and condition features for every segment (see the module docstring), through the LM's
     condition provider's own tokenization (which, for instance, folds a stereo melody into one
-    channel as MusicGen's inference does). ``seed``: demucs' random shifts (the melody's stems)."""
+    channel as MusicGen's inference does). ``segments``: any iterable, consumed once (the run's are
+    decoded as they are tokenized); ``total_seconds``: their length, for the progress lines. ``seed``:
+    demucs' random shifts (the melody's stems)."""
     with torch.no_grad():
-        return _compute(model, segments, instance_prompt, cancelled, seed)
+        return _compute(model, segments, instance_prompt, cancelled, seed, total_seconds)
 
 
 def segment_seed(seed: int, index: int) -> int:
@@ -99,8 +102,27 @@ def segment_seed(seed: int, index: int) -> int:
     return seed * 1_000_003 + index
 
 
-def _compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
-             cancelled: tp.Callable[[], bool], seed: int) -> Features:
+MAX_TEXT_TOKENS = 512  # what T5 was trained on (t5-base's n_positions); audiocraft's tokenizer takes any length
+
+
+def fit_caption(tokenizer: tp.Any, text: str) -> str:
+    """``text`` as the text encoder takes it: at most :data:`MAX_TEXT_TOKENS` tokens (cut, logged).
+    Attention cost grows with the square of the length, and T5 saw no longer text in training."""
+    ids = tokenizer(text).input_ids
+    if len(ids) <= MAX_TEXT_TOKENS:
+        return text
+    keep = MAX_TEXT_TOKENS - 1  # room for the end-of-sequence token
+    cut = text
+    while len(tokenizer(cut).input_ids) > MAX_TEXT_TOKENS and keep > 0:
+        cut = tokenizer.decode(ids[:keep], skip_special_tokens=True)
+        keep -= 8
+    log.info("dataset: a caption of %d tokens was cut to the text encoder's %d (%r...)", len(ids),
+             MAX_TEXT_TOKENS, cut[:60])
+    return cut
+
+
+def _compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
+             cancelled: tp.Callable[[], bool], seed: int, total_seconds: tp.Optional[float]) -> Features:
     from ..generate import demucs_random
 
     from .. import codec
@@ -112,37 +134,48 @@ def _compute(model: tp.Any, segments: tp.Sequence[tp.Any], instance_prompt: str,
     text_cond = provider.conditioners[TEXT]
     melody_cond = provider.conditioners[MELODY] if MELODY in provider.conditioners else None
     features = Features(examples=[], frame_rate=float(model.frame_rate))
-    for caption in sorted({s.caption if s.caption is not None else instance_prompt for s in segments}):
-        tokens = provider.tokenize([_attributes(caption, None, rate, melody_cond is not None, device)])[TEXT]
-        states = text_cond.t5(**tokens).last_hidden_state[0]
-        features.text[caption] = states[: int(tokens["attention_mask"][0].sum())].float().cpu()
-    if melody_cond is not None:
-        # the null melody as guidance computes it: tokenized beside a real one (so padded to its length)
-        longest = max(segments, key=lambda s: s.wav.shape[-1]).wav.to(device)
-        real = _attributes("", longest, rate, True, device)
-        both = provider.tokenize([real] + ClassifierFreeGuidanceDropout(p=1.0)([real]))[MELODY]
-        with demucs_random(segment_seed(seed, -1)):
-            features.null_melody = melody_cond._get_wav_embedding(both)[1].float().cpu()
-    total = sum(s.wav.shape[-1] for s in segments) / rate
+    fitted: tp.Dict[str, str] = {}  # caption as given -> as the encoder takes it
+
+    def caption_of(segment: tp.Any) -> str:
+        given = segment.caption if segment.caption is not None else instance_prompt
+        if given not in fitted:
+            fitted[given] = fit_caption(text_cond.t5_tokenizer, given)
+            caption = fitted[given]
+            if caption not in features.text:
+                tokens = provider.tokenize([_attributes(caption, None, rate, melody_cond is not None, device)])[TEXT]
+                states = text_cond.t5(**tokens).last_hidden_state[0]
+                features.text[caption] = states[: int(tokens["attention_mask"][0].sum())].float().cpu()
+        return fitted[given]
+
+    longest: tp.Any = None  # the first of the longest segments: the null melody is padded to its length
     done, next_report = 0.0, 0.1
     for i, s in enumerate(segments):
         if cancelled():
             break
+        caption = caption_of(s)
         wav = s.wav.to(device)
+        if melody_cond is not None and (longest is None or wav.shape[-1] > longest.shape[-1]):
+            longest = wav
         codes = codec.encode(model.compression_model, wav[None])[0]
         melody = None
         if melody_cond is not None:
             tokenized = provider.tokenize([_attributes("", wav, rate, True, device)])[MELODY]
             with demucs_random(segment_seed(seed, i)):
                 melody = melody_cond._get_wav_embedding(tokenized)[0].float().cpu()
-        features.examples.append(Example(codes=codes.to(torch.int16).cpu(),
-                                         caption=s.caption if s.caption is not None else instance_prompt,
-                                         melody=melody, source=s.source, start=s.start))
+        features.examples.append(Example(codes=codes.to(torch.int16).cpu(), caption=caption, melody=melody,
+                                         source=s.source, start=s.start))
         done += wav.shape[-1] / rate
-        if done / max(total, 1e-9) >= next_report:
-            log.info("tokenizing: %.0f s of %.0f s of audio (%d segments), %.1f s elapsed", done, total,
+        if total_seconds and done / max(total_seconds, 1e-9) >= next_report:
+            log.info("tokenizing: %.0f s of %.0f s of audio (%d segments), %.1f s elapsed", done, total_seconds,
                      len(features.examples), time.perf_counter() - start)
             next_report += 0.1
+    features.text = dict(sorted(features.text.items()))
+    if melody_cond is not None and longest is not None:
+        # the null melody as guidance computes it: tokenized beside a real one (so padded to its length)
+        real = _attributes("", longest, rate, True, device)
+        both = provider.tokenize([real] + ClassifierFreeGuidanceDropout(p=1.0)([real]))[MELODY]
+        with demucs_random(segment_seed(seed, -1)):
+            features.null_melody = melody_cond._get_wav_embedding(both)[1].float().cpu()
     features.seconds = done
     seconds = time.perf_counter() - start
     log.info("tokenized %.0f s of audio in %.1f s (%.2f s per minute of audio)%s", done, seconds,
