@@ -149,7 +149,7 @@ class Scheduler:
         try:
             job.row = Row(condition_tensors=prepared.condition_tensors, prompt=prepared.context,
                           max_gen_len=prepared.prompt_frames + prepared.new_frames, seed=prepared.seed,
-                          temp=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                          temp=req.temperature, top_k=req.top_k, top_p=req.top_p, use_sampling=not req.greedy,
                           cfg_coef=float(req.classifier_free_guidance),
                           progress=lambda done, total: progress.update(done))
             job.started = time.perf_counter()

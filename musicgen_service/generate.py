@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from . import codec
 from .logs import get_logger
-from .request import Capabilities, Request
+from .request import GREEDY_BELOW, Capabilities, Request
 
 log = get_logger()
 
@@ -223,6 +223,9 @@ class Generator:
         fr = model.frame_rate
         seed = req.seed if req.seed is not None else random_seed()
         say("seed: %d%s" % (seed, "" if req.seed is not None else " (random)"))
+        if req.greedy:
+            say("temperature %g is below %g: greedy decoding (the most likely token at each step)" % (
+                req.temperature, GREEDY_BELOW))
         with torch.inference_mode():
             melody = [clip.wav.to(model.device)] if req.mode == "melody" else None
             attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
@@ -296,7 +299,7 @@ class Generator:
 
     def _set_params(self, req: Request, duration: float) -> None:
         self.model.set_generation_params(
-            use_sampling=True, top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
+            use_sampling=not req.greedy, top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
             duration=duration, cfg_coef=float(req.classifier_free_guidance), extend_stride=EXTEND_STRIDE)
 
 

@@ -13,12 +13,20 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import audio_in
 from .errors import InputError
 
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 OUTPUT_FORMATS = ("wav", "mp3")
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 2000
+# Sampling at a temperature this low is the most likely token (greedy decoding): below it, logits /
+# temperature overflows float32 for temperatures a JSON number can still give (1e-40: inf, then NaN).
+GREEDY_BELOW = 0.01
+# Guidance weights past a few tens give noise; past ~1e37, (cond - uncond) * cfg overflows float32 and
+# an integer beyond float range cannot even be converted. The rule keeps every value finite.
+MAX_GUIDANCE = 1000
+
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,24 @@ class Request:
     seed: tp.Optional[int]  # None: pick a random seed
 
     @property
+    def greedy(self) -> bool:
+        """Whether the temperature is so low that sampling is the most likely token (:data:`GREEDY_BELOW`)."""
+        return self.temperature < GREEDY_BELOW
+
+    @property
     def mode(self) -> str:
         if self.input_audio is None:
             return "text"
         return "continuation" if self.continuation else "melody"
+
+
+def _shown(value: tp.Any) -> str:
+    """A value as a message quotes it: a number of hundreds of digits (JSON allows them) is shortened."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return "a number of thousands of digits"
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
 
 
 def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
@@ -77,16 +99,19 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
         bad("prompt", f"must be at most {MAX_PROMPT_CHARS} characters (got {len(text)})")
 
     if not 1 <= duration <= caps.max_duration:
-        bad("duration", f"must be between 1 and {caps.max_duration} seconds (got {duration})")
+        bad("duration", f"must be between 1 and {caps.max_duration} seconds (got {_shown(duration)})")
 
     if continuation_start < 0:
-        bad("continuation_start", f"must be >= 0 seconds (got {continuation_start})")
+        bad("continuation_start", f"must be >= 0 seconds (got {_shown(continuation_start)})")
+    elif continuation_start > audio_in.MAX_SECONDS:  # (it selects seconds of input_audio)
+        bad("continuation_start", f"must be at most {audio_in.MAX_SECONDS:g} seconds, the longest input_audio "
+                                  f"(got {_shown(continuation_start)})")
     end = None if continuation_end in (None, -1) else continuation_end
     if end is not None and end < 0:
-        bad("continuation_end", f"must be -1 or None (the end of the clip) or >= 0 seconds (got {end})")
+        bad("continuation_end", f"must be -1 or None (the end of the clip) or >= 0 seconds (got {_shown(end)})")
     elif end is not None and end <= continuation_start:
-        bad("continuation_end", f"must be greater than continuation_start ({continuation_start}); "
-                                f"got {end}. Use -1 or leave it empty for the end of the clip")
+        bad("continuation_end", f"must be greater than continuation_start ({_shown(continuation_start)}); "
+                                f"got {_shown(end)}. Use -1 or leave it empty for the end of the clip")
     if audio is None:
         if continuation:
             bad("continuation", "needs input_audio: the music to continue")
@@ -101,17 +126,19 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
         bad("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)} (got {output_format!r})")
 
     if not 0 <= top_k <= caps.card:
-        bad("top_k", f"must be between 0 and {caps.card}, the model's codebook size (got {top_k})")
+        bad("top_k", f"must be between 0 and {caps.card}, the model's codebook size (got {_shown(top_k)})")
     if not (math.isfinite(top_p) and 0.0 <= top_p <= 1.0):
-        bad("top_p", f"must be between 0 and 1 (got {top_p})")
+        bad("top_p", f"must be between 0 and 1 (got {_shown(top_p)})")
     if not (math.isfinite(temperature) and temperature > 0):
-        bad("temperature", f"must be greater than 0 (got {temperature})")
+        bad("temperature", f"must be greater than 0 (got {_shown(temperature)})")
     if classifier_free_guidance < 0:
-        bad("classifier_free_guidance", f"must be >= 0 (got {classifier_free_guidance})")
+        bad("classifier_free_guidance", f"must be >= 0 (got {_shown(classifier_free_guidance)})")
+    elif classifier_free_guidance > MAX_GUIDANCE:
+        bad("classifier_free_guidance", f"must be at most {MAX_GUIDANCE} (got {_shown(classifier_free_guidance)})")
 
     seed_value = None if seed in (None, -1) else seed
     if seed_value is not None and not 0 <= seed_value <= MAX_SEED:
-        bad("seed", f"must be -1 or None (random) or between 0 and {MAX_SEED} (got {seed})")
+        bad("seed", f"must be -1 or None (random) or between 0 and {MAX_SEED} (got {_shown(seed)})")
 
     if audio is not None and not continuation and not caps.melody:
         bad("input_audio", f"{caps.name} has no melody conditioning: set continuation to true to "

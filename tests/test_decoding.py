@@ -330,3 +330,21 @@ def test_setup_skips_int8dyn_where_torch_lacks_dynamic_quantization(tiny_weights
     assert service.predict(prompt="lo-fi beat", duration=1, seed=1).is_file()
     named = Decoder(make_service(tiny_weights, MONO_TEXT, decoder="stock").model.lm, "int8dyn")
     assert named.mode == "exact" and "int8dyn unavailable here" in named.describe()
+
+
+@pytest.mark.parametrize("mode", ["stock", "exact", "fp16", "static"])
+def test_sampling_extremes_decode_on_every_decoder(text_service, mode):
+    """A temperature of 1e-40 (logits / temperature overflowed to inf, then NaN: a raw RuntimeError in
+    torch.multinomial, garbage from the static sampler's argmax) is greedy decoding, and the largest
+    guidance allowed stays finite, on every decoder: stock, exact, a reduced precision, the static
+    (CUDA-graph) step run eagerly."""
+    for inputs in ({"temperature": 1e-40}, {"classifier_free_guidance": 1000, "temperature": 0.05}):
+        if mode == "static":
+            got = _tokens_with(text_service, _static_decoder(text_service.model.lm), **inputs)
+            want = tokens(text_service, "exact", **inputs)
+            assert torch.equal(got, want), inputs
+        else:
+            got = tokens(text_service, mode, **inputs)
+        assert (got >= 0).all() and (got < 2048).all()
+    greedy = tokens(text_service, "exact", temperature=1e-40)
+    assert torch.equal(greedy, tokens(text_service, "exact", temperature=1e-40, seed=6))  # no randomness left

@@ -105,3 +105,25 @@ def test_melody_needs_a_melody_model():
     with pytest.raises(InputError, match="input_audio: facebook/musicgen-small has no melody conditioning"):
         parse_request(caps, prompt="x", input_audio="/tmp/song.wav")
     assert parse_request(caps, prompt="x", input_audio="/tmp/a.wav", continuation=True).mode == "continuation"
+
+
+# ------------------------------------------------------------------ extremes
+
+
+@pytest.mark.parametrize("inputs, field", [
+    ({"classifier_free_guidance": 10**400}, "classifier_free_guidance"),  # beyond float range
+    ({"classifier_free_guidance": 1001}, "classifier_free_guidance"),
+    ({"continuation_start": 10**400, "input_audio": "x.wav", "continuation": True}, "continuation_start"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": float("inf")}, "top_p"),
+])
+def test_extreme_numbers_are_refused_by_rule_not_by_overflow(inputs, field):
+    with pytest.raises(InputError) as info:
+        parse_request(CAPS, **{"prompt": "x", **inputs})
+    assert info.value.fields == [field]
+
+
+def test_a_temperature_near_zero_is_greedy_and_ordinary_ones_sample():
+    assert parse_request(CAPS, prompt="x", temperature=1e-40).greedy
+    assert not parse_request(CAPS, prompt="x", temperature=0.01).greedy
+    assert not parse_request(CAPS, prompt="x", temperature=1.0).greedy
