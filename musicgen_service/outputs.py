@@ -30,6 +30,7 @@ import time
 import typing as tp
 from pathlib import Path
 
+from . import disk
 from .logs import get_logger
 
 log = get_logger()
@@ -79,16 +80,6 @@ def _owner(folder: Path) -> tp.Optional[int]:
         return int(folder.name[len(PREFIX):].split("-", 1)[0])
     except ValueError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _ours() -> tp.Iterator[Path]:
@@ -144,7 +135,7 @@ def remove_orphans() -> int:
 
     def orphan(folder: Path) -> bool:
         owner = _owner(folder)
-        return owner is not None and owner != pid and not _alive(owner)
+        return owner is not None and owner != pid and not disk.alive(owner)
 
     return _sweep(orphan)
 

@@ -100,6 +100,8 @@ class Service:
         t = trained.Trained(path)
         checkpoint = weights.musicgen_folder(settings.weights_dir, settings.model) / weights.LM_FILE
         trained.check_base(t, settings.model, weights.checkpoint_identity(checkpoint))
+        # the whole file against the checkpoint's shapes (read from its header, not its weights)
+        trained.validate(t, {name: tuple(v.shape) for name, v in weights.map_checkpoint(checkpoint)["best_state"].items()})
         log.info("trained weights: %s", t.describe())
         return t
 
@@ -115,7 +117,7 @@ class Service:
             return None, None
         checkpoint = weights.musicgen_folder(settings.weights_dir, settings.model) / weights.LM_FILE
         adapter = None if trained is None else weights.checkpoint_identity(trained.path)
-        return prepared.Cache(settings.prepared_dirs), prepared.key(weights.checkpoint_identity(checkpoint),
+        return prepared.Cache(settings.prepared_dirs, int(settings.prepared_max_gb * 1e9)), prepared.key(weights.checkpoint_identity(checkpoint),
                                                                     decoder, rows, adapter)
 
     def _warm_up(self) -> None:

@@ -14,6 +14,7 @@ environment at all.
 | ``COG_MAX_CONCURRENCY``    | ``1``                                    | predictions in flight at once (Cog sets it from cog.yaml's ``concurrency.max``); up to this many share decoding steps |
 | ``MUSICGEN_DECODER``       | ``auto``                                 | LM decoding: ``auto`` (``fast``), ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock`` (see ``decoding``) |
 | ``MUSICGEN_PREPARED``      | ``<weights>/prepared``                   | where CPU setups keep prepared decoders (``decoding.prepared``); ``off``: never. Unwritable: ``$XDG_CACHE_HOME/musicgen/prepared`` (``~/.cache``) is used |
+| ``MUSICGEN_PREPARED_MAX_GB``| ``24``                                  | each prepared-decoder folder is kept under this size: the least recently used entries are removed past it |
 | ``MUSICGEN_TRAINED``       | none                                     | a trained file (or a folder holding one) to serve on top of ``MUSICGEN_MODEL`` (``trained``); ``setup(weights=...)``, Cog's ``COG_WEIGHTS``, wins over it. Downloads go to ``<weights>/trained`` (else ``$XDG_CACHE_HOME/musicgen/trained``) |
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Settings:
     prepared_off: bool = False
     cache_home: tp.Optional[Path] = None  # $XDG_CACHE_HOME: the writable place when the weights' folder is not
     trained: tp.Optional[str] = None  # a trained file, folder or URL
+    prepared_max_gb: float = 24.0  # each prepared-decoder folder is kept under this, least recently used out
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -59,6 +61,8 @@ class Settings:
             raise SettingsError(f"MUSICGEN_MBD must be one of {', '.join(MBD_MODES)}; got {self.mbd!r}")
         if self.max_duration < 1:
             raise SettingsError(f"MUSICGEN_MAX_DURATION must be >= 1; got {self.max_duration}")
+        if not self.prepared_max_gb > 0:
+            raise SettingsError(f"MUSICGEN_PREPARED_MAX_GB must be > 0; got {self.prepared_max_gb}")
 
     @classmethod
     def from_env(cls, env: tp.Mapping[str, str] = os.environ) -> "Settings":
@@ -73,6 +77,10 @@ class Settings:
             concurrency = int(env.get("COG_MAX_CONCURRENCY") or 1)
         except ValueError as exc:
             raise SettingsError(f"COG_MAX_CONCURRENCY must be an integer: {exc}") from None
+        try:
+            prepared_max_gb = float(env.get("MUSICGEN_PREPARED_MAX_GB") or 24.0)
+        except ValueError as exc:
+            raise SettingsError(f"MUSICGEN_PREPARED_MAX_GB must be a number of GB: {exc}") from None
         prepared = env.get("MUSICGEN_PREPARED") or None
         cache_home = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return cls(
@@ -87,6 +95,7 @@ class Settings:
             max_duration=max_duration,
             decoder=(env.get("MUSICGEN_DECODER") or DEFAULT_DECODER).lower(),
             concurrency=concurrency,
+            prepared_max_gb=prepared_max_gb,
         )
 
     @property

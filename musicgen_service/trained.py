@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -44,6 +45,7 @@ from .logs import get_logger
 log = get_logger()
 
 FORMAT = "musicgen-cog-trained/1"
+METHODS = ("lora", "full")
 MANIFEST_KEY = "musicgen_manifest"
 SUFFIX = ".safetensors"
 
@@ -88,9 +90,15 @@ class Trained:
         except (KeyError, ValueError):
             raise TrainedError(f"{self.path} has no MusicGen training manifest: it was not written by "
                                "this project's trainer (script/train, cog train)") from None
+        if not isinstance(self.manifest, dict):
+            raise TrainedError(f"{self.path}: its training manifest is not a JSON object")
         if self.manifest.get("format") != FORMAT:
             raise TrainedError(f"{self.path} is a trained file of format {self.manifest.get('format')!r}; "
                                f"this service reads {FORMAT!r}")
+        if not isinstance(self.manifest.get("base_model"), str):
+            raise TrainedError(f"{self.path}: its training manifest names no base model")
+        if not isinstance(self.manifest.get("base_checkpoint") or {}, dict):
+            raise TrainedError(f"{self.path}: its training manifest's base_checkpoint is not an object")
 
     @property
     def method(self) -> str:
@@ -111,8 +119,10 @@ class Trained:
     def describe(self) -> str:
         m = self.manifest
         what = f"LoRA rank {m.get('rank')}" if self.method == "lora" else "full fine-tune"
-        return (f"{self.path.name}: {what} of {self.base_model}, {m.get('training', {}).get('steps', '?')} steps, "
-                f"final loss {m.get('final_loss', float('nan')):.3f}")
+        steps = m["training"].get("steps", "?") if isinstance(m.get("training"), dict) else "?"
+        loss = m.get("final_loss")
+        loss_text = f"{loss:.3f}" if isinstance(loss, (int, float)) else "?"
+        return f"{self.path.name}: {what} of {self.base_model}, {steps} steps, final loss {loss_text}"
 
 
 def sha256_of(path: Path) -> str:
@@ -143,47 +153,113 @@ def resolve(source: tp.Union[str, Path], cache_dir: Path) -> Path:
     return path
 
 
+# Downloads (a trained version's COG_WEIGHTS URL, e.g. a signed storage URL):
+MAX_DOWNLOAD_BYTES = 10 * 1024**3  # above the largest full fine-tune (the 3.3B LM in fp16: ~6.6 GB)
+DOWNLOAD_SECONDS = 1800.0  # the whole download; a server that trickles bytes is given up on
+READ_TIMEOUT_SECONDS = 60.0  # one read
+MAX_STORED_BYTES = 24 * 1024**3  # downloaded files kept for later setups, least recently used out first
+
+
+def redacted(url: str) -> str:
+    """``url`` without what may be secret: the query (signed URLs carry credentials there), the
+    fragment and a user:password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", "")) + ("?..." if parts.query else "")
+
+
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Redirects to http(s) only, and never from https down to http (the file would cross the network
+    in the clear, and a man in the middle could replace it)."""
+
+    def redirect_request(self, req: tp.Any, fp: tp.Any, code: int, msg: str, headers: tp.Any, newurl: str) -> tp.Any:
+        from urllib.parse import urlsplit
+
+        old, new = urlsplit(req.full_url).scheme, urlsplit(newurl).scheme
+        if new not in ("http", "https"):
+            raise TrainedError(f"trained weights: {redacted(req.full_url)} redirects to a {new or 'relative'} URL: refused")
+        if old == "https" and new == "http":
+            raise TrainedError(f"trained weights: {redacted(req.full_url)} redirects from https to http "
+                               f"({redacted(newurl)}): refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 def _download(url: str, cache_dir: Path) -> Path:
+    from . import disk
+
     cache_dir.mkdir(parents=True, exist_ok=True)
+    disk.remove_leftovers(cache_dir, r"\.(?:download|urls)-(?P<pid>\d+)[-.].*")
+    shown = redacted(url)
     index_path = cache_dir / "urls.json"
     try:
         index = json.loads(index_path.read_text())
+        index = index if isinstance(index, dict) else {}
     except (OSError, ValueError):
         index = {}
-    known = index.get(url)
+    key = hashlib.sha256(url.encode()).hexdigest()  # the index never holds a URL (nor its signature)
+    known = index.get(key) if isinstance(index.get(key), dict) else None
     headers = {}
-    if known and known.get("etag") and (cache_dir / known["file"]).is_file():
+    if known and known.get("etag") and (cache_dir / str(known.get("file"))).is_file():
         headers["If-None-Match"] = known["etag"]
-    request = urllib.request.Request(url, headers=headers)
+    opener = urllib.request.build_opener(_Redirects)
     start = time.perf_counter()
     try:
-        response = urllib.request.urlopen(request, timeout=60)
+        response = opener.open(urllib.request.Request(url, headers=headers), timeout=READ_TIMEOUT_SECONDS)
     except urllib.error.HTTPError as exc:
         if exc.code == 304 and known:
-            log.info("trained weights: %s unchanged (ETag), using the stored %s", url, known["file"])
-            return cache_dir / known["file"]
-        raise TrainedError(f"trained weights: {url} answered HTTP {exc.code}") from None
+            log.info("trained weights: %s unchanged (ETag), using the stored %s", shown, known["file"])
+            stored = cache_dir / known["file"]
+            os.utime(stored)  # (its last use, for the eviction of the least recently used)
+            return stored
+        raise TrainedError(f"trained weights: {shown} answered HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise TrainedError(f"trained weights: cannot download {url}: {getattr(exc, 'reason', exc)}") from None
+        raise TrainedError(f"trained weights: cannot download {shown}: {getattr(exc, 'reason', exc)}") from None
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > MAX_DOWNLOAD_BYTES:
+        response.close()
+        raise TrainedError(f"trained weights: {shown} is {int(declared) / 1e9:.1f} GB; the limit is "
+                           f"{MAX_DOWNLOAD_BYTES / 1e9:.1f} GB (more than the largest full fine-tune)")
     h = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=".download-")
+    fd, tmp_name = tempfile.mkstemp(dir=cache_dir, prefix=f".download-{os.getpid()}-")
+    received = 0
     try:
         with response, os.fdopen(fd, "wb") as out:
-            for block in iter(lambda: response.read(1 << 20), b""):
+            while True:
+                block = response.read1(1 << 20)  # whatever one read brings: a trickle cannot hold a read open
+                if not block:
+                    break
+                received += len(block)
+                if received > MAX_DOWNLOAD_BYTES:
+                    raise TrainedError(f"trained weights: {shown} is larger than {MAX_DOWNLOAD_BYTES / 1e9:.1f} GB, "
+                                       "the limit (more than the largest full fine-tune)")
+                if time.perf_counter() - start > DOWNLOAD_SECONDS:
+                    raise TrainedError(f"trained weights: downloading {shown} took longer than "
+                                       f"{DOWNLOAD_SECONDS:.0f} s ({received / 1e6:.1f} MB received): given up")
                 h.update(block)
                 out.write(block)
             etag = response.headers.get("ETag")
         name = f"{h.hexdigest()}{SUFFIX}"
         os.replace(tmp_name, cache_dir / name)
+    except (OSError, urllib.error.URLError) as exc:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise TrainedError(f"trained weights: downloading {shown} failed after {received / 1e6:.1f} MB: "
+                           f"{getattr(exc, 'reason', None) or exc}") from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    index[url] = {"file": name, "etag": etag}
+    index = {k: v for k, v in index.items() if len(k) == 64 and isinstance(v, dict)}  # (older indexes held URLs)
+    index[key] = {"file": name, "etag": etag}
     tmp_index = index_path.with_name(f".urls-{os.getpid()}.json")
     tmp_index.write_text(json.dumps(index, indent=1))
     os.replace(tmp_index, index_path)
-    log.info("trained weights: downloaded %s (%.1f MB) in %.2f s, stored as %s", url,
+    log.info("trained weights: downloaded %s (%.1f MB) in %.2f s, stored as %s", shown,
              (cache_dir / name).stat().st_size / 1e6, time.perf_counter() - start, name)
+    stored = [disk.Entry(p, p.stat().st_size, p.stat().st_mtime) for p in cache_dir.glob(f"*{SUFFIX}")]
+    disk.evict_least_recent(stored, MAX_STORED_BYTES, keep=[cache_dir / name])
     return cache_dir / name
 
 
@@ -199,6 +275,62 @@ def check_base(trained: Trained, model: str, checkpoint: tp.Mapping[str, tp.Any]
         raise TrainedError(f"{trained.path.name} was trained on {base} with checkpoint {_short(base_ckpt)}, "
                            f"but the weights folder's {model} is checkpoint {_short(checkpoint)}: another "
                            "release of the model; train again on this one")
+
+
+def validate(trained: Trained, shapes: tp.Mapping[str, tp.Tuple[int, ...]]) -> None:
+    """Check the whole file against the base LM checkpoint's tensor ``shapes`` (name -> shape), before
+    anything is applied: the manifest's method, rank and alpha, every tensor present, of a float dtype,
+    of the shape its weight needs (a 1-element tensor would broadcast into a whole weight), finite.
+    One :class:`TrainedError` naming the file and the first problem."""
+    import torch
+    from safetensors import safe_open
+
+    name, m = trained.path.name, trained.manifest
+
+    def bad(problem: str) -> tp.NoReturn:
+        raise TrainedError(f"{name} cannot be served: {problem}")
+
+    if m.get("method") not in METHODS:
+        bad(f"its method is {m.get('method')!r}; a trained file holds one of {', '.join(METHODS)}")
+    if m["method"] == "lora":
+        rank, alpha = m.get("rank"), m.get("alpha")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            bad(f"its LoRA rank is {rank!r}; it must be a whole number >= 1")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+            bad(f"its LoRA alpha is {alpha!r}; it must be a finite number > 0")
+    expected: tp.Dict[str, tp.Tuple[int, ...]] = {}
+    if m["method"] == "lora":
+        bases = set()
+        for tensor in trained.names:
+            base, dot, part = tensor.rpartition(".")
+            if not dot or part not in ("lora_A", "lora_B"):
+                bad(f"it holds {tensor!r}, which is no LoRA tensor (<weight>.lora_A / .lora_B)")
+            bases.add(base)
+        if not bases:
+            bad("it holds no LoRA tensors")
+        for base in sorted(bases):
+            shape = shapes.get(base)
+            if shape is None or len(shape) != 2:
+                bad(f"it adapts {base!r}, which is no weight matrix of {trained.base_model}")
+            for part, want in (("lora_A", (m["rank"], shape[1])), ("lora_B", (shape[0], m["rank"]))):
+                if f"{base}.{part}" not in trained.names:
+                    bad(f"{base}.{part} is missing")
+                expected[f"{base}.{part}"] = want
+    else:
+        for tensor in trained.names:
+            if tensor not in shapes:
+                bad(f"it holds {tensor!r}, which {trained.base_model} does not have")
+            expected[tensor] = tuple(shapes[tensor])
+    with safe_open(str(trained.path), framework="pt") as f:
+        for tensor, want in expected.items():  # one at a time: a full fine-tune is gigabytes
+            shape = tuple(f.get_slice(tensor).get_shape())
+            if shape != tuple(want):
+                bad(f"{tensor} is {list(shape)}; {trained.base_model} needs {list(want)}")
+            value = f.get_tensor(tensor)
+            if not value.is_floating_point():
+                bad(f"{tensor} holds {value.dtype} values; weights are floating point")
+            if not bool(torch.isfinite(value).all()):
+                bad(f"{tensor} holds NaN or infinite values")
 
 
 def _short(identity: tp.Mapping[str, tp.Any]) -> str:

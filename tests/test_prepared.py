@@ -170,3 +170,37 @@ def test_two_processes_starting_together_leave_one_whole_entry(tiny_weights, tmp
     assert all(p.returncode == 0 for p in procs), outs
     assert len(entries(tmp_path)) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert service(tiny_weights, tmp_path).generator.decoder.prepared is not None
+
+
+def test_leftovers_are_swept_and_the_cache_is_kept_under_its_bound(tmp_path):
+    """A process killed mid-write leaves a ``.tmp-*`` folder; entries accumulate with every checkpoint,
+    machine and setting: leftovers of stopped processes are removed, and past the bound the least
+    recently used entries go first (a read counts as a use)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from musicgen_service.decoding import prepared
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    leftover = tmp_path / f".tmp-{'a' * 32}-{dead}-{'b' * 8}"
+    leftover.mkdir()
+    (leftover / "matrices.pt").write_bytes(bytes(1000))
+    live = tmp_path / f".tmp-{'c' * 32}-{os.getpid()}-{'d' * 8}"
+    live.mkdir()
+    entries = []
+    for i, name in enumerate(("1" * 32, "2" * 32, "3" * 32)):
+        entry = tmp_path / name
+        entry.mkdir()
+        (entry / prepared.MATRICES).write_bytes(bytes(1000))
+        (entry / prepared.MANIFEST).write_text("{}")
+        os.utime(entry / prepared.MANIFEST, (time.time() - 100 + i, time.time() - 100 + i))
+        entries.append(entry)
+    os.utime(entries[0] / prepared.MANIFEST)  # the oldest entry was just read: now the most recent
+    prepared.Cache([tmp_path], max_bytes=2100).sweep()
+    assert not leftover.exists() and live.exists()
+    assert [e.exists() for e in entries] == [True, False, True]
+    prepared.Cache([tmp_path]).sweep()  # unbounded: nothing more goes
+    assert entries[0].exists() and entries[2].exists()

@@ -32,6 +32,9 @@ def test_relative_weights_folder_is_made_absolute():
     ({"MUSICGEN_DECODER": "turbo"}, "MUSICGEN_DECODER"),
     ({"COG_MAX_CONCURRENCY": "many"}, "COG_MAX_CONCURRENCY"),
     ({"COG_MAX_CONCURRENCY": "0"}, "COG_MAX_CONCURRENCY"),
+    ({"MUSICGEN_PREPARED_MAX_GB": "lots"}, "MUSICGEN_PREPARED_MAX_GB"),
+    ({"MUSICGEN_PREPARED_MAX_GB": "0"}, "MUSICGEN_PREPARED_MAX_GB"),
+    ({"MUSICGEN_PREPARED_MAX_GB": "nan"}, "MUSICGEN_PREPARED_MAX_GB"),
 ])
 def test_bad_settings_are_named(env, message):
     with pytest.raises(SettingsError, match=message):

@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import typing as tp
@@ -148,11 +149,40 @@ def _nested(flat: tp.Mapping[str, torch.Tensor]) -> tp.Dict[str, tp.Dict[str, to
     return out
 
 
-class Cache:
-    """Entries in the first of ``folders`` that holds a good one; new ones go to the first writable."""
+_ENTRY = re.compile(r"[0-9a-f]{32}")
 
-    def __init__(self, folders: tp.Sequence[Path]):
+
+class Cache:
+    """Entries in the first of ``folders`` that holds a good one; new ones go to the first writable.
+    Each folder is kept under ``max_bytes`` (None: unbounded; the service's is MUSICGEN_PREPARED_MAX_GB):
+    past it, the entries used least recently are removed
+    (an entry's last use is its manifest's time, touched at every read); leftovers of processes killed
+    while writing are removed at every setup (:meth:`sweep`)."""
+
+    def __init__(self, folders: tp.Sequence[Path], max_bytes: tp.Optional[int] = None):
         self.folders = [Path(f) for f in folders]
+        self.max_bytes = max_bytes
+
+    def sweep(self, keep: tp.Optional[Path] = None) -> None:
+        """Remove leftovers (``.tmp-*`` of stopped processes, old ``.stale-*``) and, past the bound, the
+        least recently used entries (never ``keep``). Never raises."""
+        from .. import disk
+
+        for folder in self.folders:
+            if not folder.is_dir():
+                continue
+            disk.remove_leftovers(folder, r"\.tmp-[0-9a-f]{32}-(?P<pid>\d+)-[0-9a-f]{8}")
+            disk.remove_leftovers(folder, r"\.stale-[0-9a-f]{32}-[0-9a-f]{8}")
+            entries = []
+            for entry in folder.iterdir():
+                try:
+                    if _ENTRY.fullmatch(entry.name) and entry.is_dir():
+                        used = (entry / MANIFEST).stat().st_mtime if (entry / MANIFEST).exists() else 0.0
+                        entries.append(disk.Entry(entry, disk.size_of(entry), used))
+                except OSError:  # removed meanwhile by another process
+                    continue
+            if self.max_bytes is not None:
+                disk.evict_least_recent(entries, self.max_bytes, keep=[keep] if keep else [])
 
     def load(self, k: tp.Mapping[str, tp.Any]) -> tp.Optional[Prepared]:
         """The entry for key ``k``, or None (logged: none yet, or why one was unusable and removed)."""
@@ -166,6 +196,7 @@ class Cache:
         """Read and check the files of the entries for ``k`` (the first good one ends the search).
         No torch kernel runs here (file reads, hashing, a memory-mapped ``torch.load``), so it may run
         in another thread while setup imports; :meth:`finish` then takes the result."""
+        self.sweep()
         found: tp.List[tp.Union[Prepared, EntryError]] = []
         for folder in self.folders:
             entry = folder / digest(k)
@@ -191,6 +222,10 @@ class Cache:
             if isinstance(item, Prepared):
                 reason = formats.unavailable_reason(item.precision, torch.device("cpu"))
                 if reason is None:
+                    try:
+                        os.utime(item.path / MANIFEST)  # its last use: the least recently used go first
+                    except OSError:
+                        pass
                     return item
                 entry, why = item.path, f"{item.precision} no longer runs here: {reason}"
             else:
@@ -252,6 +287,7 @@ class Cache:
             size = (path / MATRICES).stat().st_size if flat is not None else 0
             log.info("prepared decoder stored in %s (%.0f MB) in %.2f s: the next setup reads it", path,
                      size / 1e6, time.perf_counter() - start)
+            self.sweep(keep=path)
             return path
         log.info("prepared decoder: no writable folder among %s; the next setup measures again",
                  ", ".join(map(str, self.folders)))
