@@ -317,3 +317,57 @@ def test_missing_weights_fail_setup_readably(servers):
     assert setup["status"] == "failed"
     assert "facebook/musicgen-stereo-melody-large/state_dict.bin" in setup["logs"]
     assert "script/download-weights" in setup["logs"]
+
+
+# ------------------------------------------------------------------ hostile input and faults
+
+
+def test_a_playlist_uploaded_as_input_audio_is_refused(server, peer, tmp_path):
+    """An HLS playlist naming a local file, sent as a data URI and as a URL named .m3u8: FFmpeg left to
+    itself would decode the local file and send its samples back (continuation mode)."""
+    import base64
+
+    secret = write(Path(peer.folder) / "secret.flac", melody([440], 1.0, RATE, 1), RATE)
+    playlist = f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:1.0,\n{secret}\n#EXT-X-ENDLIST\n"
+    (Path(peer.folder) / "list.m3u8").write_text(playlist)
+    uri = "data:application/vnd.apple.mpegurl;base64," + base64.b64encode(playlist.encode()).decode()
+    for source in (uri, f"{peer.url}/list.m3u8"):
+        start = time.monotonic()
+        response = server.predict({"prompt": "x", "input_audio": source, "continuation": True, "duration": 1})
+        assert response.body["status"] == "failed", response.body
+        assert "input_audio: could not be read as audio" in response.body["error"], response.body["error"]
+        assert "playlist" in response.body["error"] and "Traceback" not in response.body["error"]
+        assert time.monotonic() - start < 10
+    assert audio_of(server.predict({"prompt": "x", "duration": 1, "seed": 1}))[0].shape == (2, RATE)  # still serving
+
+
+def test_concurrent_predictions_with_thousands_of_expired_folders(server):
+    """A busy server's cleanup runs in every prediction: four at once, three rounds, with thousands of
+    expired output folders of the worker to remove each round (they used to fail each other with
+    FileNotFoundError)."""
+    import os
+
+    audio_of(server.predict({"prompt": "x", "duration": 1, "seed": 1}))
+    owners = {p.name.split("-")[2] for p in server.tmp.glob("musicgen-out-*")}
+    assert len(owners) == 1, owners  # the worker's pid, from its own output folders
+    pid = owners.pop()
+    past = time.time() - 3600
+    for round_ in range(3):
+        for i in range(2000):
+            folder = server.tmp / f"musicgen-out-{pid}-expired{round_}x{i}"
+            folder.mkdir()
+            (folder / "musicgen-old.wav").write_bytes(b"x")
+            os.utime(folder, (past, past))
+        results = [None] * 4
+
+        def one(i: int) -> None:
+            results[i] = server.predict({"prompt": "lo-fi", "duration": 1, "seed": 10 + i})
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        statuses = [r.body["status"] if isinstance(r.body, dict) else r.status for r in results]
+        assert statuses == ["succeeded"] * 4, [r.body for r in results if r.body.get("status") != "succeeded"]
+    assert not list(server.tmp.glob(f"musicgen-out-{pid}-expired*"))

@@ -136,3 +136,26 @@ def test_a_trained_version_serves_predictions(tiny_weights, trained_file, peer, 
             server.stop()
     stored = list((tiny_weights / "trained").glob("*.safetensors")) + list(cache.rglob("*.safetensors"))
     assert [p.name for p in stored] == [f"{hashlib.sha256(trained_file.read_bytes()).hexdigest()}.safetensors"]
+
+
+def test_an_archive_bomb_is_refused_and_the_trainer_keeps_working(trainer, dataset_zip, peer):
+    """Ten million tar members in 22 MB of gzip, sent by URL: refused within seconds, naming dataset;
+    the same server then trains on a real dataset."""
+    import gzip
+    import tarfile
+
+    header = tarfile.TarInfo("d/")
+    header.type = tarfile.DIRTYPE
+    member = gzip.compress(header.tobuf() * 100_000, compresslevel=9)
+    bomb = Path(peer.folder) / "bomb.tar.gz"
+    with open(bomb, "wb") as f:
+        for _ in range(100):
+            f.write(member)
+    start = time.monotonic()
+    response = trainer.train({"dataset": f"{peer.url}/bomb.tar.gz", "seed": 1})
+    assert response.body["status"] == "failed", response.body
+    assert "dataset: the archive holds more than" in response.body["error"], response.body["error"]
+    assert time.monotonic() - start < 30  # (the server's own download of 22 MB included)
+    response = trainer.train({"dataset": data_uri(dataset_zip, "application/zip"), "epochs": 1, "batch_size": 2,
+                              "seed": 4})
+    assert response.body["status"] == "succeeded", response.body.get("error")
