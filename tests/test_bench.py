@@ -113,3 +113,26 @@ def test_training_and_streaming_benchmarks_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads((tmp_path / "stream.json").read_text())["rows"]
     assert all(0 < r["first_chunk_s"] < r["stream_total_s"] and r["stream_vs_main"] > 0 for r in rows), rows
+
+
+def test_audio_fuzz_smoke(tmp_path):
+    """bench/fuzz_audio.py on 40 malformed inputs, each decoded by audio_in in a forked child: every
+    child is accounted for, the real seed files decode, and no input crashed FFmpeg (a signal) or hung."""
+    out = tmp_path / "fuzz"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fuzz_audio.py"), "--quick", "40", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    for key in ("date", "command", "machine", "settings", "seeds", "total", "by_format", "by_mutation",
+                "refusal_reasons", "other_exceptions", "findings", "slowest", "most_memory"):
+        assert key in report, key
+    assert {"cpu", "cpu_flags", "pyav", "ffmpeg_libraries"} <= set(report["machine"])
+    assert set(report["by_format"]) == {"wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "aiff", "webm"}
+    total = report["total"]
+    assert total["inputs"] == 40
+    assert sum(total[k] for k in ("decoded", "refused", "exception", "crash", "hang")) == 40
+    assert total["crash"] == 0 and total["hang"] == 0, report["findings"]
+    assert report["seeds"]["decoded"] == report["seeds"]["count"] > 0
+    assert total["max_s"] > 0 and total["max_extra_mb"] >= total["p99_extra_mb"] >= 0
+    assert "## By format" in out.with_suffix(".md").read_text()
