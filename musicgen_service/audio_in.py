@@ -39,9 +39,9 @@ EXPECTED = "wav, mp3, flac, ogg, opus, m4a, aac, aiff or webm"
 MAX_BYTES = 100 * 1024 * 1024
 MAX_SECONDS = 600.0
 FIELD = "input_audio"
-# Formats whose header length is only an estimate (mp3 without an exact Xing/Info frame):
-# a shorter decode there is not evidence of truncation.
-_ESTIMATED_DURATION_FORMATS = {"mp3"}
+# Formats whose header length is only an estimate (mp3 without an exact Xing/Info frame, raw ADTS aac:
+# FFmpeg estimates both from the bitrate): a shorter decode there is not evidence of truncation.
+_ESTIMATED_DURATION_FORMATS = {"mp3", "aac"}
 _TRUNCATION_TOLERANCE = 0.5  # seconds
 
 
@@ -143,28 +143,22 @@ class Decoding:
         declared = _declared_seconds(self.path, media, stream)
         if declared is not None and declared > self.max_seconds:
             self.fail(f"is {declared / 60:.1f} minutes long; the limit is {self.max_seconds / 60:.0f} minutes")
-        resampler = av.AudioResampler(format="flt", rate=rate)  # keeps the source layout
         limit = int(self.max_seconds * rate)
         decoded = 0  # samples at the model's rate since the start of the file
         reached_end = True
         try:
-            for frame in media.decode(stream):
-                frame.pts = None  # let the resampler follow sample counts, not damaged timestamps
-                for out in resampler.resample(frame):
-                    piece, decoded = _kept(out, decoded, first, last, self.channels)
-                    if piece is not None:
-                        yield piece
+            for out in _resampled(media.decode(stream), rate):
+                piece, decoded = _kept(out, decoded, first, last, self.channels)
+                if piece is not None:
+                    yield piece
                 if decoded > limit:
                     self.fail(f"is longer than {self.max_seconds / 60:.0f} minutes, the limit")
                 if last is not None and decoded >= last:
                     reached_end = False
                     break
-            else:
-                for out in resampler.resample(None):
-                    piece, decoded = _kept(out, decoded, first, last, self.channels)
-                    if piece is not None:
-                        yield piece
-        except av.error.FFmpegError as exc:
+        except InputError:
+            raise
+        except (av.error.FFmpegError, ValueError) as exc:  # (PyAV raises ValueError for some damage too)
             self.fail(f"is damaged or truncated: decoding failed after {decoded / rate:.1f} s ({_reason(exc)})")
         if decoded == 0:
             self.fail("contains no audio samples")
@@ -176,6 +170,25 @@ class Decoding:
             self.fail(f"is {total:.1f} s long, so continuation_start ({self.start:g} s) is past its end",
                       "continuation_start")
         self.file_seconds = total if reached_end else None
+
+
+def _resampled(frames: tp.Iterable[tp.Any], rate: int) -> tp.Iterator[tp.Any]:
+    """The decoded frames as float32 at ``rate``, in the source's layout (libswresample). A stream may
+    change its rate or layout part way (mp3 and aac streams can): the resampler is then flushed and set
+    up again for the new frames."""
+    import av
+
+    resampler, setup = None, None
+    for frame in frames:
+        frame.pts = None  # let the resampler follow sample counts, not damaged timestamps
+        shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if shape != setup:
+            if resampler is not None:
+                yield from resampler.resample(None)
+            resampler, setup = av.AudioResampler(format="flt", rate=rate), shape
+        yield from resampler.resample(frame)
+    if resampler is not None:
+        yield from resampler.resample(None)
 
 
 def container(path: Path, field: str = FIELD) -> str:

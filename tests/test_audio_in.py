@@ -187,3 +187,17 @@ def test_the_container_is_recognised_by_content_not_by_name(tmp_path):
     assert audio_in.container(tagged) == "flac"
     mp3 = write(tmp_path / "b.mp3", sine(440, 1.0, 44100), 44100)
     assert audio_in.container(mp3) == "mp3"
+
+
+def test_a_stream_that_changes_rate_and_channels_part_way_decodes(tmp_path):
+    """Two ADTS aac streams spliced (mono 44.1 kHz, then stereo 48 kHz: frames change rate and layout
+    part way): PyAV's resampler raised a raw ValueError at the change (bench/fuzz_audio.py found it);
+    it is set up again for the new frames."""
+    first = write(tmp_path / "a.aac", sine(440, 1.0, 44100, 0.5, 1), 44100).read_bytes()
+    second = write(tmp_path / "b.aac", sine(660, 1.0, 48000, 0.5, 2), 48000).read_bytes()
+    spliced = tmp_path / "spliced.aac"
+    spliced.write_bytes(first + second)
+    clip = audio_in.load(spliced, RATE, 2)
+    assert abs(clip.wav.shape[-1] - 2 * RATE) < 0.1 * RATE
+    assert dominant_hz(clip.wav[:, : RATE // 2].numpy()) == pytest.approx(440, abs=5)
+    assert dominant_hz(clip.wav[:, -RATE // 2:].numpy()) == pytest.approx(660, abs=5)
