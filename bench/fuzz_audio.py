@@ -40,6 +40,7 @@ mutations, since FFmpeg drops a page whose CRC is wrong before its decoder sees 
 
     PYTHONPATH=. python bench/fuzz_audio.py                   # the full run: bench/results/fuzz.{md,json}
     PYTHONPATH=. python bench/fuzz_audio.py --quick 40 --out /tmp/fuzz   # smoke run
+    PYTHONPATH=. python bench/fuzz_audio.py --seed 28 --count 6000 --out bench/results/fuzz-seed28   # a second sample
     PYTHONPATH=. python bench/fuzz_audio.py --replay 1234     # one input again, in this process
 
 Writes ``--out``.md / .json and prints the table.
@@ -58,6 +59,7 @@ import re
 import resource
 import signal
 import struct
+import subprocess
 import sys
 import time
 import traceback
@@ -182,6 +184,11 @@ def wav_fields(d: bytes) -> tp.List[Field]:
             if size >= 40 and p + 48 <= len(d):  # WAVE_FORMAT_EXTENSIBLE
                 out += [Field("fmt.cb_size", p + 24, 2, False, length=True), Field("fmt.valid_bits", p + 26, 2, False),
                         Field("fmt.channel_mask", p + 28, 4, False), Field("fmt.subformat", p + 32, 2, False)]
+        elif d[p:p + 4] == b"LIST" and d[p + 8:p + 12] == b"INFO":  # metadata: FFmpeg allocates each tag's size
+            q, end = p + 12, min(p + 8 + size, len(d))
+            while q + 8 <= end and len(out) < 64:
+                out.append(Field(f"LIST.{tag(d, q)}.size", q + 4, 4, False, length=True))
+                q += 8 + u32le(d, q + 4) + (u32le(d, q + 4) & 1)
         p += 8 + size + (size & 1)
     return [f for f in out if f.offset + f.width <= len(d)]
 
@@ -620,7 +627,22 @@ def header_field(rng: random.Random, d: bytearray, fmt: str, seeds: Seeds) -> Mu
 
 
 def huge_length(rng: random.Random, d: bytearray, fmt: str, seeds: Seeds) -> Mutated:
-    fields = [f for f in fields_of(fmt, bytes(d), rng) if f.length]
+    fields = sorted((f for f in fields_of(fmt, bytes(d), rng) if f.length), key=lambda f: f.offset)
+    inner = rng.choice(fields) if fields else None
+    before = [f for f in fields if inner is not None and f.offset < inner.offset]
+    if before and rng.random() < 0.4:
+        # two at once: a size inside a container is only believed up to the container's own size
+        # (RIFF LIST/INFO, MP4 boxes, EBML masters), so both must be huge to reach the inner one; the
+        # nearest length field before it is most often its container
+        outer = before[-1] if rng.random() < 0.6 else rng.choice(before)
+        pair = [outer, inner]
+        done = []
+        for f in pair:
+            old = f.get(d)
+            new = huge_values(rng, f, old, len(d))
+            f.set(d, new)
+            done.append(f"{f.name}@{f.offset}: {old}->{new}")
+        return d, f"huge({'; '.join(done)})"
     if fields and rng.random() < 0.8:
         f = rng.choice(fields)
         old = f.get(d)
@@ -882,7 +904,7 @@ def drain(fd: int, job: Job) -> None:
         job.chunks.append(chunk)
 
 
-def finish(job: Job, status: int, usage: tp.Any, crash_dir: Path) -> Result:
+def finish(job: Job, status: int, usage: tp.Any, crash_dir: Path, label: str) -> Result:
     drain(job.read_fd, job)
     os.close(job.read_fd)
     wall = time.perf_counter() - job.started
@@ -919,7 +941,7 @@ def finish(job: Job, status: int, usage: tp.Any, crash_dir: Path) -> Result:
     if outcome in ("crash", "hang", "exception"):
         crash_dir.mkdir(parents=True, exist_ok=True)
         kind = {"crash": f"crash-{sig}", "hang": "hang", "exception": "exception"}[outcome]
-        saved = crash_dir / f"{kind}-{item.index:05d}-{item.fmt}.{item.fmt}"
+        saved = crash_dir / f"{kind}-{label}{item.index:05d}-{item.fmt}.{item.fmt}"
         saved.write_bytes(item.data)
         saved.with_suffix(saved.suffix + ".txt").write_text(json.dumps({
             "index": item.index, "format": item.fmt, "seed_file": item.seed, "mutations": item.mutations,
@@ -933,8 +955,9 @@ def finish(job: Job, status: int, usage: tp.Any, crash_dir: Path) -> Result:
 
 
 def run_all(items: tp.Iterable[Input], total: int, jobs: int, timeout: float, mem_limit: int, tmp: Path,
-            crash_dir: Path) -> tp.List[Result]:
-    """A pool of at most ``jobs`` forked children; the parent polls ``wait4`` and kills overdue ones."""
+            crash_dir: Path, label: str) -> tp.List[Result]:
+    """A pool of at most ``jobs`` forked children; the parent polls ``wait4`` and kills overdue ones.
+    Kept inputs are named ``<outcome>-<label><index>-<format>`` (the label: the generator's seed)."""
     tmp.mkdir(parents=True, exist_ok=True)
     pending = iter(items)
     running: tp.Dict[int, Job] = {}
@@ -971,7 +994,7 @@ def run_all(items: tp.Iterable[Input], total: int, jobs: int, timeout: float, me
         if pid == 0:
             time.sleep(0.002)
             continue
-        results.append(finish(running.pop(pid), status, usage, crash_dir))
+        results.append(finish(running.pop(pid), status, usage, crash_dir, label))
         last = results[-1]
         if last.outcome in ("crash", "hang", "exception"):
             log(f"#{last.index} {last.fmt}: {last.outcome} {last.signal or last.detail.get('type', '')} "
@@ -1018,6 +1041,24 @@ def reason(message: str) -> str:
     return text[:110]
 
 
+def code_version() -> tp.Dict[str, tp.Any]:
+    """Which ``audio_in`` the children run: its hash, and the git commit with whether the service's code
+    differs from it (read before the import: children run what the parent imported, whatever changes
+    on disk during the run)."""
+    info: tp.Dict[str, tp.Any] = {"audio_in_sha256": hashlib.sha256(
+        (ROOT / "musicgen_service" / "audio_in.py").read_bytes()).hexdigest()[:16]}
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=30).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "musicgen_service"],
+                                 capture_output=True, timeout=30).returncode != 0
+        if head:
+            info.update(git_head=head, musicgen_service_modified=changed)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def machine() -> tp.Dict[str, tp.Any]:
     import platform
 
@@ -1038,7 +1079,8 @@ def machine() -> tp.Dict[str, tp.Any]:
 
 
 def report(results: tp.List[Result], seeds_results: tp.List[Result], seeds: tp.Dict[str, tp.List[Seed]],
-           args: argparse.Namespace, elapsed: float, mem_limit: int) -> tp.Dict[str, tp.Any]:
+           args: argparse.Namespace, elapsed: float, mem_limit: int,
+           code: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     by_format = {fmt: summarize([r for r in results if r.fmt == fmt]) for fmt in FORMATS}
     for fmt, row in by_format.items():  # what decoding the real files themselves adds (see the docstring)
         row["seed_max_extra_mb"] = max((r.extra_mb for r in seeds_results if r.fmt == fmt), default=0.0)
@@ -1069,6 +1111,7 @@ def report(results: tp.List[Result], seeds_results: tp.List[Result], seeds: tp.D
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + [str(a) for a in sys.argv]),
         "machine": machine(),
+        "code": code,
         "settings": {"seed": args.seed, "count": len(results), "jobs": args.jobs, "timeout_s": args.timeout,
                      "child_address_space_limit_mb": round(mem_limit / 2**20), "sample_rate": SAMPLE_RATE,
                      "channels": CHANNELS, "elapsed_s": round(elapsed, 1),
@@ -1102,7 +1145,10 @@ def markdown(rep: tp.Dict[str, tp.Any]) -> str:
                 f"| {seeds_extra} |\n")
 
     lines = [f"# Decoder fuzz: malformed input_audio through audio_in.load\n\n",
-             f"`{rep['command']}` on {rep['date']}\n\n",
+             f"`{rep['command']}` on {rep['date']}, "
+             + (f"commit {rep['code']['git_head']}" + (" with changes to musicgen_service/"
+                if rep["code"]["musicgen_service_modified"] else "") + ", " if rep["code"].get("git_head") else "")
+             + f"audio_in.py sha256 {rep['code']['audio_in_sha256']}.\n\n",
              f"Machine: {m['cpu']}, {m['cores']} cores, flags {', '.join(m['cpu_flags']) or 'none'}; "
              f"Python {m['python']}, PyAV {m['pyav']}, FFmpeg libraries "
              + ", ".join(f"{k} {v}" for k, v in m["ffmpeg_libraries"].items())
@@ -1163,6 +1209,7 @@ def main() -> int:
     count = args.quick if args.quick is not None else args.count
     out = args.out or (args.work / "fuzz-quick" if args.quick is not None else ROOT / "bench" / "results" / "fuzz")
 
+    code = code_version()
     # Everything a decode needs, imported once here so that every child starts with it (fork).
     import av  # noqa: F401
     import torch  # noqa: F401
@@ -1188,15 +1235,16 @@ def main() -> int:
     started = time.perf_counter()
     seed_items = [Input(-1 - i, s.fmt, s.name, [], s.data) for i, s in enumerate(s for f in FORMATS for s in seeds[f])]
     log(f"{len(seed_items)} seed files, then {count} mutated inputs, {args.jobs} at a time")
-    seeds_results = run_all(iter(seed_items), len(seed_items), args.jobs, args.timeout, mem_limit, tmp, crash_dir)
+    seeds_results = run_all(iter(seed_items), len(seed_items), args.jobs, args.timeout, mem_limit, tmp, crash_dir,
+                            "seedfile")
     results = run_all((make_input(i, args.seed, seeds) for i in range(count)), count, args.jobs, args.timeout,
-                      mem_limit, tmp, crash_dir)
+                      mem_limit, tmp, crash_dir, f"s{args.seed}-")
     try:
         tmp.rmdir()
     except OSError:
         pass
     results.sort(key=lambda r: r.index)
-    rep = report(results, seeds_results, seeds, args, time.perf_counter() - started, mem_limit)
+    rep = report(results, seeds_results, seeds, args, time.perf_counter() - started, mem_limit, code)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rep, indent=1) + "\n")
     text = markdown(rep)
