@@ -201,3 +201,52 @@ def test_a_stream_that_changes_rate_and_channels_part_way_decodes(tmp_path):
     assert abs(clip.wav.shape[-1] - 2 * RATE) < 0.1 * RATE
     assert dominant_hz(clip.wav[:, : RATE // 2].numpy()) == pytest.approx(440, abs=5)
     assert dominant_hz(clip.wav[:, -RATE // 2:].numpy()) == pytest.approx(660, abs=5)
+
+
+def _riff(fmt_rate: int, block_align: int, data: bytes, data_size: int, extra: bytes = b"") -> bytes:
+    fmt = struct.pack("<HHIIHH", 1, 1, fmt_rate, fmt_rate * block_align, block_align, 16)
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt + extra + b"data" + struct.pack("<I", data_size) + data
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+CRAFTED = {  # (bench/fuzz_audio.py found these; bench/work/fuzz-crashes/memory-README.txt)
+    # a 1 Hz header rate: the resampler multiplied every packet 32,000 times before any length check
+    "rate-1hz.wav": (_riff(1, 4096, bytes(64 << 10), 0xFFFFFFFE), "its sample rate is 1 Hz"),
+    # an INFO tag declaring 2 GB in a 32 KB file: FFmpeg allocated and zeroed it inside av.open
+    "info-tag.wav": (_riff(16000, 2, bytes(32 << 10), 32 << 10, extra=b"LIST" + struct.pack("<I", 0xFFFFFFF0)
+                           + b"INFO" + b"INAM" + struct.pack("<I", 0x7FFFFF00) + b"name"),
+                     "chunk declares"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_crafted_wav_headers_are_refused_in_bounded_memory(tmp_path, name):
+    """Each in a fresh process, after a good file warmed the decoder up: refused, and the process
+    grows by less than 100 MB (it grew by 1.8 and 2.1 GB)."""
+    import os
+    import subprocess
+    import sys
+
+    data, fragment = CRAFTED[name]
+    crafted = tmp_path / name
+    crafted.write_bytes(data)
+    good = write(tmp_path / "good.wav", sine(440, 1.0, RATE), RATE)
+    script = f"""
+import resource
+from musicgen_service import audio_in
+from musicgen_service.errors import InputError
+audio_in.load({str(good)!r}, 32000, 2)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    audio_in.load({str(crafted)!r}, 32000, 2)
+    print("decoded")
+except InputError as exc:
+    print("refused", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, exc)
+"""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    verdict, grown, message = done.stdout.strip().split(" ", 2)
+    assert verdict == "refused" and fragment in message, done.stdout
+    assert float(grown) < 100, done.stdout
