@@ -152,6 +152,8 @@ class Decoding:
         if not media.streams.audio:
             self.fail("could not be read as audio: the file holds no audio stream")
         stream = media.streams.audio[0]
+        if stream.codec_context is None:  # a codec FFmpeg has no decoder for
+            self.fail("could not be read as audio: its codec is one FFmpeg has no decoder for")
         self._check_rate(stream.codec_context.sample_rate)
         declared = _declared_seconds(self.path, media, stream)
         if declared is not None and declared > self.max_seconds:

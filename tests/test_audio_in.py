@@ -250,3 +250,11 @@ except InputError as exc:
     verdict, grown, message = done.stdout.strip().split(" ", 2)
     assert verdict == "refused" and fragment in message, done.stdout
     assert float(grown) < 100, done.stdout
+
+
+def test_a_codec_without_a_decoder_is_refused(tmp_path):
+    data = bytearray(_riff(16000, 2, bytes(32000), 32000))
+    data[20:22] = struct.pack("<H", 0x1234)  # the fmt chunk's format tag: a codec no one decodes
+    path = tmp_path / "odd.wav"
+    path.write_bytes(bytes(data))
+    fails(path, "no decoder")
