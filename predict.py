@@ -7,14 +7,14 @@ in :class:`Inputs`, and taken by both predictors:
 - :class:`StreamingPredictor` (cog.stream.yaml, a second model from this codebase): ``-> Iterator[Path]``,
   each chunk of audio as it is generated, then the whole file (docs/streaming.md).
 
-Every rule is checked, with a message naming the field, in ``musicgen_service.request``; the work
-happens in ``musicgen_service.service``.
+Every rule is checked, with a message naming the field, in ``musicgen_service.generation.request``; the work
+happens in ``musicgen_service.serving.service``.
 
 `cog build` (Cog >= 0.23) reads this file without running it (a static parser, replicate/cog
 pkg/schema/python): every ``Input()`` argument is a plain literal (one string per description,
 literal lists and numbers), and predictors take them as ``Inputs.<name>``, which that parser
 resolves within this file (its input registry, inputs.go). A test keeps these literals equal to
-``musicgen_service.request``'s rules.
+``musicgen_service.generation.request``'s rules.
 
 ``Predictor.predict`` is async, as Cog requires for ``concurrency.max`` > 1 (cog.yaml): each
 prediction waits for the service in a thread of its own (the service does its torch work in its one
@@ -71,8 +71,8 @@ class Predictor(BasePredictor):
     def setup(self, weights: Optional[Path] = None) -> None:
         """``weights``: a trained version's weights (Cog passes ``COG_WEIGHTS``: a path or URL of a file
         made by ``cog train`` / ``script/train``), served on top of the base model."""
-        from musicgen_service.service import Service
-        from musicgen_service.settings import Settings
+        from musicgen_service.serving.service import Service
+        from musicgen_service.core.settings import Settings
 
         self.service = Service(Settings.from_env(), trained=str(weights) if weights else None)
 

@@ -20,7 +20,7 @@ with their spread. Times are wall clock from the process' first statement to the
 ``total_s``; ``imports_s`` is what importing took (stock: ``import torch`` + ``import audiocraft.models``;
 ours: up to setup's first log line (``import predict``, our package), plus setup's logged ``imported
 torch`` and ``imported audiocraft``, which defers what a prediction never uses:
-musicgen_service/imports.py). Peak RSS is VmHWM, so it includes
+musicgen_service/core/imports.py). Peak RSS is VmHWM, so it includes
 the imports. ``--profile`` runs setup under cProfile and attributes its time to phases by the
 cumulative time of the library functions that do them.
 """
@@ -108,7 +108,7 @@ def one_run(args: argparse.Namespace) -> dict:
         profiler.enable()
     result: dict = {"stock": args.stock, "mbd": args.mbd}
     if args.stock:
-        from musicgen_service import weights
+        from musicgen_service.weights import hub as weights
 
         weights.use_hub_cache(args.weights)
         start = time.perf_counter()

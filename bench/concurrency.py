@@ -75,18 +75,18 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     import torch
 
     from bench.run import machine
-    from musicgen_service import weights
+    from musicgen_service.weights import hub as weights
 
     scale = "xsmall" if args.quick else "small"
     cache = (args.work / ("quick" if args.quick else "full")).resolve()
     weights.use_hub_cache(cache)
-    from musicgen_service import compute
+    from musicgen_service.serving import compute
 
-    # torch only in the service's compute thread, which serves the requests (why: musicgen_service/compute.py)
+    # torch only in the service's compute thread, which serves the requests (why: musicgen_service/serving/compute.py)
     model_id = compute.shared().call(models.ensure_set, cache, scale, melody=False, mbd=False,
                                      real_t5=not args.quick, log=log, real_codec=not args.quick)
-    from musicgen_service.service import Service
-    from musicgen_service.settings import Settings
+    from musicgen_service.serving.service import Service
+    from musicgen_service.core.settings import Settings
 
     report: tp.Dict[str, tp.Any] = {"machine": machine(), "model": model_id, "seconds_of_audio": args.seconds,
                                     "rows": []}

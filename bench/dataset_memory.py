@@ -29,9 +29,9 @@ CHILD = """
 import resource, sys, time
 from pathlib import Path
 weights_dir, path, way = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-from musicgen_service import weights; weights.use_hub_cache(weights_dir)
-from musicgen_service import loading
-from musicgen_service.settings import Settings
+from musicgen_service.weights import hub as weights; weights.use_hub_cache(weights_dir)
+from musicgen_service.weights import loading
+from musicgen_service.core.settings import Settings
 from musicgen_service.training import dataset, tokens
 model = loading.load_musicgen(Settings(weights_dir=weights_dir, model="facebook/musicgen-small", device="cpu",
                                        decoder="exact", prepared_off=True), "cpu")
@@ -88,7 +88,7 @@ def main() -> int:
     if weights_dir is None:
         weights_dir = WORK / "tiny"
         if not (weights_dir / "models--facebook--musicgen-small").exists():
-            from musicgen_service import tiny
+            from musicgen_service.tools import tiny
 
             tiny.write_tiny_set(weights_dir)
     rows = []

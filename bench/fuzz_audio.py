@@ -1,5 +1,5 @@
 """Fuzzing ``input_audio``'s decoder: malformed files of every accepted format through
-``musicgen_service.audio_in.load``, each in its own forked child, counting what a damaged or hostile
+``musicgen_service.audio.input_audio.load``, each in its own forked child, counting what a damaged or hostile
 upload does to the worker.
 
 Why: audio is decoded by FFmpeg (PyAV) inside the Cog worker process. A Python exception there is a
@@ -816,8 +816,8 @@ def rss_kb(field_name: str = "VmRSS") -> int:
 
 def decode_once(path: Path) -> tp.Tuple[int, tp.Dict[str, tp.Any]]:
     """What the service does with ``input_audio``: the exit code and what to report."""
-    from musicgen_service import audio_in
-    from musicgen_service.errors import InputError
+    from musicgen_service.audio import input_audio as audio_in
+    from musicgen_service.core.errors import InputError
 
     try:
         clip = audio_in.load(path, sample_rate=SAMPLE_RATE, channels=CHANNELS)
@@ -1034,7 +1034,7 @@ def median(values: tp.List[float]) -> float:
 
 def reason(message: str) -> str:
     """A refusal's rule without its numbers and long lists: refusals grouped by kind."""
-    from musicgen_service.audio_in import EXPECTED
+    from musicgen_service.audio.input_audio import EXPECTED
 
     text = message.split(": ", 1)[-1].replace(EXPECTED, "...")
     text = re.sub(r"\d+(\.\d+)?", "#", text)
@@ -1046,7 +1046,7 @@ def code_version() -> tp.Dict[str, tp.Any]:
     differs from it (read before the import: children run what the parent imported, whatever changes
     on disk during the run)."""
     info: tp.Dict[str, tp.Any] = {"audio_in_sha256": hashlib.sha256(
-        (ROOT / "musicgen_service" / "audio_in.py").read_bytes()).hexdigest()[:16]}
+        (ROOT / "musicgen_service" / "audio" / "input_audio.py").read_bytes()).hexdigest()[:16]}
     try:
         head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, timeout=30).stdout.strip()
@@ -1107,7 +1107,7 @@ def report(results: tp.List[Result], seeds_results: tp.List[Result], seeds: tp.D
                        "outcome": r.outcome, "wall_s": r.wall_s, "cpu_s": r.cpu_s, "extra_mb": r.extra_mb,
                        "size": r.size}
     return {
-        "what": "malformed input_audio files decoded by musicgen_service.audio_in.load, one forked child each",
+        "what": "malformed input_audio files decoded by musicgen_service.audio.input_audio.load, one forked child each",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name] + [str(a) for a in sys.argv]),
         "machine": machine(),
@@ -1215,7 +1215,7 @@ def main() -> int:
     import torch  # noqa: F401
     from audiocraft.data import audio_utils  # noqa: F401  (audio_in imports it per frame)
 
-    from musicgen_service import audio_in  # noqa: F401
+    from musicgen_service.audio import input_audio as audio_in  # noqa: F401
 
     seeds = write_seeds(args.work / "fuzz-seeds")
     if args.replay is not None:

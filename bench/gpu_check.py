@@ -281,7 +281,7 @@ def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, 
     import torch
 
     from bench.run import run_hf, build_hf, run_stock
-    from musicgen_service.generate import Generator
+    from musicgen_service.generation.generator import Generator
 
     model = service.model
     steps = duration * 50 + 3
@@ -361,7 +361,7 @@ def exact_promise(report: Report, service: tp.Any, device: str, duration: int) -
     """Stock against itself and exact against stock, same seed: what 'exact' can promise here."""
     def run() -> tp.Dict[str, tp.Any]:
         from bench.run import run_stock
-        from musicgen_service.generate import Generator
+        from musicgen_service.generation.generator import Generator
 
         model = service.model
         _, a = run_stock(model, duration, None, device)
@@ -432,7 +432,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="musicgen-gpu-check-")).resolve()
     cache = work / "weights"
-    from musicgen_service import tiny, weights
+    from musicgen_service.tools import tiny
+    from musicgen_service.weights import hub as weights
 
     weights.use_hub_cache(cache)  # before anything imports the hub libraries
     scale = "xsmall" if args.dry else "large"
@@ -465,8 +466,8 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     def stock_service(model_id: str) -> tp.Any:
         """A service whose LM keeps its own weights (the Predictor's decoder released the ones it
         keeps in another precision), for the stock / exact / fast comparisons."""
-        from musicgen_service.service import Service
-        from musicgen_service.settings import Settings
+        from musicgen_service.serving.service import Service
+        from musicgen_service.core.settings import Settings
 
         return Service(Settings(weights_dir=cache, model=model_id, device=device, mbd="off", decoder="stock"))
 

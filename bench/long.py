@@ -1,4 +1,4 @@
-"""Long outputs: what decoding costs as the audio grows, chunked (``musicgen_service.codec``)
+"""Long outputs: what decoding costs as the audio grows, chunked (``musicgen_service.audio.codec``)
 against audiocraft's one-shot ``EncodecModel.decode``, on the real-size EnCodec (MusicGen's
 32 kHz encodec_large_nq4_s640, random weights: cost does not depend on weight values).
 
@@ -58,7 +58,7 @@ def build_codec(name: str, channels: int, device: str) -> tp.Any:
     from audiocraft.models.encodec import InterleaveStereoCompressionModel
 
     from bench import models
-    from musicgen_service import tiny
+    from musicgen_service.tools import tiny
 
     model = tiny.build_encodec(models.REAL_ENCODEC if name == "real" else tiny.encodec_config())
     if channels == 2:
@@ -74,7 +74,7 @@ def random_codes(model: tp.Any, seconds: float, device: str, seed: int = 1) -> t
 
 
 def decoder(path: str, chunk: int) -> tp.Callable[[tp.Any, tp.Any], tp.Any]:
-    from musicgen_service import codec
+    from musicgen_service.audio import codec
 
     if path == "oneshot":
         return lambda model, codes: model.decode(codes, None).float().cpu()
@@ -92,7 +92,7 @@ def steady_chunk_times() -> tp.List[float]:
     """Record the wall time of every chunk of the chunked decode but the streams' last ones (all
     the same work): their median is a cost per second of audio that other processes' bursts on a
     shared machine barely move, unlike the whole decode's time."""
-    from musicgen_service import codec
+    from musicgen_service.audio import codec
 
     times: tp.List[float] = []
     push = codec._Stream.push
@@ -152,7 +152,7 @@ def child_linearity(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     the median chunk time per second of audio of each (see :func:`steady_chunk_times`)."""
     import torch
 
-    from musicgen_service import codec
+    from musicgen_service.audio import codec
 
     model = build_codec(spec["codec"], spec["channels"], spec["device"])
     times = steady_chunk_times()
@@ -188,7 +188,7 @@ def child_seams(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     (recorded from the stream), errors within one frame of a seam vs the rest."""
     import torch
 
-    from musicgen_service import codec
+    from musicgen_service.audio import codec
 
     device = spec["device"]
     model = build_codec(spec["codec"], spec["channels"], device)
@@ -237,13 +237,13 @@ def child_seams(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
 
 
 def child_predict(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
-    from musicgen_service import weights
+    from musicgen_service.weights import hub as weights
 
     folder = Path(spec["weights"])
     weights.use_hub_cache(folder)
-    from musicgen_service.generate import Generator
-    from musicgen_service.service import Service
-    from musicgen_service.settings import Settings
+    from musicgen_service.generation.generator import Generator
+    from musicgen_service.serving.service import Service
+    from musicgen_service.core.settings import Settings
 
     service = Service(Settings(weights_dir=folder, model=spec["model"], device=spec["device"]))
     decode_s: tp.List[float] = []
@@ -270,12 +270,13 @@ def child_mbd(spec: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
     tokens already differ; what a join can get wrong is the level where two windows overlap."""
     import torch
 
-    from musicgen_service import mbd as multiband, weights
+    from musicgen_service.audio import mbd as multiband
+    from musicgen_service.weights import hub as weights
 
     folder = Path(spec["weights"])
     weights.use_hub_cache(folder)
-    from musicgen_service.service import Service
-    from musicgen_service.settings import Settings
+    from musicgen_service.serving.service import Service
+    from musicgen_service.core.settings import Settings
 
     service = Service(Settings(weights_dir=folder, model="facebook/musicgen-small", device=spec["device"], mbd="eager"))
     mbd = service.mbd_decoder()
@@ -427,7 +428,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
         return
 
     from bench.run import machine
-    from musicgen_service import codec
+    from musicgen_service.audio import codec
 
     chunk = args.chunk or codec.CHUNK_FRAMES
     parts = args.parts.split(",")
@@ -462,7 +463,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
                                      "short": 10, "long": 300})
     folder = (args.work / "tiny").resolve()
     if ("predict" in parts or "mbd" in parts) and not (folder / "models--t5-base").exists():
-        from musicgen_service import tiny
+        from musicgen_service.tools import tiny
 
         tiny.write_tiny_set(folder)
     if "mbd" in parts:
@@ -486,7 +487,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from musicgen_service import compute
+    from musicgen_service.serving import compute
 
-    # every torch call in the thread where the service makes its own (why: musicgen_service/compute.py)
+    # every torch call in the thread where the service makes its own (why: musicgen_service/serving/compute.py)
     compute.shared().call(main)

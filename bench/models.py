@@ -3,7 +3,7 @@
 Speed and memory do not depend on weight values, so a random model of the real
 architecture measures what the real one would. Each set is a hub cache laid out
 like ``weights/`` (same repo ids and file names) and written by the same code as
-the tiny test set (:mod:`musicgen_service.tiny`), with real sizes:
+the tiny test set (:mod:`musicgen_service.tools.tiny`), with real sizes:
 
 - the LM from audiocraft's own configs (lm/default -> model_scale -> conditioner
   -> lm/musicgen_lm merged): musicgen-small is dim 1024, 16 heads, 24 layers
@@ -27,7 +27,8 @@ import time
 import typing as tp
 from pathlib import Path
 
-from musicgen_service import tiny, weights
+from musicgen_service.tools import tiny
+from musicgen_service.weights import hub as weights
 
 # name -> (dim, heads, layers): audiocraft's config/model/lm/model_scale/*.yaml
 SCALES = {"xsmall": (64, 2, 2), "small": (1024, 16, 24), "medium": (1536, 24, 48), "large": (2048, 32, 48)}

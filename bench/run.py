@@ -155,7 +155,7 @@ def run_ours(service: tp.Any, generator: tp.Any, duration: int,
 
 
 def run_stock(model: tp.Any, duration: int, melody_wav: tp.Any, device: str) -> tp.Tuple[float, tp.Any]:
-    from musicgen_service.generate import seed_everything
+    from musicgen_service.generation.generator import seed_everything
 
     model.set_generation_params(duration=duration, top_k=250, top_p=0.0, temperature=1.0, cfg_coef=3.0)
     seed_everything(SEED)
@@ -236,9 +236,9 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
                      tmp: Path, t5_config: tp.Any, modes: tp.Sequence[str]) -> tp.Dict[str, tp.Any]:
     import torch
 
-    from musicgen_service.generate import Generator
-    from musicgen_service.service import Service
-    from musicgen_service.settings import Settings
+    from musicgen_service.generation.generator import Generator
+    from musicgen_service.serving.service import Service
+    from musicgen_service.core.settings import Settings
 
     model_id = models.model_id(scale, melody)
     log(f"generation: {model_id} on {device}")
@@ -450,7 +450,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     modes = [m for m in args.modes.split(",") if m]
     out = args.out or ROOT / "bench" / "results" / mode
 
-    from musicgen_service import weights
+    from musicgen_service.weights import hub as weights
 
     weights.use_hub_cache(cache)  # before anything imports the hub libraries
     start = time.perf_counter()
@@ -459,7 +459,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
         models.ensure_set(cache, scale, melody=False, real_t5=real_t5, log=log)
     for scale in melody_scales:
         models.ensure_set(cache, scale, melody=True, real_t5=real_t5, log=log)
-    from musicgen_service import tiny
+    from musicgen_service.tools import tiny
 
     t5_config = models.real_t5_config() if real_t5 else tiny.tiny_t5_config()
 
@@ -488,7 +488,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    from musicgen_service import compute
+    from musicgen_service.serving import compute
 
-    # every torch call in the thread where the service makes its own (why: musicgen_service/compute.py)
+    # every torch call in the thread where the service makes its own (why: musicgen_service/serving/compute.py)
     compute.shared().call(main)

@@ -41,7 +41,9 @@ def main() -> None:
 
     from bench import models
     from bench.run import machine
-    from musicgen_service import streaming, tiny, weights
+    from musicgen_service.serving import streaming
+    from musicgen_service.tools import tiny
+    from musicgen_service.weights import hub as weights
 
     if args.dry:
         cache = Path(tempfile.mkdtemp(prefix="musicgen-stream-bench-"))
@@ -55,8 +57,8 @@ def main() -> None:
         scale = {"facebook/musicgen-small": "small"}.get(args.model, "large")
         models.ensure_set(cache, scale, melody, mbd=False, stereo="stereo" in args.model, device=args.device)
         durations = [int(d) for d in args.durations.split(",")]
-    from musicgen_service.service import Service
-    from musicgen_service.settings import Settings
+    from musicgen_service.serving.service import Service
+    from musicgen_service.core.settings import Settings
 
     service = Service(Settings(weights_dir=cache, model=args.model, device=args.device, mbd="off",
                                decoder=args.decoder))

@@ -1,4 +1,4 @@
-"""Why the service runs all torch work in one thread (musicgen_service/compute.py), measured.
+"""Why the service runs all torch work in one thread (musicgen_service/serving/compute.py), measured.
 
     PYTHONPATH=. python bench/threads.py            # kernels of a decoding step, ~20 s
     PYTHONPATH=. python bench/threads.py --step     # + a musicgen-small int8 step (needs bench/work/full)
@@ -62,12 +62,12 @@ def in_thread(fn: tp.Callable[[], tp.Any]) -> tp.Any:
 
 def step_ms() -> tp.Callable[[], float]:
     """A batched decoding step of one request on musicgen-small, int8 (what bench/concurrency.py runs)."""
-    from musicgen_service import weights
+    from musicgen_service.weights import hub as weights
     from musicgen_service.decoding.rows import Row, RowDecoder
-    from musicgen_service.generate import Generator
-    from musicgen_service.loading import load_musicgen
-    from musicgen_service.request import parse_request
-    from musicgen_service.settings import Settings
+    from musicgen_service.generation.generator import Generator
+    from musicgen_service.weights.loading import load_musicgen
+    from musicgen_service.generation.request import parse_request
+    from musicgen_service.core.settings import Settings
 
     cache = ROOT / "bench" / "work" / "full"
     weights.use_hub_cache(cache)

@@ -67,8 +67,8 @@ def one(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
     """One (method, batch) in this process."""
     import torch
 
-    from musicgen_service import weights
-    from musicgen_service.settings import Settings
+    from musicgen_service.weights import hub as weights
+    from musicgen_service.core.settings import Settings
     from musicgen_service.training import allocator, loop, options, run, tokens
 
     allocator.THRESHOLD = args.threshold  # what loop.train sets (0: glibc's default, as stock)
@@ -136,8 +136,9 @@ def main() -> None:
 
     from bench import models
     from bench.run import machine
-    from musicgen_service import tiny, weights
-    from musicgen_service.settings import Settings
+    from musicgen_service.tools import tiny
+    from musicgen_service.weights import hub as weights
+    from musicgen_service.core.settings import Settings
     from musicgen_service.training import allocator, run, tokens
 
     thresholds = [int(t) for t in args.thresholds.split(",")] if args.thresholds else [allocator.THRESHOLD]

@@ -18,7 +18,7 @@ os.environ["MUSICGEN_WEIGHTS"] = str(TINY_DIR)
 os.environ.pop("MUSICGEN_MODEL", None)
 os.environ.setdefault("MUSICGEN_DEVICE", "cpu")
 
-from musicgen_service import weights  # noqa: E402
+from musicgen_service.weights import hub as weights  # noqa: E402
 
 weights.use_hub_cache(TINY_DIR)
 
@@ -29,7 +29,7 @@ MONO_TEXT = "facebook/musicgen-small"
 
 @pytest.fixture(scope="session")
 def tiny_weights() -> tp.Iterator[Path]:
-    from musicgen_service import tiny
+    from musicgen_service.tools import tiny
 
     tiny.write_tiny_set(TINY_DIR)
     yield TINY_DIR
@@ -37,8 +37,8 @@ def tiny_weights() -> tp.Iterator[Path]:
 
 
 def make_service(weights_dir: Path, model: str = STEREO_MELODY, **settings: tp.Any) -> tp.Any:
-    from musicgen_service.service import Service
-    from musicgen_service.settings import Settings
+    from musicgen_service.serving.service import Service
+    from musicgen_service.core.settings import Settings
 
     return Service(Settings(weights_dir=weights_dir, model=model, device="cpu", **settings))
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from audio_helpers import sine, write
-from musicgen_service import audio_in
-from musicgen_service.errors import InputError
+from musicgen_service.audio import input_audio as audio_in
+from musicgen_service.core.errors import InputError
 
 RATE = 32000
 
@@ -233,8 +233,8 @@ def test_crafted_wav_headers_are_refused_in_bounded_memory(tmp_path, name):
     good = write(tmp_path / "good.wav", sine(440, 1.0, RATE), RATE)
     script = f"""
 import resource
-from musicgen_service import audio_in
-from musicgen_service.errors import InputError
+from musicgen_service.audio import input_audio as audio_in
+from musicgen_service.core.errors import InputError
 audio_in.load({str(good)!r}, 32000, 2)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:

@@ -1,4 +1,4 @@
-"""Concurrent requests sharing decoding steps (musicgen_service/batching.py, decoding/rows.py):
+"""Concurrent requests sharing decoding steps (musicgen_service/serving/scheduler.py, decoding/rows.py):
 a request's tokens must not depend on what it was batched with."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from audio_helpers import melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
 from musicgen_service.decoding import formats
-from musicgen_service.errors import Cancelled
+from musicgen_service.core.errors import Cancelled
 
 
 def _runnable(name, slow=False):

@@ -1,4 +1,4 @@
-"""Chunked EnCodec decoding and encoding (musicgen_service.codec): the one-shot results, in
+"""Chunked EnCodec decoding and encoding (musicgen_service.audio.codec): the one-shot results, in
 bounded memory."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from musicgen_service import codec, tiny
+from musicgen_service.audio import codec
+from musicgen_service.tools import tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +84,8 @@ def test_receptive_field_bound_of_the_real_decoder():
 MEMORY_PROBE = """
 import json, sys, torch
 from bench.coldstart import status_mb
-from musicgen_service import codec, tiny
+from musicgen_service.audio import codec
+from musicgen_service.tools import tiny
 
 model = tiny.build_encodec()  # the tiny set's EnCodec
 result = {}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from audio_helpers import melody
-from musicgen_service.errors import Cancelled, InputError
+from musicgen_service.core.errors import Cancelled, InputError
 from musicgen_service.training import dataset
 
 RATE = 32000
@@ -214,9 +214,9 @@ def test_hours_of_audio_are_tokenized_in_bounded_memory(tiny_weights, tmp_path):
     script = f"""
 import resource, sys
 from pathlib import Path
-from musicgen_service import weights; weights.use_hub_cache(Path({str(tiny_weights)!r}))
-from musicgen_service import loading
-from musicgen_service.settings import Settings
+from musicgen_service.weights import hub as weights; weights.use_hub_cache(Path({str(tiny_weights)!r}))
+from musicgen_service.weights import loading
+from musicgen_service.core.settings import Settings
 from musicgen_service.training import dataset, tokens
 model = loading.load_musicgen(Settings(weights_dir=Path({str(tiny_weights)!r}), model="facebook/musicgen-small",
                                        device="cpu", decoder="exact", prepared_off=True), "cpu")

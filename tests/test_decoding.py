@@ -14,7 +14,7 @@ import torch
 from audio_helpers import melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
 from musicgen_service.decoding import Decoder, formats, precision
-from musicgen_service.generate import Generator
+from musicgen_service.generation.generator import Generator
 
 
 @pytest.fixture(scope="module")

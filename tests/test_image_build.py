@@ -140,7 +140,7 @@ def test_cog_build_steps_install_and_predict(tmp_path: Path, tiny_weights: Path)
                    env=image_env, cwd=src).stdout.split()
     assert versions == [str(build["sdk_version"])] * 2 + ["2.11.0", "1.3.0", "0.0.35"], versions
     out = tmp_path / "out.wav"
-    predicted = run(["python", "-m", "musicgen_service.cli", "-i", "prompt=lo-fi beat", "-i", "duration=1",
+    predicted = run(["python", "-m", "musicgen_service.tools.cli", "-i", "prompt=lo-fi beat", "-i", "duration=1",
                      "-i", "seed=1", "-o", str(out)],
                     env={**image_env, "MUSICGEN_WEIGHTS": str(tiny_weights), "MUSICGEN_DEVICE": "cpu"}, cwd=src)
     assert predicted.stdout.split()[-1] == str(out), predicted.stdout  # the path, after the logs

@@ -1,4 +1,4 @@
-"""What setup imports (musicgen_service/imports.py): in a fresh process, as Cog's worker starts, setup
+"""What setup imports (musicgen_service/core/imports.py): in a fresh process, as Cog's worker starts, setup
 and a prediction leave the deferred modules unimported, and each deferred module, once used (MultiBand
 Diffusion on first request, stock attention's xformers ops, spaCy, sklearn's roc_curve), is the real
 one. The test session itself has imported everything already, hence the subprocess."""
@@ -18,7 +18,7 @@ SCRIPT = r'''
 import asyncio, json, sys, types
 sys.path.insert(0, sys.argv[1])
 import predict
-from musicgen_service import imports
+from musicgen_service.core import imports
 
 deferred = ["spacy", "xformers", "sklearn", "dora", "torchmetrics", "audiocraft.solvers", "scipy.signal",
             "audiocraft.models.multibanddiffusion"]
@@ -35,7 +35,7 @@ asyncio.run(p.predict(**inputs))
 out["after_prediction"] = real()
 asyncio.run(p.predict(**{**inputs, "multi_band_diffusion": True}))  # MBD loads through its stand-in
 out["after_mbd"] = real()
-from musicgen_service.generate import Generator  # stock attention: xformers' ops.unbind, imported on use
+from musicgen_service.generation.generator import Generator  # stock attention: xformers' ops.unbind, imported on use
 service = p.service
 stock = Generator(service.model, "stock").generate(service.parse(prompt="jazz", duration=1, seed=2))
 out["stock_tokens"] = list(stock.tokens.shape)

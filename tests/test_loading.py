@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import MONO_TEXT, STEREO_MELODY
-from musicgen_service import loading, weights
-from musicgen_service.settings import Settings
+from musicgen_service.weights import loading, hub as weights
+from musicgen_service.core.settings import Settings
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:

@@ -8,9 +8,10 @@ import torch
 
 from audio_helpers import melody, write
 from conftest import MONO_MELODY, STEREO_MELODY, make_service
-from musicgen_service import loading, mbd as multiband, weights
-from musicgen_service.errors import InputError
-from musicgen_service.settings import Settings
+from musicgen_service.weights import loading, hub as weights
+from musicgen_service.audio import mbd as multiband
+from musicgen_service.core.errors import InputError
+from musicgen_service.core.settings import Settings
 
 RATE = 32000
 
@@ -132,7 +133,7 @@ def test_incompatible_tokens_are_refused(mono):
     from omegaconf import OmegaConf
     from audiocraft.models import builders
 
-    from musicgen_service import tiny
+    from musicgen_service.tools import tiny
 
     cfg = tiny.encodec_config()
     cfg["rvq"]["n_q"] = 8

@@ -7,8 +7,8 @@ import torch
 
 from audio_helpers import decode, melody, sine, write
 from conftest import MONO_MELODY, make_service
-from musicgen_service import audio_in
-from musicgen_service.errors import InputError
+from musicgen_service.audio import input_audio as audio_in
+from musicgen_service.core.errors import InputError
 
 RATE = 32000
 FRAME = 640  # samples per token frame at 50 Hz

@@ -14,8 +14,8 @@ import torch
 
 from audio_helpers import decode
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.errors import InputError
-from musicgen_service.weights import WeightsMissingError
+from musicgen_service.core.errors import InputError
+from musicgen_service.weights.hub import WeightsMissingError
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 32000
@@ -168,7 +168,7 @@ def test_bad_input_fails_before_generation(predictor, capsys):
 
 
 def test_local_checkpoint_folder_as_model(tiny_weights):
-    from musicgen_service.weights import musicgen_folder
+    from musicgen_service.weights.hub import musicgen_folder
 
     folder = musicgen_folder(tiny_weights, MONO_TEXT)
     service = make_service(tiny_weights, str(folder))
@@ -184,7 +184,7 @@ def test_missing_weights_name_the_file_and_the_command(tmp_path):
 
 
 def test_missing_conditioner_weights_are_named(tiny_weights, tmp_path):
-    from musicgen_service import weights
+    from musicgen_service.weights import hub as weights
 
     src = weights.musicgen_folder(tiny_weights, STEREO_MELODY)
     weights.write_repo(tmp_path, STEREO_MELODY, {f: src / f for f in weights.MUSICGEN_FILES})
@@ -224,7 +224,7 @@ def test_command_line_setup_problems_are_one_line(tmp_path, setting, message):
 
 
 def test_command_line_mp3_and_errors(tiny_weights, tmp_path, monkeypatch, capsys):
-    from musicgen_service import cli
+    from musicgen_service.tools import cli
 
     monkeypatch.chdir(tmp_path)
     assert cli.main(["-i", "prompt=jazz", "-i", "duration=1", "-i", "output_format=mp3"]) == 0

@@ -1,4 +1,4 @@
-"""Prepared decoders on disk (musicgen_service/decoding/prepared.py): the second setup reads what the
+"""Prepared decoders on disk (musicgen_service/decoding/store.py): the second setup reads what the
 first measured and converted, gives the same tokens, and any bad entry costs one rebuild.
 
 The format is forced (``int8`` where this CPU runs it, else ``fp16``), whatever ``auto`` would pick
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from conftest import MONO_TEXT, make_service
-from musicgen_service import weights
-from musicgen_service.decoding import formats, prepared
+from musicgen_service.weights import hub as weights
+from musicgen_service.decoding import formats, store as prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT = "int8" if formats.unavailable_reason("int8", torch.device("cpu")) is None else "fp16"
@@ -160,7 +160,7 @@ def test_checkpoint_identity(tiny_weights, tmp_path):
 @pytest.mark.slow
 def test_two_processes_starting_together_leave_one_whole_entry(tiny_weights, tmp_path):
     script = ("import sys; sys.path.insert(0, sys.argv[1]);"
-              "from musicgen_service.service import Service; from musicgen_service.settings import Settings;"
+              "from musicgen_service.serving.service import Service; from musicgen_service.core.settings import Settings;"
               "from pathlib import Path;"
               f"Service(Settings(weights_dir=Path(sys.argv[2]), model={MONO_TEXT!r}, device='cpu', "
               f"decoder={FORMAT!r}, prepared=Path(sys.argv[3])))")
@@ -181,7 +181,7 @@ def test_leftovers_are_swept_and_the_cache_is_kept_under_its_bound(tmp_path):
     import sys
     import time
 
-    from musicgen_service.decoding import prepared
+    from musicgen_service.decoding import store as prepared
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)

@@ -80,17 +80,17 @@ def test_cog_sdk_in_the_image_is_the_one_tested():
 
 def test_dockerignore_keeps_the_model_and_leaves_out_local_state():
     patterns = cog_image.dockerignore_patterns(ROOT)
-    for kept in ("predict.py", "cog.yaml", "requirements.txt", "musicgen_service/service.py",
+    for kept in ("predict.py", "cog.yaml", "requirements.txt", "musicgen_service/serving/service.py",
                  "weights/README.md", "weights/models--t5-base/blobs/0123abcd",
                  "weights/models--t5-base/snapshots/f00d/config.json", "bench/results/cpu.md"):
         assert not cog_image.dockerignored(kept, patterns), kept
     for dropped in (".git/HEAD", ".venv/bin/python", ".venv-schema/bin/python", ".gpu/site.tar.xz",
                     "bench/work/models--facebook--musicgen-small/blobs/0123abcd",
-                    "musicgen_service/__pycache__/service.cpython-311.pyc", ".pytest_cache/README.md",
+                    "musicgen_service/serving/__pycache__/service.cpython-311.pyc", ".pytest_cache/README.md",
                     "output.wav", "output-2.mp3"):
         assert cog_image.dockerignored(dropped, patterns), dropped
     context = cog_image.build_context(ROOT)
-    assert "predict.py" in context and "musicgen_service/weights.py" in context
+    assert "predict.py" in context and "musicgen_service/weights/hub.py" in context
     assert not any(f.startswith((".cog/", ".venv/", ".git/")) for f in context)
 
 
@@ -164,7 +164,7 @@ def test_predict_inputs_are_literals_that_cogs_static_schema_parser_reads():
 
 
 def test_predict_literals_are_the_request_rules():
-    from musicgen_service.request import MAX_SEED, NORMALIZATION_STRATEGIES, OUTPUT_FORMATS
+    from musicgen_service.generation.request import MAX_SEED, NORMALIZATION_STRATEGIES, OUTPUT_FORMATS
 
     fields = {name: field for name, _, field in _predict_inputs()}
     assert fields["normalization_strategy"].choices == list(NORMALIZATION_STRATEGIES)

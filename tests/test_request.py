@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from musicgen_service.errors import InputError
-from musicgen_service.request import Capabilities, parse_request
+from musicgen_service.core.errors import InputError
+from musicgen_service.generation.request import Capabilities, parse_request
 
 CAPS = Capabilities(max_duration=300, card=2048)
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from musicgen_service.settings import DEFAULT_MODEL, PROJECT_ROOT, Settings, SettingsError
+from musicgen_service.core.settings import DEFAULT_MODEL, PROJECT_ROOT, Settings, SettingsError
 
 
 def test_defaults_without_environment():

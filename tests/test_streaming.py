@@ -1,4 +1,4 @@
-"""The streaming model's service (musicgen_service/streaming.py, Service.stream) on the tiny set: chunks
+"""The streaming model's service (musicgen_service/serving/streaming.py, Service.stream) on the tiny set: chunks
 in order, their audio the final file's up to the documented gain, no seams, every mode, the final item
 the main model's very file, and what happens on errors. Through the real server: test_streaming_server.py."""
 from __future__ import annotations
@@ -12,8 +12,9 @@ import torch
 
 from audio_helpers import decode, melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service import audio_out, streaming
-from musicgen_service.errors import InputError
+from musicgen_service.audio import levels as audio_out
+from musicgen_service.serving import streaming
+from musicgen_service.core.errors import InputError
 
 RATE = 32000
 

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import MONO_TEXT
-from musicgen_service import trained, weights
-from musicgen_service.service import Service
-from musicgen_service.settings import Settings
+from musicgen_service.weights import trained, hub as weights
+from musicgen_service.serving.service import Service
+from musicgen_service.core.settings import Settings
 
 
 def base_state(tiny_weights: Path) -> tp.Dict[str, torch.Tensor]:
@@ -102,7 +102,7 @@ def crafted(tiny_weights: Path, case: str) -> tp.Tuple[tp.Dict[str, torch.Tensor
 def test_a_crafted_trained_file_is_refused_before_the_model_loads(tiny_weights, tmp_path, case, fragment, monkeypatch):
     tensors, meta = crafted(tiny_weights, case)
     path = write(tmp_path / "crafted.safetensors", tensors, meta)
-    from musicgen_service import loading
+    from musicgen_service.weights import loading
 
     def never(*args: tp.Any, **kwargs: tp.Any) -> None:
         raise AssertionError("the model was loaded for a file that cannot be served")

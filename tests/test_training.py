@@ -12,9 +12,9 @@ import torch
 
 from audio_helpers import melody, write
 from conftest import MONO_MELODY, MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service import trained, weights
-from musicgen_service.errors import InputError
-from musicgen_service.settings import Settings
+from musicgen_service.weights import trained, hub as weights
+from musicgen_service.core.errors import InputError
+from musicgen_service.core.settings import Settings
 from musicgen_service.training import adapters, dataset, loop, options, run, tokens
 
 RATE = 32000
@@ -106,7 +106,7 @@ def test_cached_features_give_the_condition_providers_own_conditions(tiny_weight
     ours = tokens.conditions(m.lm, features, features.examples, none, none)
     melody_model = tokens.MELODY in m.lm.condition_provider.conditioners
     attrs = [_attributes("jazz trio", wav if melody_model else None, RATE, melody_model, "cpu")]
-    from musicgen_service.generate import demucs_random
+    from musicgen_service.generation.generator import demucs_random
 
     with torch.no_grad(), demucs_random(tokens.segment_seed(0, 0)):  # (demucs' shifts, as tokens.compute's)
         theirs = m.lm.condition_provider(m.lm.condition_provider.tokenize(attrs))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from musicgen_service import weights
-from musicgen_service.weights import HubFile, WeightsMissingError
+from musicgen_service.weights import hub as weights
+from musicgen_service.weights.hub import HubFile, WeightsMissingError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +60,7 @@ def test_local_checkpoint_folder_must_hold_both_files(tmp_path):
 def test_conditioner_files_follow_the_checkpoint_config():
     from omegaconf import OmegaConf
 
-    from musicgen_service import tiny
+    from musicgen_service.tools import tiny
 
     text = weights.conditioner_files(OmegaConf.create(tiny.lm_config(1, melody=False)))
     melody = weights.conditioner_files(OmegaConf.create(tiny.lm_config(2, melody=True)))

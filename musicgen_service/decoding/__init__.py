@@ -41,7 +41,7 @@ from . import formats, precision as precisions
 from .runner import Runner, unsupported_reason
 
 if tp.TYPE_CHECKING:
-    from .prepared import Prepared
+    from .store import Prepared
 
 MODES = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock")
 ALIASES = {"fast": "auto"}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 PRECISIONS = ("exact", "fp16", "bf16", "int8", "int8dyn")
 # a row's product does not depend on the other rows (at a fixed row count; int8dyn's activation
-# scale spans every row): what concurrent requests can share steps in (musicgen_service/batching.py)
+# scale spans every row): what concurrent requests can share steps in (musicgen_service/serving/scheduler.py)
 BATCH_INVARIANT = ("exact", "fp16", "bf16", "int8")
 DENSE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

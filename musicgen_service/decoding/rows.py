@@ -1,6 +1,6 @@
 """Several requests decoded together, one row each (with its null twin for guidance), step by step.
 
-The scheduler (:mod:`musicgen_service.batching`) admits rows between steps and
+The scheduler (:mod:`musicgen_service.serving.scheduler`) admits rows between steps and
 removes them when they finish or are cancelled; this module decodes them. Each
 row keeps everything of its own: its window (caches, position, conditions), its
 codebook pattern (:class:`.loop.Sequence`), its sampling parameters and its own

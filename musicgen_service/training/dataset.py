@@ -45,8 +45,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..errors import Cancelled, InputError
-from ..logs import get_logger
+from ..core.errors import Cancelled, InputError
+from ..core.logs import get_logger
 
 log = get_logger()
 
@@ -363,7 +363,7 @@ def _file_segments(path: Path, rel: str, caption: tp.Optional[str], sample_rate:
     """One file's segments as its pieces are decoded; InputError (``dataset``) when it does not decode."""
     import torch
 
-    from .. import audio_in
+    from ..audio import input_audio as audio_in
 
     window = int(round(window_seconds * sample_rate))
     minimum = int(round(MIN_SEGMENT_SECONDS * sample_rate))

@@ -8,7 +8,7 @@ import threading
 import typing as tp
 from pathlib import Path
 
-from ..logs import get_logger
+from ..core.logs import get_logger
 
 log = get_logger()
 _ONE_AT_A_TIME = threading.Lock()
@@ -16,8 +16,8 @@ _ONE_AT_A_TIME = threading.Lock()
 
 def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, sample_seconds: tp.Optional[int] = None,
           cancelled: tp.Callable[[], bool] = lambda: False, **inputs: tp.Any) -> tp.Any:
-    from .. import outputs
-    from ..settings import Settings
+    from ..serving import folders as outputs
+    from ..core.settings import Settings
     from . import options, run
 
     settings = Settings.from_env()
@@ -31,7 +31,7 @@ def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, 
         log.info("another training is running in this process: this one starts when it ends")
         while not _ONE_AT_A_TIME.acquire(timeout=1.0):
             if cancelled():
-                from ..errors import Cancelled
+                from ..core.errors import Cancelled
 
                 raise Cancelled("training cancelled while waiting")
     folder = outputs.fresh_folder()  # (kept after the run, until Cog has uploaded its files)

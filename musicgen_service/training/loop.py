@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import Cancelled
-from ..logs import get_logger
+from ..core.errors import Cancelled
+from ..core.logs import get_logger
 from . import allocator, options as opts
 from .tokens import Example, Features, conditions, dropout_probabilities
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import typing as tp
 from dataclasses import asdict, dataclass
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from .. import weights
-from ..errors import InputError
-from ..logs import get_logger
-from ..settings import Settings
+from ..weights import hub as weights
+from ..core.errors import InputError
+from ..core.logs import get_logger
+from ..core.settings import Settings
 from . import adapters, allocator, dataset, loop, tokens
 from .options import Options
 
@@ -122,9 +122,9 @@ def without_vocals(model: tp.Any, segs: tp.Iterable[dataset.Segment]) -> tp.Iter
 
 def sample(model: tp.Any, prompt: str, seed: int, seconds: int, folder: Path, name: str) -> Path:
     """``seconds`` of the model's music for ``prompt`` with ``seed``, as the service makes it."""
-    from .. import audio_out
-    from ..generate import Generator
-    from ..request import Capabilities, parse_request
+    from ..audio import levels as audio_out
+    from ..generation.generator import Generator
+    from ..generation.request import Capabilities, parse_request
 
     mode = "fp16" if str(model.device).startswith("cuda") else "exact"
     generator = Generator(model, mode)
@@ -166,7 +166,7 @@ def _free_port() -> int:
 
 
 def _load(settings: Settings, base: str, device: str) -> tp.Any:
-    from .. import loading
+    from ..weights import loading
 
     return loading.load_musicgen(Settings(weights_dir=settings.weights_dir, model=base, device=device, mbd="off",
                                           decoder="exact", prepared_off=True), device)
@@ -256,7 +256,7 @@ def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devic
 def _run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, device: str, sample_seconds: int,
          world: tp.Optional[int], backend: tp.Optional[str], cancelled: tp.Callable[[], bool], work: Path,
          sample_rate: int, channels: int, window: float, start: float) -> Outputs:
-    from .. import trained
+    from ..weights import trained
 
     root, plan = prepare_dataset(Path(dataset_path), work / "dataset", sample_rate, channels, window, cancelled)
     summary = plan.summary
@@ -269,7 +269,7 @@ def _run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devi
         segs = without_vocals(model, segs)
     features = tokens.compute(model, segs, o.caption, cancelled, seed=o.seed, total_seconds=summary["seconds"])
     if cancelled():
-        from ..errors import Cancelled
+        from ..core.errors import Cancelled
 
         raise Cancelled("training cancelled while tokenizing")
     prompt = features.examples[0].caption

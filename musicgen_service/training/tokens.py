@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..logs import get_logger
+from ..core.logs import get_logger
 
 log = get_logger()
 
@@ -123,9 +123,9 @@ def fit_caption(tokenizer: tp.Any, text: str) -> str:
 
 def _compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
              cancelled: tp.Callable[[], bool], seed: int, total_seconds: tp.Optional[float]) -> Features:
-    from ..generate import demucs_random
+    from ..generation.generator import demucs_random
 
-    from .. import codec
+    from ..audio import codec
     from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
     start = time.perf_counter()

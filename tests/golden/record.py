@@ -77,7 +77,7 @@ def lora_file(folder: Path, weights_dir: Path, model: str) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from musicgen_service import weights
+    from musicgen_service.weights import hub as weights
 
     lm_file = weights.musicgen_folder(weights_dir, model) / weights.LM_FILE
     state = torch.load(lm_file, map_location="cpu", mmap=True, weights_only=True)["best_state"]
@@ -101,8 +101,8 @@ def lora_file(folder: Path, weights_dir: Path, model: str) -> Path:
 # ------------------------------------------------------------------ the service's API (follows the code)
 
 def make_service(weights_dir: Path, model: str, decoder: str, trained: tp.Optional[Path], concurrency: int = 1) -> tp.Any:
-    from musicgen_service.service import Service
-    from musicgen_service.settings import Settings
+    from musicgen_service.serving.service import Service
+    from musicgen_service.core.settings import Settings
 
     return Service(Settings(weights_dir=weights_dir, model=model, device="cpu", decoder=decoder,
                             concurrency=concurrency, prepared_off=True),
@@ -124,7 +124,7 @@ def output_of(service: tp.Any, request: tp.Any) -> Path:
 # ------------------------------------------------------------------ recording
 
 def record(weights_dir: Path) -> tp.Dict[str, tp.Any]:
-    from musicgen_service import weights
+    from musicgen_service.weights import hub as weights
 
     weights.use_hub_cache(weights_dir)
     work = Path(tempfile.mkdtemp(prefix="musicgen-golden-"))

@@ -28,7 +28,7 @@ import typing as tp
 from fractions import Fraction
 from pathlib import Path
 
-from . import weights
+from ..weights import hub as weights
 
 SAMPLE_RATE = 32000
 CARD = 2048

@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .logs import get_logger
+from ..core.logs import get_logger
 
 log = get_logger()
 
@@ -189,7 +189,7 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 
 
 def _download(url: str, cache_dir: Path) -> Path:
-    from . import disk
+    from ..core import disk
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     disk.remove_leftovers(cache_dir, r"\.(?:download|urls)-(?P<pid>\d+)[-.].*")

@@ -28,8 +28,8 @@ import time
 import typing as tp
 from dataclasses import dataclass
 
-from . import codec
-from .logs import get_logger
+from ..audio import codec
+from ..core.logs import get_logger
 from .request import GREEDY_BELOW, Capabilities, Request
 
 log = get_logger()
@@ -164,7 +164,7 @@ class Progress:
 
     def update(self, done_frames: int) -> None:
         if self.cancelled is not None and self.cancelled():
-            from .errors import Cancelled
+            from ..core.errors import Cancelled
 
             raise Cancelled("cancelled")
         fraction = min(done_frames / self.new_frames, 1.0)
@@ -184,7 +184,7 @@ class Generator:
     def __init__(self, model: tp.Any, decoding_mode: str = "stock", rows: int = 2, prepared: tp.Any = None):
         """``rows``: matrix rows per decoding step at full load (2 per concurrent request);
         ``prepared``: the decoder's decision and weights read from disk (:mod:`.decoding.prepared`)."""
-        from .decoding import Decoder
+        from ..decoding import Decoder
 
         self.model = model
         _install_request_random()
@@ -236,7 +236,7 @@ class Generator:
                 head, context = prompt_tokens[..., :-keep], prompt_tokens[..., -keep:]
             condition_tensors = None
             if tensors:  # (the melody's chroma: demucs draws what stock's random.seed(seed) gives it)
-                from .decoding.loop import condition_tensors as make_tensors
+                from ..decoding.loop import condition_tensors as make_tensors
 
                 with request_random(random.Random(seed)):
                     condition_tensors = make_tensors(model.lm, attributes)
@@ -290,7 +290,7 @@ class Generator:
             if mbd is None:
                 wav, decoder = codec.decode(self.model.compression_model, tokens), "EnCodec"
             else:
-                from . import mbd as multiband
+                from ..audio import mbd as multiband
 
                 wav = multiband.tokens_to_wav(mbd, self.model.compression_model, tokens)
                 decoder = "MultiBand Diffusion"

@@ -36,10 +36,10 @@ import time
 import typing as tp
 from pathlib import Path
 
-from . import weights
-from .imports import deferred_imports
-from .logs import get_logger, timed
-from .settings import Settings
+from . import hub as weights
+from ..core.imports import deferred_imports
+from ..core.logs import get_logger, timed
+from ..core.settings import Settings
 
 log = get_logger()
 # audiocraft imports xformers unconditionally but runs its 'torch' attention backend; xformers' warning

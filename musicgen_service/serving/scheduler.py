@@ -33,8 +33,8 @@ import typing as tp
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .errors import Cancelled
-from .logs import get_logger
+from ..core.errors import Cancelled
+from ..core.logs import get_logger
 
 log = get_logger()
 
@@ -70,7 +70,7 @@ class Scheduler:
                          and device.type == "cpu" and decoder.mode in BATCHABLE_PRECISIONS)
         self.rows = None
         if self.batching:
-            from .decoding.rows import RowDecoder
+            from ..decoding.rows import RowDecoder
 
             self.rows = RowDecoder(decoder.runner, self.slots)
             log.info("batching: %s", self.rows.describe_padding())
@@ -141,7 +141,7 @@ class Scheduler:
         return False
 
     def _admit(self, job: Job) -> bool:
-        from .decoding.rows import Row
+        from ..decoding.rows import Row
 
         prepared = job.prepared
         req = prepared.req
@@ -160,7 +160,7 @@ class Scheduler:
         return True
 
     def _progress(self, prepared: tp.Any) -> tp.Any:
-        from .generate import EXTEND_STRIDE, Progress
+        from ..generation.generator import EXTEND_STRIDE, Progress
 
         fr = self.generator.model.frame_rate
         return Progress(prepared.new_frames, 0, fr, int(EXTEND_STRIDE * fr), say=prepared.say)
@@ -195,7 +195,7 @@ class Scheduler:
         return True
 
     def _alone(self, job: Job) -> None:
-        from .logs import redirected
+        from ..core.logs import redirected
 
         try:
             with redirected(job.prepared.say):

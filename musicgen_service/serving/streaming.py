@@ -28,8 +28,8 @@ import time
 import typing as tp
 from pathlib import Path
 
-from . import audio_out, codec
-from .logs import get_logger
+from ..audio import levels as audio_out, codec
+from ..core.logs import get_logger
 
 log = get_logger()
 

@@ -17,12 +17,13 @@ import typing as tp
 import uuid
 from pathlib import Path
 
-from . import audio_in, audio_out, outputs
+from ..audio import input_audio as audio_in, levels as audio_out
+from . import folders as outputs
 from . import compute
 from .compute import relay
-from .logs import get_logger, timed
-from .request import Request, parse_request
-from .settings import Settings
+from ..core.logs import get_logger, timed
+from ..generation.request import Request, parse_request
+from ..core.settings import Settings
 
 log = get_logger()
 
@@ -46,9 +47,9 @@ class Service:
                  self.model.max_duration, time.perf_counter() - start)
 
     def _load(self, settings: Settings) -> None:
-        from . import loading
-        from .batching import Scheduler
-        from .generate import Generator
+        from ..weights import loading
+        from .scheduler import Scheduler
+        from ..generation.generator import Generator
 
         device = settings.resolved_device()
         log.info("weights: %s; model: %s; device: %s", settings.weights_dir, settings.model, device)
@@ -63,7 +64,7 @@ class Service:
         self.model = loading.load_musicgen(settings, device, skip=pending.skips if pending else None)
         entry = pending.entry() if pending else None
         if self.trained is not None:
-            from . import trained
+            from ..weights import trained
 
             trained.apply(self.trained, self.model.lm)
         self.mbd = loading.MBDSource(settings, device)
@@ -85,7 +86,7 @@ class Service:
         checked against the served model: another base is refused here, before any model loads."""
         if not self.trained_source:
             return None
-        from . import trained, weights
+        from ..weights import trained, hub as weights
 
         path = None
         for folder in settings.trained_dirs:  # downloads go to the first folder that can be written
@@ -109,8 +110,8 @@ class Service:
     def _prepared_cache(settings: Settings, device: str, rows: int, trained: tp.Any = None) -> tp.Tuple[tp.Any, tp.Any]:
         """The prepared-decoder cache for this setup and its key (None, None where setups do not use
         one: GPUs, exact, stock, MUSICGEN_PREPARED=off); a trained file's identity is part of the key."""
-        from . import weights
-        from .decoding import ALIASES, prepared
+        from ..weights import hub as weights
+        from ..decoding import ALIASES, store as prepared
 
         decoder = ALIASES.get(settings.decoder, settings.decoder)
         if not prepared.applies(decoder, device) or not settings.prepared_dirs:
@@ -181,7 +182,7 @@ class Service:
         """The streaming model's prediction: yields each chunk file as its audio is generated
         (:mod:`.streaming`), then the whole file, which is what :meth:`run` returns for the same
         request. A failure after some chunks raises (no final file); a cancel stops at the next step."""
-        from .errors import InputError
+        from ..core.errors import InputError
 
         if request.multi_band_diffusion:
             raise InputError([("multi_band_diffusion", "the streaming model decodes with EnCodec as it generates; "
@@ -223,7 +224,7 @@ class Service:
 
     def mbd_decoder(self) -> tp.Any:
         """The MBD decoder (loaded on first use when lazy), checked against this model's tokens."""
-        from .mbd import check_compatible
+        from ..audio.mbd import check_compatible
 
         mbd = self.mbd.get()
         check_compatible(mbd, self.model.compression_model)

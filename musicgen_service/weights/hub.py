@@ -79,7 +79,7 @@ def use_hub_cache(cache_dir: Path) -> None:
             raise RuntimeError(
                 "huggingface_hub was imported before the weights folder was configured "
                 f"(it uses {constants.HF_HUB_CACHE}, offline={constants.HF_HUB_OFFLINE}); "
-                "call musicgen_service.weights.use_hub_cache first")
+                "call musicgen_service.weights.hub.use_hub_cache first")
     os.environ["HF_HUB_CACHE"] = str(cache_dir)
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -272,7 +272,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
 
     from huggingface_hub.utils import logging as hub_logging
 
-    from .settings import Settings, SettingsError
+    from ..core.settings import Settings, SettingsError
 
     def fail(message: str, code: int = 1) -> int:
         print(f"download-weights: {message}", file=sys.stderr)

@@ -32,7 +32,7 @@ import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .logs import get_logger, redirected
+from ..core.logs import get_logger, redirected
 
 log = get_logger()
 

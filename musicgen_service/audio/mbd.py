@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import typing as tp
 
-from .errors import InputError
+from ..core.errors import InputError
 
 WINDOW_SECONDS = 30.0
 OVERLAP_SECONDS = 1.0

@@ -10,13 +10,13 @@ import typing as tp
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     import argparse
 
-    from .settings import Settings, SettingsError
-    from .weights import WeightsMissingError
+    from ..core.settings import Settings, SettingsError
+    from ..weights.hub import WeightsMissingError
 
     argparse.ArgumentParser(prog="script/prepare", description=__doc__).parse_args(argv)
     try:
         settings = Settings.from_env()
-        from .decoding import ALIASES, prepared
+        from ..decoding import ALIASES, store as prepared
 
         decoder = ALIASES.get(settings.decoder, settings.decoder)
         device = settings.resolved_device()
@@ -24,7 +24,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             print(f"prepare: nothing to prepare for MUSICGEN_DECODER={decoder} on {device} "
                   "(only CPU setups with auto or a reduced precision use prepared decoders)")
             return 0
-        from .service import Service
+        from ..serving.service import Service
 
         service = Service(settings)
     except (SettingsError, WeightsMissingError) as exc:

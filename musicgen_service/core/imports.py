@@ -90,7 +90,7 @@ class _StandIn(types.ModuleType):
     ``importlib.util.find_spec`` (how libraries test what is installed) answers as usual."""
 
     def __init__(self, name: str, names: tp.Iterable[str], spec: tp.Any):
-        super().__init__(name, f"stand-in for {name}, imported on first use (musicgen_service.imports)")
+        super().__init__(name, f"stand-in for {name}, imported on first use (musicgen_service.core.imports)")
         self.__spec__ = spec
         if spec.submodule_search_locations is not None:  # a package: `from pkg import x` asks for it
             self.__path__ = list(spec.submodule_search_locations)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import typing as tp
 
-from .logs import get_logger
+from ..core.logs import get_logger
 
 log = get_logger()
 

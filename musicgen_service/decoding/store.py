@@ -166,7 +166,7 @@ class Cache:
     def sweep(self, keep: tp.Optional[Path] = None) -> None:
         """Remove leftovers (``.tmp-*`` of stopped processes, old ``.stale-*``) and, past the bound, the
         least recently used entries (never ``keep``). Never raises."""
-        from .. import disk
+        from ..core import disk
 
         for folder in self.folders:
             if not folder.is_dir():

@@ -3,7 +3,7 @@
 ``parse_request`` takes ``predict()``'s arguments as they arrive (from the Cog
 server, ``cog predict`` or the local command line), checks every field and
 every cross-field rule, and either returns a :class:`Request` or raises one
-:class:`~musicgen_service.errors.InputError` naming each offending field and
+:class:`~musicgen_service.core.errors.InputError` naming each offending field and
 its rule. Nothing here touches a model, so a bad request fails in microseconds.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import audio_in
-from .errors import InputError
+from ..audio import input_audio as audio_in
+from ..core.errors import InputError
 
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 OUTPUT_FORMATS = ("wav", "mp3")

@@ -24,7 +24,7 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_MODEL = "facebook/musicgen-stereo-melody-large"
 DEFAULT_MAX_DURATION = 300

@@ -23,7 +23,7 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from .settings import PROJECT_ROOT
+from ..core.settings import PROJECT_ROOT
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -103,9 +103,9 @@ def train_main(argv: tp.Sequence[str]) -> int:
                         help="the folder the trained files are copied into (default: ./trained)")
     args = parser.parse_args(argv)
 
-    from .errors import InputError
-    from .settings import SettingsError
-    from .weights import WeightsMissingError
+    from ..core.errors import InputError
+    from ..core.settings import SettingsError
+    from ..weights.hub import WeightsMissingError
 
     train = load_entry("train")
     inputs = parse_inputs(args.input, train)
@@ -137,10 +137,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                         help="the streaming model (cog.stream.yaml): each chunk is written as it arrives")
     args = parser.parse_args(argv)
 
-    from .errors import InputError
-    from .settings import SettingsError
-    from .trained import TrainedError
-    from .weights import WeightsMissingError
+    from ..core.errors import InputError
+    from ..core.settings import SettingsError
+    from ..weights.trained import TrainedError
+    from ..weights.hub import WeightsMissingError
 
     predictor = load_entry("predict", config_file="cog.stream.yaml" if args.stream else "cog.yaml")
     inputs = parse_inputs(args.input, predictor.predict)

@@ -30,7 +30,7 @@ import wave
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from ..core.errors import InputError
 
 # The FFmpeg demuxers opened, by what the file starts with (:func:`container`). Users send wav, mp3,
 # flac, ogg/opus, m4a (phones, iTunes), aac, aiff (Logic, Pro Tools) and webm (browsers' recorders).
