@@ -186,7 +186,7 @@ def machine() -> dict:
 
     import torch
 
-    from musicgen_service.decoding.formats import cpu_flags
+    from musicgen_service.core.machine import cpu_flags
 
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = sorted(f for f in cpu_flags() if f in {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",

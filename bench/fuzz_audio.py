@@ -1064,7 +1064,7 @@ def machine() -> tp.Dict[str, tp.Any]:
 
     import av
 
-    from musicgen_service.decoding.formats import cpu_flags
+    from musicgen_service.core.machine import cpu_flags
 
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():

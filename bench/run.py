@@ -52,7 +52,7 @@ def machine() -> tp.Dict[str, tp.Any]:
                 break
     except OSError:
         pass
-    from musicgen_service.decoding.formats import cpu_flags
+    from musicgen_service.core.machine import cpu_flags
 
     relevant = ("avx2", "f16c", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
                 "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
@@ -155,7 +155,7 @@ def run_ours(service: tp.Any, generator: tp.Any, duration: int,
 
 
 def run_stock(model: tp.Any, duration: int, melody_wav: tp.Any, device: str) -> tp.Tuple[float, tp.Any]:
-    from musicgen_service.generation.generator import seed_everything
+    from musicgen_service.generation.seeding import seed_everything
 
     model.set_generation_params(duration=duration, top_k=250, top_p=0.0, temperature=1.0, cfg_coef=3.0)
     seed_everything(SEED)
@@ -305,8 +305,8 @@ def bench_generation(cache: Path, scale: str, melody: bool, durations: tp.Sequen
     if mbd_seconds and not melody:
         tokens = run_ours(service, generators[modes[0]], 1, None)[1][..., :max(1, int(mbd_seconds * 50))]
         mbd = service.mbd_decoder()
-        mbd_s, _ = timed(device, lambda: service.generator.decode(tokens, mbd))
-        enc_s, _ = timed(device, lambda: service.generator.decode(tokens))
+        mbd_s, _ = timed(device, lambda: service.generator.to_audio(tokens, mbd))
+        enc_s, _ = timed(device, lambda: service.generator.to_audio(tokens))
         result["mbd"] = {"seconds_of_audio": mbd_seconds, "mbd_decode_s": round(mbd_s, 3),
                          "encodec_decode_s": round(enc_s, 4), "mbd_vs_encodec": round(mbd_s / enc_s, 1)}
         log(f"  MBD decode of {mbd_seconds} s: {mbd_s:.2f} s (EnCodec {enc_s:.3f} s)")

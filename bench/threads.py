@@ -78,7 +78,7 @@ def step_ms() -> tp.Callable[[], float]:
 
     def measure() -> float:
         request = parse_request(generator.capabilities(30, "off"), prompt="x", duration=4, seed=0)
-        prepared = generator.prepare(request, tensors=True)
+        prepared = generator.condition(request, tensors=True)
         row = Row(condition_tensors=prepared.condition_tensors, prompt=None, max_gen_len=prepared.new_frames,
                   seed=0, temp=1.0, top_k=250, top_p=0.0, cfg_coef=3.0)
         rows.admit(row)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from audio_helpers import decode, sine
-from musicgen_service.audio import levels as audio_out
+from musicgen_service.audio import output_audio as audio_out
 
 RATE = 32000
 PEAK = 10 ** (-1 / 20)  # -1 dBFS headroom

@@ -32,7 +32,7 @@ REQUESTS = [dict(prompt="lo-fi beat", duration=2, seed=1), dict(prompt="jazz tri
 
 def _submit(service, inputs, cancel=None):
     req = service.parse(**inputs)
-    prepared = service.generator.prepare(req, service.input_clip(req), tensors=True)
+    prepared = service.generator.condition(req, service.input_clip(req), tensors=True)
     return service.scheduler.submit(prepared, cancel)
 
 

@@ -85,7 +85,7 @@ def _cfg_tensors(lm, prompt: str = "jazz"):
 
 def _steps(runner, tensors, seq, static: bool, kv_dtype=None, max_steps: int = 20):
     """Logits of a prefill over seq[..., :4] then one step per later column, dynamic or static."""
-    from musicgen_service.decoding.runner import StaticCaches
+    from musicgen_service.decoding.window import StaticCaches
 
     caches = StaticCaches(runner, 2, kv_dtype) if static else None
     window = runner.start(tensors, 2, max_steps, caches=caches, kv_dtype=kv_dtype)

@@ -22,7 +22,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_fast_loading_equals_stock(tiny_weights, model_id, capsys):
     from audiocraft.models import MusicGen
 
-    fast = loading.load_musicgen(Settings(weights_dir=tiny_weights, model=model_id), "cpu")
+    fast = loading.load_musicgen(tiny_weights, model_id, "cpu")
     stock = MusicGen.get_pretrained(str(weights.musicgen_folder(tiny_weights, model_id)), device="cpu")
     _same_state(fast.lm, stock.lm)
     _same_state(fast.compression_model, stock.compression_model)
@@ -51,7 +51,7 @@ def test_fast_loading_equals_stock(tiny_weights, model_id, capsys):
 def test_fast_mbd_equals_stock(tiny_weights):
     from audiocraft.models import MultiBandDiffusion
 
-    fast = loading.load_mbd(Settings(weights_dir=tiny_weights), "cpu")
+    fast = loading.load_mbd(tiny_weights, "cpu")
     with torch.serialization.safe_globals(loading.omegaconf_safe_globals()):
         stock = MultiBandDiffusion.get_mbd_musicgen(device="cpu")
     assert len(fast.DPs) == len(stock.DPs) == 2

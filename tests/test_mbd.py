@@ -12,6 +12,7 @@ from musicgen_service.weights import loading, hub as weights
 from musicgen_service.audio import mbd as multiband
 from musicgen_service.core.errors import InputError
 from musicgen_service.core.settings import Settings
+from musicgen_service.serving.setup import MBDSource
 
 RATE = 32000
 
@@ -60,7 +61,7 @@ def test_mbd_decodes_every_mode(which, mode, mono, service, tune):
     seconds = 2 if mode == "continuation" else 1  # continuation: 1 s of prompt + 1 s of new music
     assert out.wav.shape == (channels, seconds * RATE) and out.sample_rate == RATE
     assert torch.isfinite(out.wav).all() and out.wav.abs().max() > 0
-    encodec = svc.generator.decode(out.tokens)[0]
+    encodec = svc.generator.to_audio(out.tokens)[0]
     assert encodec.shape == out.wav.shape
     assert not torch.allclose(encodec, out.wav, atol=1e-3)
     if which == "stereo":  # left and right come from their own code streams
@@ -115,11 +116,11 @@ def test_crossfade_keeps_the_level_of_partly_correlated_windows(rho):
 
 
 def test_missing_mbd_weights_are_named(tmp_path):
-    reason = loading.MBDSource(Settings(weights_dir=tmp_path), "cpu").unavailable()
+    reason = MBDSource(Settings(weights_dir=tmp_path), "cpu").unavailable()
     assert "facebook/multiband-diffusion/mbd_musicgen_32khz.th" in reason
     assert "script/download-weights" in reason
     with pytest.raises(weights.WeightsMissingError, match="mbd_musicgen_32khz.th"):
-        loading.MBDSource(Settings(weights_dir=tmp_path, mbd="eager"), "cpu")
+        MBDSource(Settings(weights_dir=tmp_path, mbd="eager"), "cpu")
 
 
 def test_mbd_unavailable_is_refused_before_generation(tiny_weights, capsys):

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from musicgen_service.serving import folders as outputs
+from musicgen_service.core import folders as outputs
 
 
 def test_expired_folders_of_this_process_are_removed(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Prepared decoders on disk (musicgen_service/decoding/store.py): the second setup reads what the
+"""Prepared decoders on disk (musicgen_service/decoding/prepared.py): the second setup reads what the
 first measured and converted, gives the same tokens, and any bad entry costs one rebuild.
 
 The format is forced (``int8`` where this CPU runs it, else ``fp16``), whatever ``auto`` would pick
@@ -16,7 +16,7 @@ import torch
 
 from conftest import MONO_TEXT, make_service
 from musicgen_service.weights import hub as weights
-from musicgen_service.decoding import formats, store as prepared
+from musicgen_service.decoding import formats, prepared
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT = "int8" if formats.unavailable_reason("int8", torch.device("cpu")) is None else "fp16"
@@ -181,7 +181,7 @@ def test_leftovers_are_swept_and_the_cache_is_kept_under_its_bound(tmp_path):
     import sys
     import time
 
-    from musicgen_service.decoding import store as prepared
+    from musicgen_service.decoding import prepared
 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)

@@ -12,7 +12,7 @@ import torch
 
 from audio_helpers import decode, melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.audio import levels as audio_out
+from musicgen_service.audio import output_audio as audio_out
 from musicgen_service.serving import streaming
 from musicgen_service.core.errors import InputError
 
@@ -71,8 +71,8 @@ def test_no_seam_at_the_joins(text):
     chunks, _ = streamed(text, prompt="ambient", duration=4, seed=5, normalization_strategy="peak")
     svc = text
     req = svc.parse(prompt="ambient", duration=4, seed=5)
-    tokens = svc.generator.tokens(svc.generator.prepare(req))
-    whole = svc.generator.decode(tokens)[0]
+    tokens = svc.generator.tokens(svc.generator.condition(req))
+    whole = svc.generator.to_audio(tokens)[0]
     level = audio_out.fixed_levelling(whole[:, :RATE], RATE, "peak")
     expected = level(whole).numpy()
     assert np.abs(joined(chunks) - expected).max() < 1.5 / 32767

@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import MONO_TEXT
-from musicgen_service.weights import trained, hub as weights
+from musicgen_service.weights import fetch, trained
+from musicgen_service.weights import hub as weights
+from musicgen_service.core.errors import TrainedError
 from musicgen_service.serving.service import Service
 from musicgen_service.core.settings import Settings
 
@@ -109,7 +111,7 @@ def test_a_crafted_trained_file_is_refused_before_the_model_loads(tiny_weights, 
 
     monkeypatch.setattr(loading, "load_musicgen", never)
     start = time.perf_counter()
-    with pytest.raises(trained.TrainedError) as info:
+    with pytest.raises(TrainedError) as info:
         serve(tiny_weights, path)
     assert time.perf_counter() - start < 10
     assert "crafted.safetensors" in str(info.value) and fragment in str(info.value), info.value
@@ -169,45 +171,45 @@ def files_server():
 def test_a_signed_url_is_never_logged_nor_stored_with_its_query(files_server, tmp_path, capsys):
     _Files.files["/v1/lora.safetensors"] = b"weights" * 100
     url = f"{files_server}/v1/lora.safetensors?X-Amz-Signature=SECRET123&X-Amz-Credential=KEY456"
-    got = trained.resolve(url, tmp_path)
+    got = fetch.resolve(url, tmp_path)
     assert got.read_bytes() == b"weights" * 100
     stored = (tmp_path / "urls.json").read_text()
     logged = capsys.readouterr().out
     for secret in ("SECRET123", "KEY456"):
         assert secret not in logged and secret not in stored
     assert "/v1/lora.safetensors?..." in logged
-    assert trained.redacted("https://user:pw@host:8443/a/b?sig=1#f") == "https://host:8443/a/b?..."
+    assert fetch.redacted("https://user:pw@host:8443/a/b?sig=1#f") == "https://host:8443/a/b?..."
 
 
 @pytest.mark.parametrize("length", ["declared", "chunked"])
 def test_a_download_past_the_size_cap_is_refused(files_server, tmp_path, monkeypatch, length):
-    monkeypatch.setattr(trained, "MAX_DOWNLOAD_BYTES", 10_000)
+    monkeypatch.setattr(fetch, "MAX_DOWNLOAD_BYTES", 10_000)
     _Files.files["/big"] = bytes(50_000)
     if length == "chunked":
         _Files.no_length.add("/big")
-    with pytest.raises(trained.TrainedError, match="the limit"):
-        trained.resolve(f"{files_server}/big", tmp_path)
+    with pytest.raises(TrainedError, match="the limit"):
+        fetch.resolve(f"{files_server}/big", tmp_path)
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".download-*"))
 
 
 def test_a_trickling_server_is_given_up_at_the_deadline(files_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(trained, "DOWNLOAD_SECONDS", 1.0)
+    monkeypatch.setattr(fetch, "DOWNLOAD_SECONDS", 1.0)
     _Files.files["/slow"] = bytes(2000)  # 100 s at one byte every 50 ms
     _Files.trickle.add("/slow")
     start = time.perf_counter()
-    with pytest.raises(trained.TrainedError, match="took longer than 1 s"):
-        trained.resolve(f"{files_server}/slow", tmp_path)
+    with pytest.raises(TrainedError, match="took longer than 1 s"):
+        fetch.resolve(f"{files_server}/slow", tmp_path)
     assert time.perf_counter() - start < 5
 
 
 def test_redirects_never_go_down_to_http_nor_elsewhere(files_server):
     import urllib.request
 
-    handler = trained._Redirects()
+    handler = fetch._Redirects()
     secure = urllib.request.Request("https://storage.example/w.safetensors?sig=S")
-    with pytest.raises(trained.TrainedError, match="from https to http"):
+    with pytest.raises(TrainedError, match="from https to http"):
         handler.redirect_request(secure, None, 302, "Found", {}, "http://evil.example/w.safetensors")
-    with pytest.raises(trained.TrainedError, match="redirects to a file URL"):
+    with pytest.raises(TrainedError, match="redirects to a file URL"):
         handler.redirect_request(secure, None, 302, "Found", {}, "file:///etc/passwd")
     plain = urllib.request.Request("http://a.example/w")
     assert handler.redirect_request(plain, None, 302, "Found", {}, "https://b.example/w") is not None
@@ -220,11 +222,11 @@ def test_leftovers_of_killed_downloads_are_swept_and_the_store_is_bounded(files_
     (tmp_path / f".urls-{pid}.json").write_text("{}")
     mine = tmp_path / f".download-{os.getpid()}-live"
     mine.write_bytes(b"being written")
-    monkeypatch.setattr(trained, "MAX_STORED_BYTES", 2500)
+    monkeypatch.setattr(fetch, "MAX_STORED_BYTES", 2500)
     paths = []
     for i in range(3):
         _Files.files[f"/v{i}"] = bytes([i]) * 1000
-        paths.append(trained.resolve(f"{files_server}/v{i}", tmp_path))
+        paths.append(fetch.resolve(f"{files_server}/v{i}", tmp_path))
         time.sleep(0.02)
     assert not (tmp_path / f".download-{pid}-abc").exists() and not (tmp_path / f".urls-{pid}.json").exists()
     assert mine.exists()  # this process's own temporary is not a leftover

@@ -12,7 +12,8 @@ import torch
 
 from audio_helpers import melody, write
 from conftest import MONO_MELODY, MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.weights import trained, hub as weights
+from musicgen_service.weights import hub as weights
+from musicgen_service.weights import lora, trained
 from musicgen_service.core.errors import InputError
 from musicgen_service.core.settings import Settings
 from musicgen_service.training import adapters, dataset, loop, options, run, tokens
@@ -106,7 +107,7 @@ def test_cached_features_give_the_condition_providers_own_conditions(tiny_weight
     ours = tokens.conditions(m.lm, features, features.examples, none, none)
     melody_model = tokens.MELODY in m.lm.condition_provider.conditioners
     attrs = [_attributes("jazz trio", wav if melody_model else None, RATE, melody_model, "cpu")]
-    from musicgen_service.generation.generator import demucs_random
+    from musicgen_service.generation.seeding import demucs_random
 
     with torch.no_grad(), demucs_random(tokens.segment_seed(0, 0)):  # (demucs' shifts, as tokens.compute's)
         theirs = m.lm.condition_provider(m.lm.condition_provider.tokenize(attrs))
@@ -229,7 +230,7 @@ def test_lora_attaches_to_the_fused_qkv_parameter_and_merges_exactly(tiny_weight
     state = adapters.state(loras)
     adapters.detach_merged(lm, loras)
     fresh = make_service(tiny_weights, MONO_TEXT, decoder="exact").model.lm
-    trained.merge_lora(fresh, state, {"rank": 4, "alpha": 4.0})
+    lora.merge(fresh, state, 4, 4.0)
     assert torch.allclose(fresh.get_parameter(name), lm.get_parameter(name), atol=2e-3)  # fp16 storage
 
 

@@ -25,6 +25,20 @@ log = get_logger()
 LEFTOVER_SECONDS = 24 * 3600.0  # a temporary without a pid is a leftover after this long
 
 
+HASH_BLOCK = 16 << 20
+
+
+def sha256_of(path: Path) -> str:
+    """The sha256 of a file's content, read in blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(HASH_BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def alive(pid: int) -> bool:
     """Whether a process of that pid runs (on this machine)."""
     try:

@@ -24,6 +24,8 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import SettingsError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_MODEL = "facebook/musicgen-stereo-melody-large"
@@ -31,10 +33,6 @@ DEFAULT_MAX_DURATION = 300
 MBD_MODES = ("eager", "lazy", "off")
 DECODERS = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock", "fast")  # fast: auto's former name
 DEFAULT_DECODER = "auto"
-
-
-class SettingsError(ValueError):
-    """An environment variable holds a value the service cannot use."""
 
 
 @dataclass(frozen=True)

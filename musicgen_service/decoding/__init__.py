@@ -41,10 +41,11 @@ from . import formats, precision as precisions
 from .runner import Runner, unsupported_reason
 
 if tp.TYPE_CHECKING:
-    from .store import Prepared
+    from .prepared import PreparedDecoder
 
 MODES = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock")
 ALIASES = {"fast": "auto"}
+SHARES_STEPS = ("fp16", "bf16", "int8")  # see Decoder.shares_steps
 
 log = logging.getLogger("musicgen")
 
@@ -68,7 +69,7 @@ class Decoder:
 
     def __init__(self, lm: tp.Any, mode: str = "exact", use_cuda_graphs: bool = True,
                  static_steps: tp.Optional[bool] = None, rows: int = 2,
-                 prepared: tp.Optional["Prepared"] = None):
+                 prepared: tp.Optional["PreparedDecoder"] = None):
         """``static_steps``: run through the static loop (:mod:`.graphs`; default: on CUDA, for every
         mode but ``exact``, where its steps are recorded as CUDA graphs unless ``use_cuda_graphs`` is
         False); on the CPU it runs eagerly, which is how tests check what a graph would replay.
@@ -116,6 +117,17 @@ class Decoder:
             from .graphs import StepGraphs
 
             self.graphs = StepGraphs(self.runner, record=use_cuda_graphs)
+
+    @property
+    def shares_steps(self) -> bool:
+        """Whether concurrent requests can share this decoder's steps, one row each
+        (:mod:`..serving.scheduler`): on CPUs, in a precision whose products give a row the same bits
+        whatever the other rows (``fp16``, ``bf16``, ``int8``). Not ``exact``: its promise is stock's
+        tokens, which its rows padded beside others' would not keep (fp32 kernels round differently at
+        different row counts); not ``int8dyn``, whose activation scale spans all rows; not ``stock``
+        (audiocraft's loop); not on GPUs, which decode each request alone, from CUDA graphs."""
+        return (self.graphs is None and self.runner is not None and self.runner.device.type == "cpu"
+                and self.mode in SHARES_STEPS)
 
     def describe(self) -> str:
         steps = ""

@@ -25,6 +25,8 @@ import typing as tp
 import torch
 import torch.nn.functional as F
 
+from ..core.machine import cpu_flags
+
 PRECISIONS = ("exact", "fp16", "bf16", "int8", "int8dyn")
 # a row's product does not depend on the other rows (at a fixed row count; int8dyn's activation
 # scale spans every row): what concurrent requests can share steps in (musicgen_service/serving/scheduler.py)
@@ -71,16 +73,6 @@ class Dense:
 
 def _present(tensors: tp.Dict[str, tp.Optional[torch.Tensor]]) -> tp.Dict[str, torch.Tensor]:
     return {k: v for k, v in tensors.items() if v is not None}
-
-
-def cpu_flags() -> tp.Set[str]:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 # fbgemm multiplies u8 activations by s8 weights. With VNNI (vpdpbusd) the pair sums go straight to

@@ -7,7 +7,7 @@ reads). Here one step is *everything* between two tokens, on buffers that never
 move:
 
     read the previous token column (position held in a device tensor)
-    -> embeddings, 24-48 layers, logits  (:meth:`.runner.Window.static_step`)
+    -> embeddings, 24-48 layers, logits  (:meth:`.window.Window.static_step`)
     -> classifier-free guidance, sampling (:class:`.sampling.StepSampler`)
     -> pattern mask, write the token column, advance the position
 
@@ -15,10 +15,10 @@ so a recorded step is one graph launch and the host never waits for the device
 inside the loop (progress is read from CUDA events, without blocking).
 
 A graph is recorded per shape (batch, attention span, cross-attention length,
-in steps of :data:`~.runner.SPAN_STEP` / :data:`~.runner.CROSS_STEP`) the first
+in steps of :data:`~.window.SPAN_STEP` / :data:`~.window.CROSS_STEP`) the first
 time a window needs it, and then serves every later window and prediction of
 that shape: the caches, token buffer, position and sampling parameters it reads
-are the same tensors every time (:class:`~.runner.StaticCaches`, the buffers
+are the same tensors every time (:class:`~.window.StaticCaches`, the buffers
 here). All graphs share one memory pool (they never run at once). Recording
 time and pool size are logged. A recording that fails is logged once per shape
 and counted (``failures``), and that shape's steps then run eagerly — the same
@@ -36,12 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .runner import Runner, StaticCaches, Window
+from .loop import masked_column
+from .runner import Runner
+from .window import StaticCaches, Window
 from .sampling import StepSampler
 
 log = logging.getLogger("musicgen")
-
-UNKNOWN_TOKEN = -1
 
 
 @dataclass
@@ -125,9 +125,8 @@ class StepGraphs:
         logits = sampler.guide(all_logits, B) if cfg else all_logits
         next_token = sampler(logits)  # [B, K, 1]
         valid = self.valid.index_select(1, self.offset).unsqueeze(0).expand(B, -1, -1)
-        next_token = torch.where(valid, next_token, self.special)
         current = self.tokens.index_select(2, self.offset)
-        self.tokens.index_copy_(2, self.offset, torch.where(current == UNKNOWN_TOKEN, next_token, current))
+        self.tokens.index_copy_(2, self.offset, masked_column(valid, current, next_token, self.special))
         self.offset.add_(1)
 
     def _full_step(self, window: Window, B: int, cfg: bool) -> None:

@@ -10,9 +10,9 @@ inside the loop waits for the device: masked positions are set with
 
 Two ways through the steps:
 
-- dynamic (``exact``; ``fast`` on CPUs): :meth:`Window.step` and :func:`sample`,
+- dynamic (``exact``, and every precision on CPUs): :meth:`.window.Window.step` and :func:`sample`,
   audiocraft's own sampling functions;
-- static (``fast`` on CUDA): whole steps on fixed buffers, replayed from CUDA
+- static (a reduced precision on CUDA): whole steps on fixed buffers, replayed from CUDA
   graphs (:class:`.graphs.StepGraphs`; sampling by :class:`.sampling.StepSampler`,
   which gives :func:`sample`'s tokens for the same seed).
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 import typing as tp
 
 import torch
+
+from .sampling import guide
 
 
 def sample(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -48,11 +50,22 @@ def condition_tensors(lm: tp.Any, conditions: tp.List[tp.Any]) -> tp.Dict[str, t
     return lm.condition_provider(lm.condition_provider.tokenize(conditions + null_conditions))
 
 
+UNKNOWN = -1  # a token not generated yet (LMModel.generate's unknown_token)
+
+
+def masked_column(valid: torch.Tensor, current: torch.Tensor, sampled: torch.Tensor,
+                  special: torch.Tensor) -> torch.Tensor:
+    """The token column to write from sampled [B, K, 1] tokens: masked pattern positions (``valid``
+    false) get the special token, known positions (a prompt's, ``current`` not :data:`UNKNOWN`) keep
+    theirs (``LMModel.generate``'s step, without a host read)."""
+    return torch.where(current == UNKNOWN, torch.where(valid, sampled, special), current)
+
+
 class Sequence:
     """One window's codebook pattern: the interleaved token sequence being filled, its validity
     mask and where generation starts (``LMModel.generate``'s bookkeeping, step for step)."""
 
-    UNKNOWN = -1
+    UNKNOWN = UNKNOWN
 
     def __init__(self, lm: tp.Any, prompt: torch.Tensor, max_gen_len: int):
         B, K, T = prompt.shape
@@ -70,13 +83,11 @@ class Sequence:
         self.special = torch.full((), lm.special_token_id, dtype=torch.long, device=prompt.device)
 
     def write(self, offset: int, next_token: torch.Tensor) -> None:
-        """Set column ``offset`` from sampled [B, K, 1] tokens: masked pattern positions get the
-        special token, known (prompt) positions keep theirs."""
+        """Set column ``offset`` from sampled [B, K, 1] tokens (:func:`masked_column`)."""
         B = self.tokens.shape[0]
-        valid_mask = self.mask[..., offset:offset + 1].expand(B, -1, -1)
-        next_token = torch.where(valid_mask, next_token, self.special)
+        valid = self.mask[..., offset:offset + 1].expand(B, -1, -1)
         current = self.tokens[..., offset:offset + 1]
-        self.tokens[..., offset:offset + 1] = torch.where(current == self.UNKNOWN, next_token, current)
+        self.tokens[..., offset:offset + 1] = masked_column(valid, current, next_token, self.special)
 
     def codes(self, remove_prompts: bool = False) -> torch.Tensor:
         """The finished sequence back in codebook order, with stock's final checks."""
@@ -148,11 +159,7 @@ def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.
             if cfg:
                 curr_sequence = torch.cat([curr_sequence, curr_sequence], dim=0)
             all_logits = window.prefill(curr_sequence) if prev_offset == 0 else window.step(curr_sequence)
-            if cfg:
-                cond_logits, uncond_logits = all_logits.split(B, dim=0)  # [B, K, card]
-                logits = uncond_logits + (cond_logits - uncond_logits) * cfg_coef
-            else:
-                logits = all_logits
+            logits = guide(all_logits, B, cfg_coef) if cfg else all_logits  # [B, K, card]
             seq.write(offset, sample(logits, use_sampling, temp, top_k, top_p))  # [B, K, 1]
             prev_offset = offset
             if callback is not None:

@@ -46,6 +46,7 @@ import torch
 
 from .formats import PRECISIONS, Matrix, unavailable_reason
 from .runner import Runner
+from .sampling import guide
 
 log = logging.getLogger("musicgen")
 
@@ -138,8 +139,7 @@ def teacher_forced_quality(lm: tp.Any, reference: tp.Any, candidate: tp.Any, ten
     logits = []
     for runner in (reference, candidate):
         all_logits = runner.start(tensors, 2, steps).prefill(seq, all_positions=True).float()  # [2, K, T, card]
-        cond, uncond = all_logits.split(1, dim=0)
-        logits.append(uncond + (cond - uncond) * cfg_coef)
+        logits.append(guide(all_logits, 1, cfg_coef))
     pa, pb = (torch.log_softmax(x, dim=-1) for x in logits)
     kl = (pa.exp() * (pa - pb)).sum(-1)
     top2 = pa.exp().topk(2, dim=-1).values

@@ -5,7 +5,7 @@ removes them when they finish or are cancelled; this module decodes them. Each
 row keeps everything of its own: its window (caches, position, conditions), its
 codebook pattern (:class:`.loop.Sequence`), its sampling parameters and its own
 random generator seeded with its seed. Only the weight-streaming matrix products
-are shared, at a padded row count (:func:`.runner.batched_step`, :class:`RowDecoder`).
+are shared, at a padded row count (:func:`.window.batched_step`, :class:`RowDecoder`).
 So a row's tokens do not depend on the rows beside it: a request gives the same tokens alone or in
 any batch (tests/test_batching.py checks it).
 
@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .loop import Sequence
-from .runner import Runner, Window, batched_step
+from .runner import Runner
+from .window import Window, batched_step
 from .sampling import StepSampler
 
 

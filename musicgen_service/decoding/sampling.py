@@ -29,6 +29,13 @@ import typing as tp
 import torch
 
 
+def guide(all_logits: torch.Tensor, batch: int, cfg_coef: tp.Union[float, torch.Tensor]) -> torch.Tensor:
+    """Classifier-free guidance: [2B, K, card] conditional then unconditional logits -> [B, K, card]
+    ``uncond + (cond - uncond) * cfg_coef`` (``LMModel._sample_next_token``'s arithmetic)."""
+    cond, uncond = all_logits.split(batch, dim=0)
+    return uncond + (cond - uncond) * cfg_coef
+
+
 class StepSampler:
     """Sampling parameters as device tensors, and the sampling computation on them."""
 
@@ -60,9 +67,8 @@ class StepSampler:
         self.use_top_k.fill_(top_k > 0)
 
     def guide(self, all_logits: torch.Tensor, batch: int) -> torch.Tensor:
-        """[2B, K, card] conditional + unconditional logits -> [B, K, card] guided logits."""
-        cond, uncond = all_logits.split(batch, dim=0)
-        return uncond + (cond - uncond) * self.cfg_coef
+        """:func:`guide` with this request's weight (a device tensor)."""
+        return guide(all_logits, batch, self.cfg_coef)
 
     def __call__(self, logits: torch.Tensor, generator: tp.Optional[torch.Generator] = None) -> torch.Tensor:
         """[B, K, card] logits -> [B, K, 1] tokens; the draw from ``generator`` (default: torch's)."""

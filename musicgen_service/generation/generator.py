@@ -1,36 +1,45 @@
-"""Request -> tokens -> waveform, through audiocraft's own MusicGen generation.
+"""Request -> conditions -> tokens -> waveform, through audiocraft's own MusicGen generation.
 
-audiocraft does the work: T5 text and chroma melody conditioning,
-classifier-free guidance, top-k/top-p sampling and, past the model's 30 s
-window, its windowed extension (each new window re-generates from the last
-``30 - EXTEND_STRIDE`` seconds, and the melody keeps guiding every window).
-This module picks the mode, seeds every random generator, follows progress for
-the logs and decodes the tokens.
+audiocraft does the work: T5 text and chroma melody conditioning, classifier-free guidance,
+top-k/top-p sampling and, past the model's 30 s window, its windowed extension (each new window
+re-generates from the last ``30 - EXTEND_STRIDE`` seconds, and the melody keeps guiding every window).
+A :class:`Generator` picks the mode, seeds every random generator (:mod:`.seeding`), follows progress
+for the logs (:mod:`.progress`), decodes with the configured decoder (:mod:`..decoding`) and turns the
+tokens into audio (:mod:`..audio.codec`, :mod:`..audio.mbd`).
 
-It calls ``MusicGen._prepare_tokens_and_attributes`` and ``_generate_tokens``,
-the two steps that audiocraft's public ``generate*`` methods run (audiocraft is
-pinned at 1.3.0), because continuation needs the tokens between them: see
-:meth:`Generator.generate`.
+It calls ``MusicGen._prepare_tokens_and_attributes`` and ``_generate_tokens``, the two steps that
+audiocraft's public ``generate*`` methods run (audiocraft is pinned at 1.3.0), because continuation
+needs the tokens between them; audiocraft calls ``lm.generate`` once per window, and
+:func:`windows_through` routes those calls to our decoder.
 
 Modes:
 - text: ``prompt`` only;
 - melody: ``prompt`` plus the chroma of the selected ``input_audio``;
-- continuation: the output is the selected ``input_audio`` followed by
-  ``duration`` seconds of new music. The model sees at most the last
-  ``window - 1`` seconds of the audio as its prompt (its window is 30 s);
-  earlier audio is kept in the output as it is, so any clip length works.
+- continuation: the output is the selected ``input_audio`` followed by ``duration`` seconds of new
+  music. The model sees at most the last ``window - 1`` seconds of the audio as its prompt (its
+  window is 30 s); earlier audio is kept in the output as it is, so any clip length works.
 """
 from __future__ import annotations
 
+import contextlib
 import random
-import threading
 import time
 import typing as tp
 from dataclasses import dataclass
 
 from ..audio import codec
 from ..core.logs import get_logger
+from .progress import Progress
 from .request import GREEDY_BELOW, Capabilities, Request
+from .seeding import install_demucs_random, random_seed, request_random, seed_everything
+
+if tp.TYPE_CHECKING:
+    import torch
+    from audiocraft.models import MultiBandDiffusion, MusicGen
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    from ..audio.input_audio import Clip
+    from ..decoding.prepared import PreparedDecoder
 
 log = get_logger()
 
@@ -41,15 +50,15 @@ CONTINUATION_MARGIN = 1.0
 
 
 @dataclass
-class Prepared:
-    """A request made ready for the LM (:meth:`Generator.prepare`)."""
+class Conditioned:
+    """A request conditioned for the LM (:meth:`Generator.condition`): its seed, conditions and prompt."""
     req: Request
     seed: int
-    attributes: tp.Any  # audiocraft's ConditioningAttributes, one
-    head: tp.Any  # continuation: prompt tokens kept as they are, before the window's prompt
-    context: tp.Any  # the window's prompt tokens [1, K, T] (continuation) or None
+    attributes: "ConditioningAttributes"  # audiocraft's, one
+    head: tp.Optional["torch.Tensor"]  # continuation: prompt tokens kept as they are, before the window's prompt
+    context: tp.Optional["torch.Tensor"]  # the window's prompt tokens [1, K, T] (continuation) or None
     new_frames: int
-    condition_tensors: tp.Any = None  # for a batch row: the conditions with their null twins
+    condition_tensors: tp.Optional[tp.Dict[str, tp.Any]] = None  # for a batch row: with their null twins
     say: tp.Callable[[str], None] = print
 
     @property
@@ -59,135 +68,24 @@ class Prepared:
 
 @dataclass
 class Generated:
-    wav: tp.Any  # [C, T] float32 on the CPU
+    wav: "torch.Tensor"  # [C, T] float32 on the CPU
     sample_rate: int
-    tokens: tp.Any  # [1, K, frames], the whole output (continuation prompt included)
+    tokens: "torch.Tensor"  # [1, K, frames], the whole output (continuation prompt included)
     seed: int
-
-
-def random_seed() -> int:
-    return random.SystemRandom().randint(0, 2**32 - 1)
-
-
-class _RequestRandom(threading.local):
-    """Python's ``random`` for the request the current thread works on. demucs (the melody's stem
-    separation, run by audiocraft's chroma conditioner at every window) draws a random time shift
-    from the module ``random``; stock seeds that module per generation. Concurrent requests would
-    share its one state, so demucs is given this instead: each thread draws from the generator of
-    the request it is working on (:class:`request_random`), seeded like stock's; else from ``random``."""
-
-    rng: tp.Optional[random.Random] = None
-
-    def __getattr__(self, name: str) -> tp.Any:
-        return getattr(random, name)
-
-    def randint(self, a: int, b: int) -> int:
-        return (self.rng or random).randint(a, b)
-
-
-_REQUEST_RANDOM = _RequestRandom()
-
-
-def _install_request_random() -> None:
-    import demucs.apply
-
-    demucs.apply.random = _REQUEST_RANDOM
-
-
-class request_random:
-    """Within the block, demucs draws from ``rng`` in this thread (see :class:`_RequestRandom`)."""
-
-    def __init__(self, rng: random.Random):
-        self.rng = rng
-
-    def __enter__(self) -> None:
-        self.previous, _REQUEST_RANDOM.rng = _REQUEST_RANDOM.rng, self.rng
-
-    def __exit__(self, *exc: tp.Any) -> None:
-        _REQUEST_RANDOM.rng = self.previous
-
-
-class demucs_random(request_random):
-    """Within the block, demucs' random time shifts (the chroma conditioner's stem separation) in this
-    thread come from a generator seeded with ``seed``: the same audio gives the same chroma (training
-    tokenizes with it, so a seed gives the same run)."""
-
-    def __init__(self, seed: int):
-        _install_request_random()
-        super().__init__(random.Random(seed))
-
-
-def _seed_host_generators(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed every generator that sampling or decoding draws from (torch covers CUDA too)."""
-    import torch
-
-    _seed_host_generators(seed)
-    torch.manual_seed(seed)
-
-
-class Progress:
-    """Logs how much new audio has been generated, about every tenth of the request, whatever
-    the number of extension windows; positions are in seconds of new audio."""
-
-    def __init__(self, new_frames: int, prompt_frames: int, frame_rate: float, stride_frames: int,
-                 step: float = 0.1, say: tp.Optional[tp.Callable[[str], None]] = None,
-                 cancelled: tp.Optional[tp.Callable[[], bool]] = None):
-        """``say``: where the lines go (default: the log); ``cancelled``: checked at every step, it
-        stops the generation by raising :class:`~.errors.Cancelled`."""
-        self.say = say or log.info
-        self.cancelled = cancelled
-        self.new_frames = new_frames
-        self.prompt_frames = prompt_frames
-        self.frame_rate = frame_rate
-        self.stride_frames = stride_frames
-        self.step = step
-        self.window = -1
-        self.next_report = step
-        self.start = time.perf_counter()
-
-    def new_window(self, window_prompt_frames: int) -> tp.Callable[[int, int], None]:
-        """The callback for one ``lm.generate`` call (one window) whose prompt has that length."""
-        self.window += 1
-        window_start = self.window * self.stride_frames
-
-        def callback(generated: int, _to_generate: int) -> None:
-            self.update(window_start + window_prompt_frames + generated - self.prompt_frames)
-
-        return callback
-
-    def update(self, done_frames: int) -> None:
-        if self.cancelled is not None and self.cancelled():
-            from ..core.errors import Cancelled
-
-            raise Cancelled("cancelled")
-        fraction = min(done_frames / self.new_frames, 1.0)
-        if fraction + 1e-9 < self.next_report:
-            return
-        while self.next_report <= fraction + 1e-9:
-            self.next_report += self.step
-        self.say("generated %.1f s / %.1f s of audio (%d%%), %.1f s elapsed" % (
-            min(done_frames, self.new_frames) / self.frame_rate, self.new_frames / self.frame_rate,
-            round(100 * fraction), time.perf_counter() - self.start))
 
 
 class Generator:
     """Runs one request at a time on a loaded MusicGen, decoding in ``decoding_mode``
-    (see :mod:`.decoding`: ``auto``, ``exact``, ``fp16``, ``bf16``, ``int8`` or ``stock``)."""
+    (see :mod:`..decoding`: ``auto``, ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock``)."""
 
-    def __init__(self, model: tp.Any, decoding_mode: str = "stock", rows: int = 2, prepared: tp.Any = None):
+    def __init__(self, model: "MusicGen", decoding_mode: str = "stock", rows: int = 2,
+                 prepared: tp.Optional["PreparedDecoder"] = None):
         """``rows``: matrix rows per decoding step at full load (2 per concurrent request);
-        ``prepared``: the decoder's decision and weights read from disk (:mod:`.decoding.prepared`)."""
+        ``prepared``: the decoder's decision and weights read from disk (:mod:`..decoding.prepared`)."""
         from ..decoding import Decoder
 
         self.model = model
-        _install_request_random()
+        install_demucs_random()  # (idempotent: the melody's stem separation draws per request)
         start = time.perf_counter()
         self.decoder = Decoder(model.lm, decoding_mode, rows=rows, prepared=prepared)
         log.info("decoding: %s (prepared in %.2f s)", self.decoder.describe(), time.perf_counter() - start)
@@ -201,21 +99,22 @@ class Generator:
         return Capabilities(max_duration=max_duration, card=self.model.lm.card, melody=self.melody,
                             name=self.model.name, mbd_unavailable=mbd_unavailable)
 
-    def generate(self, req: Request, clip: tp.Any = None, mbd: tp.Any = None) -> Generated:
+    def generate(self, req: Request, clip: tp.Optional["Clip"] = None,
+                 mbd: tp.Optional["MultiBandDiffusion"] = None) -> Generated:
         """Tokens for ``req`` (``clip``: the selected input audio at the model's rate and channels),
-        decoded with EnCodec, or with MultiBand Diffusion when ``mbd`` is given: the one-request
-        path, start to end in the calling thread."""
-        prepared = self.prepare(req, clip)
-        tokens = self.tokens(prepared)
-        wav = self.decode(tokens, mbd)
+        turned into audio with EnCodec, or with MultiBand Diffusion when ``mbd`` is given, start to end
+        in the calling thread (the service runs the same steps: :mod:`..serving.service`)."""
+        conditioned = self.condition(req, clip)
+        tokens = self.tokens(conditioned)
+        wav = self.to_audio(tokens, mbd)
         return Generated(wav=wav[0].float().cpu(), sample_rate=self.model.sample_rate, tokens=tokens,
-                         seed=prepared.seed)
+                         seed=conditioned.seed)
 
-    def prepare(self, req: Request, clip: tp.Any = None, say: tp.Optional[tp.Callable[[str], None]] = None,
-                tensors: bool = False) -> "Prepared":
+    def condition(self, req: Request, clip: tp.Optional["Clip"] = None,
+                  say: tp.Optional[tp.Callable[[str], None]] = None, tensors: bool = False) -> Conditioned:
         """Everything before the LM: the seed, the conditions (T5, chroma), the continuation prompt's
         tokens; ``tensors``: also the conditions' tensors, as one batched row needs them. The service
-        runs it in its compute thread, between decoding steps (:mod:`.compute`)."""
+        runs it in its compute thread, between decoding steps (:mod:`..serving.compute`)."""
         import torch
 
         say = say or log.info
@@ -227,10 +126,10 @@ class Generator:
             say("temperature %g is below %g: greedy decoding (the most likely token at each step)" % (
                 req.temperature, GREEDY_BELOW))
         with torch.inference_mode():
-            melody = [clip.wav.to(model.device)] if req.mode == "melody" else None
+            melody = [clip.wav.to(model.device)] if req.mode == "melody" and clip is not None else None
             attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
             head = context = None
-            if req.mode == "continuation":
+            if req.mode == "continuation" and clip is not None:
                 prompt_tokens = codec.encode(model.compression_model, clip.wav[None].to(model.device))
                 keep = int((model.max_duration - CONTINUATION_MARGIN) * fr)
                 head, context = prompt_tokens[..., :-keep], prompt_tokens[..., -keep:]
@@ -240,49 +139,49 @@ class Generator:
 
                 with request_random(random.Random(seed)):
                     condition_tensors = make_tensors(model.lm, attributes)
-        return Prepared(req=req, seed=seed, attributes=attributes, head=head, context=context,
-                        new_frames=int(req.duration * fr), condition_tensors=condition_tensors, say=say)
+        return Conditioned(req=req, seed=seed, attributes=attributes, head=head, context=context,
+                           new_frames=int(req.duration * fr), condition_tensors=condition_tensors, say=say)
 
-    def one_window(self, prepared: "Prepared") -> bool:
+    def one_window(self, conditioned: Conditioned) -> bool:
         """Whether the request fits in the model's window (no extension): what a batch row can be."""
-        frames = prepared.prompt_frames + prepared.new_frames
+        frames = conditioned.prompt_frames + conditioned.new_frames
         return frames + 1 <= int(self.model.max_duration * self.model.frame_rate) and \
-            (prepared.head is None or prepared.head.shape[-1] == 0)
+            (conditioned.head is None or conditioned.head.shape[-1] == 0)
 
-    def tokens(self, prepared: "Prepared", cancelled: tp.Optional[tp.Callable[[], bool]] = None,
-               stream: tp.Any = None) -> tp.Any:
+    def tokens(self, conditioned: Conditioned, cancelled: tp.Optional[tp.Callable[[], bool]] = None,
+               stream: tp.Any = None) -> "torch.Tensor":
         """The LM's tokens for one request, alone, through audiocraft's generation (windowed
         extension past the model's window) with this generator's decoder. ``stream``: a
-        :class:`~.streaming.ChunkStream` that follows each window as it decodes. Not thread-safe: it
-        sets the model's generation parameters; one call at a time."""
+        :class:`~..serving.streaming.ChunkStream` that follows each window as it decodes. Not
+        thread-safe: it sets the model's generation parameters; one call at a time."""
         import torch
 
         model = self.model
         fr = model.frame_rate
-        req = prepared.req
-        seed_everything(prepared.seed)
+        req = conditioned.req
+        seed_everything(conditioned.seed)
         start = time.perf_counter()
         with torch.inference_mode():
             # +0.5 frame: audiocraft truncates duration * frame_rate to an int
-            self._set_params(req, duration=(prepared.prompt_frames + prepared.new_frames + 0.5) / fr)
-            progress = Progress(prepared.new_frames, prepared.prompt_frames, fr, int(EXTEND_STRIDE * fr),
-                                say=prepared.say, cancelled=cancelled)
+            self._set_params(req, duration=(conditioned.prompt_frames + conditioned.new_frames + 0.5) / fr)
+            progress = Progress(conditioned.new_frames, conditioned.prompt_frames, fr, int(EXTEND_STRIDE * fr),
+                                say=conditioned.say, cancelled=cancelled)
             # every window's chroma: demucs draws what it would after stock's random.seed(seed)
-            with _windows_followed_by(model.lm, progress, self.decoder.generate, stream), \
-                    request_random(random.Random(prepared.seed)):
-                tokens = model._generate_tokens(prepared.attributes, prepared.context)
-            if prepared.head is not None and prepared.head.shape[-1]:
-                tokens = torch.cat([prepared.head, tokens], dim=-1)
-        self.report(prepared, time.perf_counter() - start)
+            with windows_through(model.lm, progress, self.decoder.generate, stream), \
+                    request_random(random.Random(conditioned.seed)):
+                tokens = model._generate_tokens(conditioned.attributes, conditioned.context)
+            if conditioned.head is not None and conditioned.head.shape[-1]:
+                tokens = torch.cat([conditioned.head, tokens], dim=-1)
+        self.report(conditioned, time.perf_counter() - start)
         return tokens
 
-    def report(self, prepared: "Prepared", seconds: float) -> None:
-        prepared.say("generated %d s in %.2f s (%.2fx real time)" % (
-            prepared.req.duration, seconds, prepared.req.duration / max(seconds, 1e-9)))
+    def report(self, conditioned: Conditioned, seconds: float) -> None:
+        conditioned.say("generated %d s in %.2f s (%.2fx real time)" % (
+            conditioned.req.duration, seconds, conditioned.req.duration / max(seconds, 1e-9)))
 
-    def decode(self, tokens: tp.Any, mbd: tp.Any = None) -> tp.Any:
+    def to_audio(self, tokens: "torch.Tensor", mbd: tp.Optional["MultiBandDiffusion"] = None) -> "torch.Tensor":
         """[1, K, T] tokens -> [1, C, samples] float32 audio on the CPU, by EnCodec (in chunks:
-        :mod:`.codec`) or MultiBand Diffusion (in windows: :mod:`.mbd`)."""
+        :mod:`..audio.codec`) or MultiBand Diffusion (in windows: :mod:`..audio.mbd`)."""
         import torch
 
         start = time.perf_counter()
@@ -303,35 +202,28 @@ class Generator:
             duration=duration, cfg_coef=float(req.classifier_free_guidance), extend_stride=EXTEND_STRIDE)
 
 
-class _windows_followed_by:
-    """Route each window's ``lm.generate`` call (audiocraft calls it once per extension window) to
-    ``generate_fn`` (the chosen decoder), with a progress callback that knows where the window
-    starts."""
+@contextlib.contextmanager
+def windows_through(lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any],
+                    stream: tp.Any = None) -> tp.Iterator[None]:
+    """Within the block, each window's ``lm.generate`` call (audiocraft calls it once per extension
+    window) goes to ``generate_fn`` (the chosen decoder), with a progress callback that knows where the
+    window starts; ``stream`` (a chunk stream) sees each window and every step."""
 
-    def __init__(self, lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any], stream: tp.Any = None):
-        self.lm = lm
-        self.progress = progress
-        self.generate_fn = generate_fn
-        self.stream = stream
+    def generate(prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any,
+                 callback: tp.Any = None, **kwargs: tp.Any) -> tp.Any:
+        window_prompt = 0 if prompt is None else prompt.shape[-1]
+        step = progress.new_window(window_prompt)
+        if stream is not None:  # the stream sees the window (our decoders) and every step
+            kwargs["tap"] = stream.window
+            follow = step
 
-    def __enter__(self) -> None:
-        stock_generate = self.generate_fn
-        progress, stream = self.progress, self.stream
+            def step(generated: int, total: int) -> None:
+                follow(generated, total)
+                stream.step(generated)
+        return generate_fn(prompt, conditions, *args, callback=step, **kwargs)
 
-        def generate(prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any,
-                     callback: tp.Any = None, **kwargs: tp.Any) -> tp.Any:
-            window_prompt = 0 if prompt is None else prompt.shape[-1]
-            step = progress.new_window(window_prompt)
-            if stream is not None:  # the stream sees the window (our decoders) and every step
-                kwargs["tap"] = stream.window
-                follow = step
-
-                def step(generated: int, total: int) -> None:
-                    follow(generated, total)
-                    stream.step(generated)
-            return stock_generate(prompt, conditions, *args, callback=step, **kwargs)
-
-        self.lm.generate = generate
-
-    def __exit__(self, *exc: tp.Any) -> None:
-        del self.lm.generate  # back to the class' method
+    lm.generate = generate
+    try:
+        yield
+    finally:
+        del lm.generate  # back to the class' method

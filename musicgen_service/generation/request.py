@@ -13,13 +13,12 @@ import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..audio import input_audio as audio_in
+from ..audio.input_audio import MAX_SECONDS as MAX_INPUT_AUDIO_SECONDS
 from ..core.errors import InputError
+from ..core.limits import MAX_SEED, MAX_TEXT_CHARS
 
 NORMALIZATION_STRATEGIES = ("loudness", "clip", "peak", "rms")
 OUTPUT_FORMATS = ("wav", "mp3")
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 2000
 # Sampling at a temperature this low is the most likely token (greedy decoding): below it, logits /
 # temperature overflows float32 for temperatures a JSON number can still give (1e-40: inf, then NaN).
 GREEDY_BELOW = 0.01
@@ -95,16 +94,16 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
     audio = Path(input_audio) if input_audio is not None else None
     if not text and audio is None:
         bad("prompt", "describe the music you want (it may only be empty when input_audio is given)")
-    if text and len(text) > MAX_PROMPT_CHARS:
-        bad("prompt", f"must be at most {MAX_PROMPT_CHARS} characters (got {len(text)})")
+    if text and len(text) > MAX_TEXT_CHARS:
+        bad("prompt", f"must be at most {MAX_TEXT_CHARS} characters (got {len(text)})")
 
     if not 1 <= duration <= caps.max_duration:
         bad("duration", f"must be between 1 and {caps.max_duration} seconds (got {_shown(duration)})")
 
     if continuation_start < 0:
         bad("continuation_start", f"must be >= 0 seconds (got {_shown(continuation_start)})")
-    elif continuation_start > audio_in.MAX_SECONDS:  # (it selects seconds of input_audio)
-        bad("continuation_start", f"must be at most {audio_in.MAX_SECONDS:g} seconds, the longest input_audio "
+    elif continuation_start > MAX_INPUT_AUDIO_SECONDS:  # (it selects seconds of input_audio)
+        bad("continuation_start", f"must be at most {MAX_INPUT_AUDIO_SECONDS:g} seconds, the longest input_audio "
                                   f"(got {_shown(continuation_start)})")
     end = None if continuation_end in (None, -1) else continuation_end
     if end is not None and end < 0:

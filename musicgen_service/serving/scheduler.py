@@ -18,11 +18,8 @@ decoding audio, writing files: one request's are done while the others wait a st
 
 Which requests share steps: text, melody and continuation requests whose
 generation fits in the model's window (prompt + new audio <= 30 s), when the
-decoder's precision is batch-invariant (``fp16``, ``bf16``, ``int8``: their
-products give a row the same bits whatever the other rows; ``exact`` keeps its
-promise of stock's tokens by decoding alone, ``int8dyn``'s activation scale
-spans all rows, ``stock`` is audiocraft's loop) and on CPUs (GPUs decode each
-request alone, from CUDA graphs). The rest run alone, in arrival order, between
+decoder shares steps at all (:attr:`..decoding.Decoder.shares_steps`: which
+precisions and devices, and why). The rest run alone, in arrival order, between
 batches. Either way a request's tokens depend only on its own inputs and seed.
 """
 from __future__ import annotations
@@ -36,19 +33,20 @@ from dataclasses import dataclass, field
 from ..core.errors import Cancelled
 from ..core.logs import get_logger
 
+if tp.TYPE_CHECKING:
+    from ..generation.generator import Conditioned, Generator
+    from .compute import ComputeThread
+
 log = get_logger()
 
 # How long an idle scheduler waits for requests arriving together (e.g. a client sending four at
 # once) before starting: 50 ms is ~1% of a 4 s request on a CPU.
 GATHER_SECONDS = 0.05
-# the batch-invariant precisions, but exact: its promise is stock's tokens, which its rows padded
-# beside others' would not keep (fp32 kernels round differently at different row counts)
-BATCHABLE_PRECISIONS = ("fp16", "bf16", "int8")
 
 
 @dataclass
 class Job:
-    prepared: tp.Any  # generate.Prepared
+    conditioned: "Conditioned"
     cancel: threading.Event
     future: Future = field(default_factory=Future)
     row: tp.Any = None  # decoding.rows.Row while decoding in a batch
@@ -59,15 +57,14 @@ class Scheduler:
     """Runs in the compute thread (:mod:`.compute`), between its tasks: each turn admits what
     arrived and takes one decoding step for every active row."""
 
-    def __init__(self, generator: tp.Any, slots: int, compute: tp.Any, gather_seconds: float = GATHER_SECONDS):
+    def __init__(self, generator: "Generator", slots: int, compute: "ComputeThread",
+                 gather_seconds: float = GATHER_SECONDS):
         self.generator = generator
         self.slots = max(1, slots)
         self.compute = compute
         self.gather_seconds = gather_seconds
         decoder = generator.decoder
-        device = decoder.runner.device if decoder.runner is not None else None
-        self.batching = (decoder.graphs is None and decoder.runner is not None and device is not None
-                         and device.type == "cpu" and decoder.mode in BATCHABLE_PRECISIONS)
+        self.batching = decoder.shares_steps
         self.rows = None
         if self.batching:
             from ..decoding.rows import RowDecoder
@@ -87,13 +84,13 @@ class Scheduler:
             return f"batched: up to {self.slots} requests share each decoding step"
         return f"one request at a time (decoder {self.generator.decoder.mode})"
 
-    def batchable(self, prepared: tp.Any) -> bool:
-        return self.generator.one_window(prepared)
+    def batchable(self, conditioned: "Conditioned") -> bool:
+        return self.generator.one_window(conditioned)
 
-    def submit(self, prepared: tp.Any, cancel: tp.Optional[threading.Event] = None) -> Future:
-        """Queue a prepared request; its tokens arrive in the returned future."""
+    def submit(self, conditioned: "Conditioned", cancel: tp.Optional[threading.Event] = None) -> Future:
+        """Queue a conditioned request; its tokens arrive in the returned future."""
         assert self.batching, "without batching the service runs requests itself"
-        job = Job(prepared, cancel or threading.Event())
+        job = Job(conditioned, cancel or threading.Event())
         self.compute.post(lambda: self._arrive(job))
         return job.future
 
@@ -115,7 +112,7 @@ class Scheduler:
         """Admit, then one step (or one request that must run alone)."""
         self.waiting = [job for job in self.waiting if not self._dropped(job)]
         # arrival order: a request that must run alone waits for the batch to drain, then runs
-        while self.waiting and len(self.active) < self.slots and self.batchable(self.waiting[0].prepared):
+        while self.waiting and len(self.active) < self.slots and self.batchable(self.waiting[0].conditioned):
             job = self.waiting.pop(0)
             if self._admit(job):
                 self.active.append(job)
@@ -143,12 +140,12 @@ class Scheduler:
     def _admit(self, job: Job) -> bool:
         from ..decoding.rows import Row
 
-        prepared = job.prepared
-        req = prepared.req
-        progress = self._progress(prepared)
+        conditioned = job.conditioned
+        req = conditioned.req
+        progress = self._progress(conditioned)
         try:
-            job.row = Row(condition_tensors=prepared.condition_tensors, prompt=prepared.context,
-                          max_gen_len=prepared.prompt_frames + prepared.new_frames, seed=prepared.seed,
+            job.row = Row(condition_tensors=conditioned.condition_tensors, prompt=conditioned.context,
+                          max_gen_len=conditioned.prompt_frames + conditioned.new_frames, seed=conditioned.seed,
                           temp=req.temperature, top_k=req.top_k, top_p=req.top_p, use_sampling=not req.greedy,
                           cfg_coef=float(req.classifier_free_guidance),
                           progress=lambda done, total: progress.update(done))
@@ -159,11 +156,12 @@ class Scheduler:
             return False
         return True
 
-    def _progress(self, prepared: tp.Any) -> tp.Any:
-        from ..generation.generator import EXTEND_STRIDE, Progress
+    def _progress(self, conditioned: "Conditioned") -> tp.Any:
+        from ..generation.generator import EXTEND_STRIDE
+        from ..generation.progress import Progress
 
         fr = self.generator.model.frame_rate
-        return Progress(prepared.new_frames, 0, fr, int(EXTEND_STRIDE * fr), say=prepared.say)
+        return Progress(conditioned.new_frames, 0, fr, int(EXTEND_STRIDE * fr), say=conditioned.say)
 
     def _step(self, active: tp.List[Job]) -> None:
         rows = [job.row for job in active if not job.row.done]
@@ -187,8 +185,8 @@ class Scheduler:
             return False
         try:
             tokens = job.row.codes()
-            self.generator.report(job.prepared, time.perf_counter() - job.started)
-            job.prepared.say("decoding steps shared with other requests: %d of %d" % (job.row.shared, job.row.steps))
+            self.generator.report(job.conditioned, time.perf_counter() - job.started)
+            job.conditioned.say("decoding steps shared with other requests: %d of %d" % (job.row.shared, job.row.steps))
             job.future.set_result(tokens)
         except Exception as exc:
             job.future.set_exception(exc)
@@ -198,7 +196,7 @@ class Scheduler:
         from ..core.logs import redirected
 
         try:
-            with redirected(job.prepared.say):
-                job.future.set_result(self.generator.tokens(job.prepared, cancelled=job.cancel.is_set))
+            with redirected(job.conditioned.say):
+                job.future.set_result(self.generator.tokens(job.conditioned, cancelled=job.cancel.is_set))
         except Exception as exc:
             job.future.set_exception(Cancelled("cancelled") if job.cancel.is_set() else exc)

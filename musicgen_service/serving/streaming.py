@@ -10,7 +10,7 @@ name: uploads finish in any order), in the requested format.
 
 **Levelling.** The final file is normalized on the whole signal, which the chunks cannot wait for.
 They get the same strategy with its gain fixed on the first chunk, before it is sent
-(:func:`.audio_out.fixed_levelling`): ``clip`` gives the final file's very samples; ``peak`` and
+(:func:`..audio.output_audio.fixed_levelling`): ``clip`` gives the final file's very samples; ``peak`` and
 ``rms`` give them up to that fixed gain; ``loudness`` gives tanh(g_chunks x) where the final file has
 tanh(g_final x): the same up to a gain where the soft clip is quiet, and a soft clip that acts a
 little differently where it is not. The two gains are logged. The chunks join without a seam: they
@@ -28,7 +28,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from ..audio import levels as audio_out, codec
+from ..audio import codec, output_audio
 from ..core.logs import get_logger
 
 log = get_logger()
@@ -134,7 +134,7 @@ class ChunkStream:
 
     def _write(self, audio: tp.Any, last: bool) -> None:
         if self.level is None:
-            self.level = audio_out.fixed_levelling(audio, self.rate, self.strategy)
+            self.level = output_audio.fixed_levelling(audio, self.rate, self.strategy)
             log.info("streaming: chunks levelled (%s) with a gain of %+.1f dB fixed on the first %.1f s",
                      self.strategy, self.level.gain_db, audio.shape[-1] / self.rate)
         levelled = self.level(audio)
@@ -142,13 +142,13 @@ class ChunkStream:
         path = self.folder / name
         if self.format == "mp3":
             if self.encoder is None:
-                self.encoder = audio_out.mp3_encoder(self.rate, levelled.shape[0])
-            data = audio_out.mp3_bytes(self.encoder, levelled) + (self.encoder.flush() if last else b"")
+                self.encoder = output_audio.mp3_encoder(self.rate, levelled.shape[0])
+            data = output_audio.mp3_bytes(self.encoder, levelled) + (self.encoder.flush() if last else b"")
             partial = path.with_name(f".{name}.partial")
             partial.write_bytes(data)
             partial.replace(path)
         else:
-            path = audio_out.write(levelled, self.rate, self.format, self.folder, stem=path.stem)
+            path = output_audio.write(levelled, self.rate, self.format, self.folder, stem=path.stem)
         if self.first_chunk_at is None:
             self.first_chunk_at = time.perf_counter() - self.start
         self.index += 1

@@ -44,10 +44,6 @@ def load_entry(kind: str = "predict", project: Path = PROJECT_ROOT, config_file:
     return entry() if kind == "predict" else entry
 
 
-def load_predictor(project: Path = PROJECT_ROOT) -> tp.Any:
-    return load_entry("predict", project)
-
-
 def _base_type(annotation: tp.Any) -> tp.Any:
     """``Optional[X]`` -> X."""
     args = [a for a in tp.get_args(annotation) if a is not type(None)]
@@ -103,15 +99,13 @@ def train_main(argv: tp.Sequence[str]) -> int:
                         help="the folder the trained files are copied into (default: ./trained)")
     args = parser.parse_args(argv)
 
-    from ..core.errors import InputError
-    from ..core.settings import SettingsError
-    from ..weights.hub import WeightsMissingError
+    from ..core.errors import InputError, SetupError
 
     train = load_entry("train")
     inputs = parse_inputs(args.input, train)
     try:
         result = asyncio.run(train(**inputs))  # async, as Cog runs it
-    except (InputError, SettingsError, WeightsMissingError) as exc:
+    except (InputError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
@@ -137,16 +131,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
                         help="the streaming model (cog.stream.yaml): each chunk is written as it arrives")
     args = parser.parse_args(argv)
 
-    from ..core.errors import InputError
-    from ..core.settings import SettingsError
-    from ..weights.trained import TrainedError
-    from ..weights.hub import WeightsMissingError
+    from ..core.errors import InputError, SetupError
 
     predictor = load_entry("predict", config_file="cog.stream.yaml" if args.stream else "cog.yaml")
     inputs = parse_inputs(args.input, predictor.predict)
     try:
         predictor.setup()
-    except (SettingsError, WeightsMissingError, TrainedError) as exc:  # a setting, the weights: one line
+    except SetupError as exc:  # a setting, the weights, a trained file: one line
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.stream:

@@ -1,5 +1,5 @@
 """``script/prepare``: run setup once, so that the prepared decoder it measures and converts is on disk
-before the server's first boot (:mod:`.decoding.prepared`). Setup problems end in one line and a
+before the server's first boot (:mod:`..decoding.prepared`). Setup problems end in one line and a
 non-zero exit, as ``script/predict``'s do."""
 from __future__ import annotations
 
@@ -10,24 +10,24 @@ import typing as tp
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     import argparse
 
-    from ..core.settings import Settings, SettingsError
-    from ..weights.hub import WeightsMissingError
+    from ..core.errors import SetupError
+    from ..core.settings import Settings
 
     argparse.ArgumentParser(prog="script/prepare", description=__doc__).parse_args(argv)
     try:
         settings = Settings.from_env()
-        from ..decoding import ALIASES, store as prepared
+        from ..serving.setup import decoder_cache
 
-        decoder = ALIASES.get(settings.decoder, settings.decoder)
         device = settings.resolved_device()
-        if not prepared.applies(decoder, device) or not settings.prepared_dirs:
-            print(f"prepare: nothing to prepare for MUSICGEN_DECODER={decoder} on {device} "
+        cache, _ = decoder_cache(settings, device, 2 * settings.concurrency)
+        if cache is None:
+            print(f"prepare: nothing to prepare for MUSICGEN_DECODER={settings.decoder} on {device} "
                   "(only CPU setups with auto or a reduced precision use prepared decoders)")
             return 0
         from ..serving.service import Service
 
         service = Service(settings)
-    except (SettingsError, WeightsMissingError) as exc:
+    except SetupError as exc:
         print(f"prepare: {exc}", file=sys.stderr)
         return 1
     decoder_state = service.generator.decoder

@@ -1,6 +1,6 @@
 """LoRA adapters on MusicGen's LM: which matrices, how they are attached, saved and merged.
 
-Targets (:func:`targets`): in every transformer layer the self-attention's fused q/k/v projection
+Targets (:data:`..weights.lora.TARGETS`, the LM's weight matrices): in every transformer layer the self-attention's fused q/k/v projection
 ``self_attn.in_proj_weight`` (a bare ``nn.Parameter`` that audiocraft multiplies with
 ``F.linear``, not an ``nn.Linear``), its output projection, the cross-attention's (text models:
 its keys/values read the text) and the feed-forward ``linear1`` / ``linear2``; and the ``K`` output
@@ -8,7 +8,7 @@ heads ``linears.k`` (they map the transformer's state to each codebook's distrib
 style shows first). Embeddings, norms and the conditioners' projections stay frozen.
 
 Mechanism: a :class:`LoRA` parametrization (``torch.nn.utils.parametrize``) on each target weight,
-so that reading the weight gives ``W + scale * B @ A`` with ``B`` starting at zero (the adapted model
+so that reading the weight gives ``W + scale * B @ A`` (:func:`..weights.lora.delta`) with ``B`` starting at zero (the adapted model
 starts as the base) and ``scale = alpha / rank``; the training loop computes each adapted weight once
 per forward (``parametrize.cached()``). One mechanism for ``nn.Linear`` weights and bare Parameters
 alike, with audiocraft's modules left as they are.
@@ -28,21 +28,19 @@ Parameter needs its ``target_parameters`` (0.17+), itself a parametrization; one
 both here, without another dependency pinned against this torch and transformers.
 
 Saved as ``<parameter>.lora_A`` [rank, in] / ``<parameter>.lora_B`` [out, rank] in fp16
-(:mod:`..trained`); merged into the weights when served (:func:`..trained.merge_lora`).
+(:mod:`..weights.trained`); merged into the weights when served (:func:`..weights.lora.merge`).
 """
 from __future__ import annotations
 
 import math
-import re
 import typing as tp
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-TARGETS = re.compile(r"^(transformer\.layers\.\d+\.(self_attn\.in_proj_weight|self_attn\.out_proj\.weight|"
-                     r"cross_attention\.in_proj_weight|cross_attention\.out_proj\.weight|linear1\.weight|"
-                     r"linear2\.weight)|linears\.\d+\.weight)$")
+from ..weights import lora
+
 
 
 class LoRA(nn.Module):
@@ -60,17 +58,7 @@ class LoRA(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.B @ self.A).to(weight.dtype) * self.scale
-
-
-def targets(lm: nn.Module) -> tp.List[str]:
-    """The LM's parameter names that LoRA adapts."""
-    return [name for name, _ in lm.named_parameters() if TARGETS.match(name)]
-
-
-def smallest_width(lm: nn.Module) -> int:
-    """The rank a LoRA on this LM cannot exceed: the smallest side of a target matrix."""
-    return min(min(lm.get_parameter(n).shape) for n in targets(lm))
+        return weight + lora.delta(self.A, self.B, self.scale).to(weight.dtype)
 
 
 def _owner(lm: nn.Module, name: str) -> tp.Tuple[nn.Module, str]:
@@ -84,12 +72,12 @@ def attach(lm: nn.Module, rank: int, alpha: float, seed: int) -> tp.Dict[str, Lo
     for p in lm.parameters():
         p.requires_grad_(False)
     adapters = {}
-    for name in targets(lm):
+    for name in lora.targets(lm):
         module, attr = _owner(lm, name)
         weight = getattr(module, attr)
-        lora = LoRA(weight.shape[0], weight.shape[1], rank, alpha, generator, weight.device)
-        parametrize.register_parametrization(module, attr, lora)
-        adapters[name] = lora
+        adapter = LoRA(weight.shape[0], weight.shape[1], rank, alpha, generator, weight.device)
+        parametrize.register_parametrization(module, attr, adapter)
+        adapters[name] = adapter
     return adapters
 
 
@@ -105,7 +93,8 @@ def detach_merged(lm: nn.Module, adapters: tp.Mapping[str, LoRA]) -> None:
 def state(adapters: tp.Mapping[str, LoRA]) -> tp.Dict[str, torch.Tensor]:
     """What the trained file stores: ``<parameter>.lora_A`` / ``.lora_B`` in fp16."""
     out = {}
-    for name, lora in adapters.items():
-        out[f"{name}.lora_A"] = lora.A.detach().to("cpu", torch.float16)
-        out[f"{name}.lora_B"] = lora.B.detach().to("cpu", torch.float16)
+    for name, adapter in adapters.items():
+        a_name, b_name = lora.tensor_names(name)
+        out[a_name] = adapter.A.detach().to("cpu", torch.float16)
+        out[b_name] = adapter.B.detach().to("cpu", torch.float16)
     return out

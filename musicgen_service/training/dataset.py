@@ -17,7 +17,7 @@
    decode. A caption is a same-name ``.txt`` beside the audio file (``song.mp3`` + ``song.txt``), its
    first :data:`CAPTION_MAX_BYTES` read; without one, the instance prompt (the ``caption`` input) applies.
 3. **Segments** (:func:`segments`): each file is decoded piece by piece (PyAV, through
-   :class:`..audio_in.Decoding`) at the model's rate and channel count, and cut into windows of the
+   :class:`..audio.input_audio.Decoding`) at the model's rate and channel count, and cut into windows of the
    model's segment length (30 s) as the pieces come; the remainder is kept if it is at least
    :data:`MIN_SEGMENT_SECONDS` long, as is a whole clip shorter than a window. Shorter segments are
    trained at their own length, never padded with silence (the loss masks the padding: :mod:`.loop`).
@@ -31,10 +31,7 @@ to tokenize them as they are decoded (:mod:`.tokens`), never holding the dataset
 """
 from __future__ import annotations
 
-import bz2
 import errno
-import gzip
-import io
 import lzma
 import shutil
 import stat
@@ -47,6 +44,7 @@ from pathlib import Path, PurePosixPath
 
 from ..core.errors import Cancelled, InputError
 from ..core.logs import get_logger
+from . import tar_stream
 
 log = get_logger()
 
@@ -64,7 +62,6 @@ MAX_DATASET_SECONDS = 5 * 3600.0
 MIN_SEGMENT_SECONDS = 2.0
 MAX_NAME_BYTES = 255  # one path component (Linux's NAME_MAX)
 MAX_PATH_BYTES = 1024
-MAX_SINGLE_READ = 4 << 20  # a tar's long-name or pax record is read whole by tarfile: bounded before
 MAX_ZIP_DIRECTORY = MAX_MEMBERS * 1024  # bytes of a zip's central directory, parsed whole by zipfile
 
 
@@ -103,25 +100,13 @@ def unpack(dataset: Path, folder: Path, cancelled: tp.Callable[[], bool] = lambd
     folder.mkdir(parents=True, exist_ok=True)
     if zipfile.is_zipfile(dataset):
         _unzip(dataset, _Writer(folder, cancelled))
-    elif _is_tar(dataset):
+    elif tar_stream.is_tar(dataset):
         _untar(dataset, _Writer(folder, cancelled))
     elif dataset.suffix.lower() in {".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz"}:
         _fail(f"{dataset.name} is not a readable zip or tar archive (damaged or of another format)")
     else:  # one audio file: decoded (and refused if it is not audio) with the others
         shutil.copyfile(dataset, folder / (dataset.name or "audio"))
     return folder
-
-
-def _is_tar(path: Path) -> bool:
-    """Whether ``path`` (maybe compressed) starts with a tar header. Only that first block is read:
-    ``tarfile.is_tarfile`` reads the first member, long-name records included, whatever their size."""
-    try:
-        with _decompressed(path) as raw:
-            block = raw.read(tarfile.BLOCKSIZE)
-        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
-        return True
-    except (OSError, EOFError, tarfile.TarError, lzma.LZMAError, zlib.error):
-        return False
 
 
 def _member_problem(name: str) -> tp.Optional[str]:
@@ -243,53 +228,9 @@ def _unzip(path: Path, writer: _Writer) -> None:
         _fail(f"{path.name} is a damaged zip archive ({exc.strerror or exc})")
 
 
-class _BoundedReads(io.RawIOBase):
-    """A decompressed tar stream whose single reads are bounded: tarfile reads a long-name or pax record
-    whole, in one read of the size its header declares (a few bytes in real archives; a crafted one
-    declares gigabytes of zeros that compress to nothing). Seeks go to the decompressed stream (forward
-    only, in practice: every member is read in order)."""
-
-    def __init__(self, raw: tp.Any):
-        self.raw = raw
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0 or n > MAX_SINGLE_READ:
-            _fail(f"a tar header declares a record of {n} bytes (names and metadata take a few): refused")
-        return self.raw.read(n)
-
-    def readinto(self, b: tp.Any) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-
-def _decompressed(path: Path) -> tp.Any:
-    with open(path, "rb") as f:
-        magic = f.read(6)
-    if magic[:2] == b"\x1f\x8b":
-        return gzip.open(path, "rb")
-    if magic[:3] == b"BZh":
-        return bz2.open(path, "rb")
-    if magic[:6] == b"\xfd7zXZ\x00":
-        return lzma.open(path, "rb")
-    return open(path, "rb")
-
-
 def _untar(path: Path, writer: _Writer) -> None:
     try:
-        with _decompressed(path) as raw, tarfile.open(fileobj=_BoundedReads(raw), mode="r:") as t:
+        with tar_stream.bounded(path) as stream, tarfile.open(fileobj=stream, mode="r:") as t:
             for m in t:  # one header at a time (getmembers() would read every header first)
                 kind = ("link" if m.issym() or m.islnk() else "dir" if m.isdir() else
                         "file" if m.isfile() else "special")
@@ -363,11 +304,11 @@ def _file_segments(path: Path, rel: str, caption: tp.Optional[str], sample_rate:
     """One file's segments as its pieces are decoded; InputError (``dataset``) when it does not decode."""
     import torch
 
-    from ..audio import input_audio as audio_in
+    from ..audio import input_audio
 
     window = int(round(window_seconds * sample_rate))
     minimum = int(round(MIN_SEGMENT_SECONDS * sample_rate))
-    decoding = audio_in.Decoding(path, sample_rate, channels, max_bytes=MAX_FILE_BYTES,
+    decoding = input_audio.Decoding(path, sample_rate, channels, max_bytes=MAX_FILE_BYTES,
                                  max_seconds=MAX_FILE_SECONDS, field=FIELD)
     pending: tp.List[tp.Any] = []
     held = start = 0

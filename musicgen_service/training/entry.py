@@ -16,7 +16,7 @@ _ONE_AT_A_TIME = threading.Lock()
 
 def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, sample_seconds: tp.Optional[int] = None,
           cancelled: tp.Callable[[], bool] = lambda: False, **inputs: tp.Any) -> tp.Any:
-    from ..serving import folders as outputs
+    from ..core import folders
     from ..core.settings import Settings
     from . import options, run
 
@@ -25,8 +25,8 @@ def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, 
                       model_width=run.model_width(settings), **inputs)
     log.info("training %s (%s) with seed %d: %s", o.base_model, o.method, o.seed,
              ", ".join(f"{k}={v}" for k, v in o.asdict().items() if k not in ("base_model", "method", "seed")))
-    outputs.remove_expired()
-    outputs.remove_all_at_exit()
+    folders.remove_expired()
+    folders.remove_all_at_exit()
     if not _ONE_AT_A_TIME.acquire(blocking=False):
         log.info("another training is running in this process: this one starts when it ends")
         while not _ONE_AT_A_TIME.acquire(timeout=1.0):
@@ -34,9 +34,9 @@ def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, 
                 from ..core.errors import Cancelled
 
                 raise Cancelled("training cancelled while waiting")
-    folder = outputs.fresh_folder()  # (kept after the run, until Cog has uploaded its files)
+    folder = folders.fresh_folder()  # (kept after the run, until Cog has uploaded its files)
     try:
-        with outputs.held(folder):  # never cleaned while the run writes into it (for longer than the keep period)
+        with folders.held(folder):  # never cleaned while the run writes into it (for longer than the keep period)
             return run.run(Path(dataset), o, settings, folder, cancelled=cancelled,
                            sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds)
     except BaseException:

@@ -26,6 +26,8 @@ import typing as tp
 from dataclasses import asdict, dataclass
 
 from ..core.errors import InputError
+from ..core.limits import MAX_SEED, MAX_TEXT_CHARS
+from ..generation.seeding import random_seed
 
 METHODS = ("lora", "full")
 DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
@@ -34,7 +36,6 @@ FINAL_LR_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
 BETAS = (0.9, 0.95)
 WEIGHT_DECAY = {"lora": 0.0, "full": 0.01}
-MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,6 @@ def parse(*, base_model: tp.Optional[str], default_model: str, method: str = "lo
     """Check every setting; one InputError listing all the problems. ``model_width(base)``: the
     smallest side of the base model's adapted matrices (raises InputError if the model is not in the
     weights folder); ``seed`` None or -1: a random one."""
-    import random
-
     problems: tp.List[tp.Tuple[str, str]] = []
 
     def bad(name: str, rule: str) -> None:
@@ -99,8 +98,8 @@ def parse(*, base_model: tp.Optional[str], default_model: str, method: str = "lo
     if seed not in (None, -1) and not 0 <= int(seed) <= MAX_SEED:
         bad("seed", f"must be -1 or None (random) or between 0 and {MAX_SEED} (got {seed})")
     text = (caption or "").strip()
-    if len(text) > 2000:
-        bad("caption", f"must be at most 2000 characters (got {len(text)})")
+    if len(text) > MAX_TEXT_CHARS:
+        bad("caption", f"must be at most {MAX_TEXT_CHARS} characters (got {len(text)})")
     if model_width is not None:
         try:
             width = model_width(base)
@@ -116,4 +115,4 @@ def parse(*, base_model: tp.Optional[str], default_model: str, method: str = "lo
                    max_steps=int(max_steps), batch_size=int(batch_size),
                    gradient_accumulation=int(gradient_accumulation), learning_rate=lr, caption=text,
                    drop_vocals=bool(drop_vocals), gradient_checkpointing=bool(gradient_checkpointing),
-                   seed=random.SystemRandom().randint(0, MAX_SEED) if seed in (None, -1) else int(seed))
+                   seed=random_seed() if seed in (None, -1) else int(seed))

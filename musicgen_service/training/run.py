@@ -5,12 +5,12 @@ unless the whole run succeeded):
 
 1. settings (:mod:`.options`; the base model must be in the weights folder: training never downloads);
 2. the dataset unpacked into the run's own folder, its audio found and cut (:mod:`.dataset`);
-3. the base model loaded as the service loads it (:mod:`..loading`); vocals removed if asked (the
+3. the base model loaded as the service loads it (:mod:`..weights.loading`); vocals removed if asked (the
    HTDemucs of the weights folder); codes and condition features computed once (:mod:`.tokens`);
 4. a sample of the base model (the prompt of the first segment, the run's seed);
 5. LoRA attached (:mod:`.adapters`) or every LM weight made trainable; the updates (:mod:`.loop`), in
    this process, or in one process per GPU when several are visible;
-6. the trained file (:mod:`..trained`), the loss curve, and the same sample from the trained model.
+6. the trained file (:mod:`..weights.trained`), the loss curve, and the same sample from the trained model.
 """
 from __future__ import annotations
 
@@ -25,12 +25,16 @@ from pathlib import Path
 
 import torch
 
-from ..weights import hub as weights
-from ..core.errors import InputError
+from ..core.errors import Cancelled, InputError
 from ..core.logs import get_logger
 from ..core.settings import Settings
+from ..weights import hub as weights
+from ..weights import lora, trained
 from . import adapters, allocator, dataset, loop, tokens
 from .options import Options
+
+if tp.TYPE_CHECKING:
+    from audiocraft.models import MusicGen
 
 log = get_logger()
 
@@ -38,7 +42,8 @@ SAMPLE_SECONDS = 8
 
 
 @dataclass
-class Outputs:
+class TrainingResult:
+    """What a training returns (train.py's TrainingOutput): the files, and the manifest written."""
     weights: Path
     loss_curve: Path
     sample_before: tp.Optional[Path]
@@ -58,7 +63,7 @@ def model_width(settings: Settings) -> tp.Callable[[str], int]:
         except weights.WeightsMissingError as exc:
             raise InputError([("base_model", f"{base} is not in the weights folder; training never downloads: "
                                              f"{exc}")]) from None
-        return int(min(cfg.transformer_lm.dim, cfg.transformer_lm.card))
+        return lora.max_rank(int(cfg.transformer_lm.dim), int(cfg.transformer_lm.card))
     return width
 
 
@@ -122,7 +127,7 @@ def without_vocals(model: tp.Any, segs: tp.Iterable[dataset.Segment]) -> tp.Iter
 
 def sample(model: tp.Any, prompt: str, seed: int, seconds: int, folder: Path, name: str) -> Path:
     """``seconds`` of the model's music for ``prompt`` with ``seed``, as the service makes it."""
-    from ..audio import levels as audio_out
+    from ..audio import output_audio
     from ..generation.generator import Generator
     from ..generation.request import Capabilities, parse_request
 
@@ -130,8 +135,8 @@ def sample(model: tp.Any, prompt: str, seed: int, seconds: int, folder: Path, na
     generator = Generator(model, mode)
     caps = Capabilities(max_duration=max(seconds, 1), card=model.lm.card)
     wav = generator.generate(parse_request(caps, prompt=prompt or "music", duration=seconds, seed=seed)).wav
-    wav = audio_out.normalize(wav, model.sample_rate, "loudness")
-    return audio_out.write(wav, model.sample_rate, "wav", folder, stem=name)
+    wav = output_audio.normalize(wav, model.sample_rate, "loudness")
+    return output_audio.write(wav, model.sample_rate, "wav", folder, stem=name)
 
 
 def loss_curve(history: loop.History, path: Path, title: str) -> Path:
@@ -165,11 +170,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _load(settings: Settings, base: str, device: str) -> tp.Any:
+def _load(settings: Settings, base: str, device: str) -> "MusicGen":
+    """The base model, as the service loads it."""
     from ..weights import loading
 
-    return loading.load_musicgen(Settings(weights_dir=settings.weights_dir, model=base, device=device, mbd="off",
-                                          decoder="exact", prepared_off=True), device)
+    return loading.load_musicgen(settings.weights_dir, base, device)
 
 
 def _prepare_for_training(model: tp.Any, o: Options, seed: int) -> tp.Tuple[tp.List[torch.nn.Parameter], tp.Dict[str, adapters.LoRA]]:
@@ -232,7 +237,7 @@ def train_processes(settings: Settings, o: Options, features: tokens.Features, w
 
 def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, device: tp.Optional[str] = None,
         sample_seconds: int = SAMPLE_SECONDS, world: tp.Optional[int] = None, backend: tp.Optional[str] = None,
-        cancelled: tp.Callable[[], bool] = lambda: False) -> Outputs:
+        cancelled: tp.Callable[[], bool] = lambda: False) -> TrainingResult:
     """The whole run (see the module docstring). ``world``: processes (default: the visible GPUs,
     else 1); ``backend``: their process group's (nccl on GPUs, gloo on CPUs)."""
     start = time.perf_counter()
@@ -243,87 +248,108 @@ def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devic
     if o.drop_vocals:
         require_demucs(settings)
     cfg = weights.read_lm_config(weights.musicgen_folder(settings.weights_dir, o.base_model) / weights.LM_FILE)
-    # the model's rate, channels and training window, from its checkpoint's config (not loaded yet)
-    sample_rate, channels, window = int(cfg.sample_rate), int(cfg.get("channels", 1)), float(cfg.dataset.segment_duration)
     work = Path(tempfile.mkdtemp(prefix="musicgen-train-", dir=out_dir))
     try:
-        return _run(dataset_path, o, settings, out_dir, device, sample_seconds, world, backend, cancelled,
-                    work, sample_rate, channels, window, start)
+        return _Run(o, settings, out_dir, device, sample_seconds, cancelled, work, cfg, start).execute(
+            Path(dataset_path), world, backend)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, device: str, sample_seconds: int,
-         world: tp.Optional[int], backend: tp.Optional[str], cancelled: tp.Callable[[], bool], work: Path,
-         sample_rate: int, channels: int, window: float, start: float) -> Outputs:
-    from ..weights import trained
+@dataclass
+class _Run:
+    """One run's settings and places, and its steps (:meth:`execute`)."""
+    o: Options
+    settings: Settings
+    out_dir: Path  # what is returned goes here
+    device: str
+    sample_seconds: int
+    cancelled: tp.Callable[[], bool]
+    work: Path  # the run's own folder (removed after it)
+    cfg: tp.Any  # the base checkpoint's config: the model's rate, channels and training window
+    start: float
 
-    root, plan = prepare_dataset(Path(dataset_path), work / "dataset", sample_rate, channels, window, cancelled)
-    summary = plan.summary
-
-    log.info("base model: %s on %s (%s)", o.base_model, device, "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune")
-    model = _load(settings, o.base_model, device)
-    # the audio decoded again, segment by segment, as it is tokenized: never the whole dataset in memory
-    segs = dataset.segments(root, plan.usable, sample_rate, channels, window, cancelled)
-    if o.drop_vocals:
-        segs = without_vocals(model, segs)
-    features = tokens.compute(model, segs, o.caption, cancelled, seed=o.seed, total_seconds=summary["seconds"])
-    if cancelled():
-        from ..core.errors import Cancelled
-
-        raise Cancelled("training cancelled while tokenizing")
-    prompt = features.examples[0].caption
-    before = after = None
-    if sample_seconds:
-        before = sample(model, prompt, o.seed, sample_seconds, out_dir, "sample-before")
-    loss_before = loop.teacher_forced_loss(model.lm, features)
-
-    world = world or (torch.cuda.device_count() if device.startswith("cuda") else 1) or 1
-    if world > 1:
-        backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
-        log.info("data parallel: %d processes (%s)", world, backend)
-        del model
-        torch.cuda.empty_cache() if device.startswith("cuda") else None
-        state, history = train_processes(settings, o, features, world, backend, work)
-        model = _load(settings, o.base_model, device)
-        if o.method == "lora":
-            trained.merge_lora(model.lm, state, {"rank": o.lora_rank, "alpha": o.lora_alpha})
-        else:
-            with torch.no_grad():
-                for name, p in model.lm.named_parameters():
-                    p.copy_(state[name].to(p.dtype))
-    else:
-        params, loras = _prepare_for_training(model, o, o.seed)
-        history = loop.train(model.lm, features, o, params, cancelled=cancelled)
-        state = adapters.state(loras) if loras else None
-        if loras:
-            adapters.detach_merged(model.lm, loras)
-        else:
-            state = {n: p.detach().to("cpu", torch.float16) for n, p in model.lm.named_parameters()}
-    state = {n: t.to(torch.float16) for n, t in state.items()}
-    loss_after = loop.teacher_forced_loss(model.lm, features)
-    log.info("teacher-forced loss on the training set: %.4f before, %.4f after", loss_before, loss_after)
-
-    base_ckpt = weights.checkpoint_identity(weights.musicgen_folder(settings.weights_dir, o.base_model) / weights.LM_FILE)
-    manifest = {
-        "base_model": o.base_model, "base_checkpoint": base_ckpt, "method": o.method,
-        "rank": o.lora_rank if o.method == "lora" else None, "alpha": o.lora_alpha if o.method == "lora" else None,
-        "targets": sorted({n.rsplit(".lora_", 1)[0] for n in state}) if o.method == "lora" else "all LM parameters",
-        "training": {**o.asdict(), "steps": len(history.losses), "world": world, "seconds": round(history.seconds, 1),
-                     "tokens": history.tokens, "device": device},
-        "dataset": summary, "final_loss": history.final_loss, "loss_before": loss_before, "loss_after": loss_after,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    name = f"{o.base_model.rsplit('/', 1)[-1]}-{o.method}.safetensors"
-    path = trained.write(out_dir / name, state, manifest)
-    curve = loss_curve(history, out_dir / "loss-curve.png",
-                       f"{o.base_model}, {o.method}: {len(history.losses)} updates, final loss {history.final_loss:.3f}")
-    if sample_seconds:
-        if o.method == "full":
+    def execute(self, dataset_path: Path, world: tp.Optional[int], backend: tp.Optional[str]) -> TrainingResult:
+        o, cfg = self.o, self.cfg
+        sample_rate, channels = int(cfg.sample_rate), int(cfg.get("channels", 1))
+        window = float(cfg.dataset.segment_duration)
+        root, plan = prepare_dataset(dataset_path, self.work / "dataset", sample_rate, channels, window, self.cancelled)
+        log.info("base model: %s on %s (%s)", o.base_model, self.device,
+                 "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune")
+        model = _load(self.settings, o.base_model, self.device)
+        # the audio decoded again, segment by segment, as it is tokenized: never the whole dataset in memory
+        segs = dataset.segments(root, plan.usable, sample_rate, channels, window, self.cancelled)
+        if o.drop_vocals:
+            segs = without_vocals(model, segs)
+        features = tokens.compute(model, segs, o.caption, self.cancelled, seed=o.seed,
+                                  total_seconds=plan.summary["seconds"])
+        if self.cancelled():
+            raise Cancelled("training cancelled while tokenizing")
+        prompt = features.examples[0].caption
+        before = self._sample(model, prompt, "sample-before")
+        loss_before = loop.teacher_forced_loss(model.lm, features)
+        world = world or (torch.cuda.device_count() if self.device.startswith("cuda") else 1) or 1
+        model, state, history = self._train(model, features, world, backend)
+        loss_after = loop.teacher_forced_loss(model.lm, features)
+        log.info("teacher-forced loss on the training set: %.4f before, %.4f after", loss_before, loss_after)
+        manifest = self._manifest(state, history, world, plan.summary, loss_before, loss_after)
+        name = f"{o.base_model.rsplit('/', 1)[-1]}-{o.method}.safetensors"
+        path = trained.write(self.out_dir / name, state, manifest)
+        curve = loss_curve(history, self.out_dir / "loss-curve.png",
+                           f"{o.base_model}, {o.method}: {len(history.losses)} updates, final loss {history.final_loss:.3f}")
+        if self.sample_seconds and o.method == "full":
             model.lm.to(next(model.lm.parameters()).dtype)
-        after = sample(model, prompt, o.seed, sample_seconds, out_dir, "sample-after")
-    log.info("trained file: %s (%.1f MB) in %.1f s; serve it with MUSICGEN_TRAINED=<file> (and "
-             "MUSICGEN_MODEL=%s), or as COG_WEIGHTS of a trained version", path.name, path.stat().st_size / 1e6,
-             time.perf_counter() - start, o.base_model)
-    return Outputs(weights=path, loss_curve=curve, sample_before=before, sample_after=after, manifest=manifest)
+        after = self._sample(model, prompt, "sample-after")
+        log.info("trained file: %s (%.1f MB) in %.1f s; serve it with MUSICGEN_TRAINED=<file> (and "
+                 "MUSICGEN_MODEL=%s), or as COG_WEIGHTS of a trained version", path.name, path.stat().st_size / 1e6,
+                 time.perf_counter() - self.start, o.base_model)
+        return TrainingResult(weights=path, loss_curve=curve, sample_before=before, sample_after=after,
+                              manifest=manifest.as_dict())
 
+    def _sample(self, model: "MusicGen", prompt: str, name: str) -> tp.Optional[Path]:
+        if not self.sample_seconds:
+            return None
+        return sample(model, prompt, self.o.seed, self.sample_seconds, self.out_dir, name)
+
+    def _train(self, model: "MusicGen", features: tokens.Features, world: int, backend: tp.Optional[str]
+               ) -> tp.Tuple["MusicGen", tp.Dict[str, torch.Tensor], loop.History]:
+        """The updates, in this process or in ``world`` processes; the model with the trained weights
+        in, what the trained file holds (fp16), and the history."""
+        o = self.o
+        if world > 1:
+            backend = backend or ("nccl" if self.device.startswith("cuda") else "gloo")
+            log.info("data parallel: %d processes (%s)", world, backend)
+            del model
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            state, history = train_processes(self.settings, o, features, world, backend, self.work)
+            model = _load(self.settings, o.base_model, self.device)
+            if o.method == "lora":
+                lora.merge(model.lm, state, o.lora_rank, o.lora_alpha)
+            else:
+                with torch.no_grad():
+                    for name, p in model.lm.named_parameters():
+                        p.copy_(state[name].to(p.dtype))
+        else:
+            params, loras = _prepare_for_training(model, o, o.seed)
+            history = loop.train(model.lm, features, o, params, cancelled=self.cancelled)
+            if loras:
+                state = adapters.state(loras)
+                adapters.detach_merged(model.lm, loras)
+            else:
+                state = {n: p.detach().to("cpu", torch.float16) for n, p in model.lm.named_parameters()}
+        return model, {n: t.to(torch.float16) for n, t in state.items()}, history
+
+    def _manifest(self, state: tp.Mapping[str, torch.Tensor], history: loop.History, world: int,
+                  summary: tp.Dict[str, tp.Any], loss_before: float, loss_after: float) -> trained.Manifest:
+        o = self.o
+        checkpoint = weights.musicgen_folder(self.settings.weights_dir, o.base_model) / weights.LM_FILE
+        is_lora = o.method == "lora"
+        return trained.Manifest(
+            base_model=o.base_model, base_checkpoint=weights.checkpoint_identity(checkpoint), method=o.method,
+            rank=o.lora_rank if is_lora else None, alpha=o.lora_alpha if is_lora else None,
+            targets=lora.adapted(state) if is_lora else "all LM parameters",
+            training={**o.asdict(), "steps": len(history.losses), "world": world,
+                      "seconds": round(history.seconds, 1), "tokens": history.tokens, "device": self.device},
+            dataset=summary, final_loss=history.final_loss, loss_before=loss_before, loss_after=loss_after,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

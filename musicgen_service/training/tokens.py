@@ -123,7 +123,7 @@ def fit_caption(tokenizer: tp.Any, text: str) -> str:
 
 def _compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
              cancelled: tp.Callable[[], bool], seed: int, total_seconds: tp.Optional[float]) -> Features:
-    from ..generation.generator import demucs_random
+    from ..generation.seeding import demucs_random
 
     from ..audio import codec
     from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout

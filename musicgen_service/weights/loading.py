@@ -31,15 +31,16 @@ import collections
 import contextlib
 import logging
 import sys
-import threading
 import time
 import typing as tp
 from pathlib import Path
 
-from . import hub as weights
 from ..core.imports import deferred_imports
 from ..core.logs import get_logger, timed
-from ..core.settings import Settings
+from . import hub as weights
+
+if tp.TYPE_CHECKING:
+    from audiocraft.models import MultiBandDiffusion, MusicGen
 
 log = get_logger()
 # audiocraft imports xformers unconditionally but runs its 'torch' attention backend; xformers' warning
@@ -81,8 +82,6 @@ def fast_build() -> tp.Iterator[None]:
     ``nn.MultiheadAttention`` calls; audiocraft's layers build one each, then replace it): those
     names are patched too (measured on musicgen-small, AMD EPYC AVX2: 0.73 s of a 1.6 s LM build).
     """
-    import sys
-
     import torch
     from torch.utils.serialization import config
     from transformers import modeling_utils
@@ -193,31 +192,32 @@ def _log_parts(what: str, timings: tp.Dict[str, float]) -> None:
              ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
 
 
-def import_audiocraft(settings: Settings) -> None:
-    """Import what building MusicGen needs (not what it only uses on demand: :mod:`.imports`), with
-    the hub libraries pointed at the weights folder, offline; timed in the logs. :func:`load_musicgen`
+def import_audiocraft(weights_dir: Path) -> None:
+    """Import what building MusicGen needs (not what it only uses on demand: :mod:`..core.imports`),
+    with the hub libraries pointed at the weights folder, offline; timed in the logs. :func:`load_musicgen`
     does it itself if it was not done."""
-    weights.use_hub_cache(settings.weights_dir)  # before anything imports huggingface_hub
+    weights.use_hub_cache(weights_dir)  # before anything imports huggingface_hub
     if "audiocraft.models" in sys.modules:
         return
     with deferred_imports(), timed("imported audiocraft", log):
         import audiocraft.models  # noqa: F401
 
 
-def load_musicgen(settings: Settings, device: str, skip: tp.Optional[tp.Callable[[str], bool]] = None) -> tp.Any:
-    """MusicGen for ``settings.model`` on ``device``; a clear error if any file is missing. ``skip``:
-    LM parameters left unread (:func:`_load_lm`)."""
+def load_musicgen(weights_dir: Path, model: str, device: str,
+                  skip: tp.Optional[tp.Callable[[str], bool]] = None) -> "MusicGen":
+    """MusicGen ``model`` (a hub id in ``weights_dir``, or a local checkpoint folder) on ``device``; a
+    clear error if any file is missing. ``skip``: LM parameters left unread (:func:`_load_lm`)."""
     from omegaconf import OmegaConf
 
-    folder = weights.musicgen_folder(settings.weights_dir, settings.model)
+    folder = weights.musicgen_folder(weights_dir, model)
     lm_pkg = weights.map_checkpoint(folder / weights.LM_FILE)
-    weights.require(settings.weights_dir, weights.conditioner_files(OmegaConf.create(lm_pkg["xp.cfg"])),
-                    f"the model {settings.model} (its text/melody conditioners)")
-    weights.use_hub_cache(settings.weights_dir)  # the conditioners read t5-base / htdemucs from it
+    weights.require(weights_dir, weights.conditioner_files(OmegaConf.create(lm_pkg["xp.cfg"])),
+                    f"the model {model} (its text/melody conditioners)")
+    weights.use_hub_cache(weights_dir)  # the conditioners read t5-base / htdemucs from it
     # (deferred imports through the build too: audiocraft's attention layers check for xformers' kernels
     # as they are built, and only the stock attention of a forward pass would use them)
     with deferred_imports():
-        import_audiocraft(settings)
+        import_audiocraft(weights_dir)
         from audiocraft.models import MusicGen
         lm_timings: tp.Dict[str, float] = {}
         lm = _load_lm(lm_pkg, device, lm_timings, skip)
@@ -227,17 +227,17 @@ def load_musicgen(settings: Settings, device: str, skip: tp.Optional[tp.Callable
         codec_timings: tp.Dict[str, float] = {}
         codec = _load_compression(folder / weights.COMPRESSION_FILE, device, codec_timings)
         _log_parts("loaded EnCodec", codec_timings)
-    model = MusicGen(settings.model, codec, lm)
+    loaded = MusicGen(model, codec, lm)
     if "self_wav" in lm.condition_provider.conditioners:  # as MusicGen.get_pretrained sets them
         lm.condition_provider.conditioners["self_wav"].match_len_on_eval = True
         lm.condition_provider.conditioners["self_wav"]._use_masking = False
-    return model
+    return loaded
 
 
-def load_mbd(settings: Settings, device: str) -> tp.Any:
+def load_mbd(weights_dir: Path, device: str) -> "MultiBandDiffusion":
     """audiocraft's MultiBand Diffusion for MusicGen (32 kHz), from the weights folder."""
-    weights.require(settings.weights_dir, weights.mbd_files(), "multi_band_diffusion")
-    weights.use_hub_cache(settings.weights_dir)
+    weights.require(weights_dir, weights.mbd_files(), "multi_band_diffusion")
+    weights.use_hub_cache(weights_dir)
     import torch
     from audiocraft.models import MultiBandDiffusion
 
@@ -246,34 +246,3 @@ def load_mbd(settings: Settings, device: str) -> tp.Any:
             mbd = MultiBandDiffusion.get_mbd_musicgen(device=device)
         _sync(device)
     return mbd
-
-
-class MBDSource:
-    """Hands out the MBD decoder, loading it once: in setup (eager) or on first use (lazy)."""
-
-    def __init__(self, settings: Settings, device: str):
-        self._settings = settings
-        self._device = device
-        self._mbd: tp.Any = None
-        self._lock = threading.Lock()
-        if settings.mbd == "eager":
-            self._mbd = load_mbd(settings, device)
-
-    def unavailable(self) -> tp.Optional[str]:
-        """Why a request can't use MBD on this deployment (None: it can)."""
-        if self._settings.mbd == "off":
-            return "MultiBand Diffusion is turned off on this deployment (MUSICGEN_MBD=off)"
-        missing = [f for f in weights.mbd_files() if weights.cached_file(self._settings.weights_dir, f) is None]
-        if missing:
-            return (f"MultiBand Diffusion is not installed here: {', '.join(map(str, missing))} is missing "
-                    f"from the weights folder (`{weights.DOWNLOAD_COMMAND}` fetches it)")
-        return None
-
-    def get(self) -> tp.Any:
-        reason = self.unavailable()
-        if reason:
-            raise RuntimeError(reason)
-        with self._lock:
-            if self._mbd is None:
-                self._mbd = load_mbd(self._settings, self._device)
-            return self._mbd

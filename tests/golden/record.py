@@ -112,8 +112,8 @@ def make_service(weights_dir: Path, model: str, decoder: str, trained: tp.Option
 def tokens_of(service: tp.Any, request: tp.Any) -> tp.Any:
     """The LM's tokens for a request, alone (the service's own steps before decoding)."""
     def work() -> tp.Any:
-        prepared = service.generator.prepare(request, service.input_clip(request))
-        return service.generator.tokens(prepared)
+        conditioned = service.generator.condition(request, service.input_clip(request))
+        return service.generator.tokens(conditioned)
     return service.compute.call(work)
 
 

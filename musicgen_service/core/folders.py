@@ -30,8 +30,8 @@ import time
 import typing as tp
 from pathlib import Path
 
-from ..core import disk
-from ..core.logs import get_logger
+from . import disk
+from .logs import get_logger
 
 log = get_logger()
 

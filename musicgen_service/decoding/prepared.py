@@ -51,6 +51,9 @@ from pathlib import Path
 
 import torch
 
+from ..core import disk
+from ..core.disk import sha256_of
+from ..core.machine import cpu_flags, cpu_model
 from . import formats, precision
 from .runner import replaced_by_matrices
 
@@ -59,7 +62,6 @@ log = logging.getLogger("musicgen")
 FORMAT = 1  # bump when what an entry holds, or how a format stores its matrices, changes
 MANIFEST = "manifest.json"
 MATRICES = "matrices.pt"
-HASH_BLOCK = 16 << 20
 CACHED = ("auto", "fp16", "bf16", "int8", "int8dyn")  # what conversion or measurement a CPU setup pays
 
 
@@ -70,16 +72,8 @@ def applies(decoder: str, device: str) -> bool:
 
 def machine() -> tp.Dict[str, tp.Any]:
     """What a measurement and a conversion depend on, of the machine and torch."""
-    model = ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = " ".join(sorted(formats.cpu_flags()))
-    return {"cpu": model, "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
+    flags = " ".join(sorted(cpu_flags()))
+    return {"cpu": cpu_model(), "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -99,7 +93,7 @@ def digest(k: tp.Mapping[str, tp.Any]) -> str:
 
 
 @dataclass
-class Prepared:
+class PreparedDecoder:
     """An entry read back: what :class:`..Decoder` takes instead of measuring and converting."""
     precision: str
     trials: tp.List[precision.Trial]
@@ -118,16 +112,6 @@ class EntryError(Exception):
     """Why an entry cannot be used (it is then removed and rebuilt)."""
 
     entry: Path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(HASH_BLOCK)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def _flat(named: tp.Mapping[str, tp.Mapping[str, torch.Tensor]]) -> tp.Dict[str, torch.Tensor]:
@@ -166,8 +150,6 @@ class Cache:
     def sweep(self, keep: tp.Optional[Path] = None) -> None:
         """Remove leftovers (``.tmp-*`` of stopped processes, old ``.stale-*``) and, past the bound, the
         least recently used entries (never ``keep``). Never raises."""
-        from ..core import disk
-
         for folder in self.folders:
             if not folder.is_dir():
                 continue
@@ -184,7 +166,7 @@ class Cache:
             if self.max_bytes is not None:
                 disk.evict_least_recent(entries, self.max_bytes, keep=[keep] if keep else [])
 
-    def load(self, k: tp.Mapping[str, tp.Any]) -> tp.Optional[Prepared]:
+    def load(self, k: tp.Mapping[str, tp.Any]) -> tp.Optional[PreparedDecoder]:
         """The entry for key ``k``, or None (logged: none yet, or why one was unusable and removed)."""
         return self.finish(self.read(k))
 
@@ -192,12 +174,12 @@ class Cache:
         """Start reading the entry for ``k`` in a thread of its own (setup imports meanwhile)."""
         return Pending(self, k)
 
-    def read(self, k: tp.Mapping[str, tp.Any]) -> tp.List[tp.Union[Prepared, EntryError]]:
+    def read(self, k: tp.Mapping[str, tp.Any]) -> tp.List[tp.Union[PreparedDecoder, EntryError]]:
         """Read and check the files of the entries for ``k`` (the first good one ends the search).
         No torch kernel runs here (file reads, hashing, a memory-mapped ``torch.load``), so it may run
         in another thread while setup imports; :meth:`finish` then takes the result."""
         self.sweep()
-        found: tp.List[tp.Union[Prepared, EntryError]] = []
+        found: tp.List[tp.Union[PreparedDecoder, EntryError]] = []
         for folder in self.folders:
             entry = folder / digest(k)
             if not entry.exists():
@@ -214,12 +196,12 @@ class Cache:
             break
         return found
 
-    def finish(self, found: tp.List[tp.Union[Prepared, EntryError]]) -> tp.Optional[Prepared]:
+    def finish(self, found: tp.List[tp.Union[PreparedDecoder, EntryError]]) -> tp.Optional[PreparedDecoder]:
         """The usable entry among what :meth:`read` found (its format must still run on this torch and
         CPU, checked here, in the thread that will run it), or None; unusable entries are logged and
         removed."""
         for item in found:
-            if isinstance(item, Prepared):
+            if isinstance(item, PreparedDecoder):
                 reason = formats.unavailable_reason(item.precision, torch.device("cpu"))
                 if reason is None:
                     try:
@@ -237,7 +219,7 @@ class Cache:
         return None
 
     @staticmethod
-    def _read(entry: Path, k: tp.Mapping[str, tp.Any]) -> Prepared:
+    def _read(entry: Path, k: tp.Mapping[str, tp.Any]) -> PreparedDecoder:
         try:
             manifest = json.loads((entry / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
@@ -260,7 +242,7 @@ class Cache:
                 raise EntryError(f"weights missing: {exc}") from None
             if size != weights.get("bytes"):
                 raise EntryError(f"weights are {size} bytes, {weights.get('bytes')} were written")
-            if _sha256(path) != weights.get("sha256"):
+            if sha256_of(path) != weights.get("sha256"):
                 raise EntryError("weights changed since they were written (sha256 differs)")
             try:
                 flat = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -269,7 +251,7 @@ class Cache:
             if not isinstance(flat, dict) or sorted(flat) != sorted(weights.get("tensors", [])):
                 raise EntryError("weights hold other tensors than were written")
             matrices = _nested(flat)
-        return Prepared(precision=chosen, trials=trials, choose_s=manifest.get("choose_s", {}),
+        return PreparedDecoder(precision=chosen, trials=trials, choose_s=manifest.get("choose_s", {}),
                         created=manifest.get("created", "?"), matrices=matrices, path=entry)
 
     def store(self, k: tp.Mapping[str, tp.Any], decoder: tp.Any) -> tp.Optional[Path]:
@@ -305,7 +287,7 @@ class Cache:
             if flat is not None:
                 torch.save(flat, tmp / MATRICES)  # (not fsynced: a file cut short by a crash fails
                 # its size or hash check at the next read, which rebuilds it)
-                weights = {"bytes": (tmp / MATRICES).stat().st_size, "sha256": _sha256(tmp / MATRICES),
+                weights = {"bytes": (tmp / MATRICES).stat().st_size, "sha256": sha256_of(tmp / MATRICES),
                            "tensors": sorted(flat)}
             manifest = {"key": k, "precision": decoder.mode, "trials": [asdict(t) for t in decoder.trials],
                         "choose_s": decoder.choose_s, "matrices": weights,
@@ -339,11 +321,11 @@ class Pending:
 
     def __init__(self, cache: Cache, k: tp.Mapping[str, tp.Any]):
         self.cache = cache
-        self._result: tp.List[tp.Optional[Prepared]] = []
+        self._result: tp.List[tp.Optional[PreparedDecoder]] = []
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prepared-read")
         self._found = self._pool.submit(cache.read, k)
 
-    def entry(self) -> tp.Optional[Prepared]:
+    def entry(self) -> tp.Optional[PreparedDecoder]:
         """The usable entry, or None; call it from the thread that will decode (it may run a kernel)."""
         if not self._result:
             found = self._found.result()
