@@ -23,6 +23,7 @@ and a cancelled prediction stops at the next step. ``StreamingPredictor.predict`
 generator: coglet streams only those (an async generator's items arrive at the end), so the
 streaming model takes one prediction at a time.
 """
+
 import asyncio
 import threading
 from typing import Iterator, Optional
@@ -36,43 +37,58 @@ class Inputs:
     prompt = Input(description="A description of the music you want to generate.", default=None)
     input_audio = Input(
         description="An audio file that will influence the generated music. If `continuation` is `True`, the generated music will be a continuation of the audio file. Otherwise, the generated music will mimic the audio file's melody.",
-        default=None)
+        default=None,
+    )
     duration = Input(description="Duration of the generated audio in seconds.", default=8, ge=1)
     continuation = Input(
         description="If `True`, generated music will continue `melody`. Otherwise, generated music will mimic `audio_input`'s melody.",
-        default=False)
-    continuation_start = Input(
-        description="Start time of the audio file to use for continuation.", default=0, ge=0)
+        default=False,
+    )
+    continuation_start = Input(description="Start time of the audio file to use for continuation.", default=0, ge=0)
     continuation_end = Input(
         description="End time of the audio file to use for continuation. If -1 or None, will default to the end of the audio clip.",
-        default=None, ge=-1)
+        default=None,
+        ge=-1,
+    )
     multi_band_diffusion = Input(
         description="If `True`, the EnCodec tokens will be decoded with MultiBand Diffusion. Only works with non-stereo models.",
-        default=False)
+        default=False,
+    )
     normalization_strategy = Input(
-        description="Strategy for normalizing audio.", default="loudness", choices=["loudness", "clip", "peak", "rms"])
+        description="Strategy for normalizing audio.", default="loudness", choices=["loudness", "clip", "peak", "rms"]
+    )
     top_k = Input(description="Reduces sampling to the k most likely tokens.", default=250, ge=0)
     top_p = Input(
         description="Reduces sampling to tokens with cumulative probability of p. When set to `0` (default), top_k sampling is used.",
-        default=0.0, ge=0.0, le=1.0)
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+    )
     temperature = Input(
         description="Controls the 'conservativeness' of the sampling process. Higher temperature means more diversity.",
-        default=1.0, ge=0.0)
+        default=1.0,
+        ge=0.0,
+    )
     classifier_free_guidance = Input(
         description="Increases the influence of inputs on the output. Higher values produce lower-varience outputs that adhere more closely to inputs.",
-        default=3, ge=0)
+        default=3,
+        ge=0,
+    )
     output_format = Input(description="Output format for generated audio.", default="wav", choices=["wav", "mp3"])
     seed = Input(
         description="Seed for random number generator. If None or -1, a random seed will be used.",
-        default=None, ge=-1, le=4294967295)
+        default=None,
+        ge=-1,
+        le=4294967295,
+    )
 
 
 class Predictor(BasePredictor):
     def setup(self, weights: Optional[Path] = None) -> None:
         """``weights``: a trained version's weights (Cog passes ``COG_WEIGHTS``: a path or URL of a file
         made by ``cog train`` / ``script/train``), served on top of the base model."""
-        from musicgen_service.serving.service import Service
         from musicgen_service.core.settings import Settings
+        from musicgen_service.serving.service import Service
 
         self.service = Service(Settings.from_env(), trained=str(weights) if weights else None)
 

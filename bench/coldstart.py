@@ -24,6 +24,7 @@ musicgen_service/core/imports.py). Peak RSS is VmHWM, so it includes
 the imports. ``--profile`` runs setup under cProfile and attributes its time to phases by the
 cumulative time of the library functions that do them.
 """
+
 from __future__ import annotations
 
 import time
@@ -94,8 +95,15 @@ class _Lines:
 
 def one_run(args: argparse.Namespace) -> dict:
     """One setup in this process."""
-    os.environ.update({"MUSICGEN_WEIGHTS": str(args.weights), "MUSICGEN_MODEL": args.model,
-                       "MUSICGEN_DEVICE": args.device, "MUSICGEN_MBD": args.mbd, "MUSICGEN_DECODER": args.decoder})
+    os.environ.update(
+        {
+            "MUSICGEN_WEIGHTS": str(args.weights),
+            "MUSICGEN_MODEL": args.model,
+            "MUSICGEN_DEVICE": args.device,
+            "MUSICGEN_MBD": args.mbd,
+            "MUSICGEN_DECODER": args.decoder,
+        }
+    )
     if args.prepared:
         if args.fresh:
             shutil.rmtree(args.prepared, ignore_errors=True)
@@ -112,8 +120,9 @@ def one_run(args: argparse.Namespace) -> dict:
 
         weights.use_hub_cache(args.weights)
         start = time.perf_counter()
-        import torch  # noqa: F401
         import audiocraft.models
+        import torch
+
         result["imports_s"] = round(time.perf_counter() - START, 3)
         folder = weights.musicgen_folder(args.weights, args.model)
         audiocraft.models.MusicGen.get_pretrained(str(folder), device=args.device)
@@ -132,10 +141,16 @@ def one_run(args: argparse.Namespace) -> dict:
         result["setup_s"] = round(time.perf_counter() - start, 3)
         first = lines.lines[0][0] if lines.lines else 0.0
         # setup's parts as it logs them ("imported audiocraft: 4.36 s", "warm-up generation: 1.2 s", ...)
-        logged = {m.group(1): float(m.group(2)) for _, line in lines.lines
-                  for m in [re.match(r"([a-zA-Z][^:]{2,60}): ([0-9.]+) s\b", line)] if m}
+        logged = {
+            m.group(1): float(m.group(2))
+            for _, line in lines.lines
+            for m in [re.match(r"([a-zA-Z][^:]{2,60}): ([0-9.]+) s\b", line)]
+            if m
+        }
         result["logged_s"] = logged
-        result["imports_s"] = round(first + logged.get("imported torch", 0.0) + logged.get("imported audiocraft", 0.0), 3)
+        result["imports_s"] = round(
+            first + logged.get("imported torch", 0.0) + logged.get("imported audiocraft", 0.0), 3
+        )
         result["decoder"] = predictor.service.generator.decoder.describe()
         result["prepared_hit"] = predictor.service.generator.decoder.prepared is not None
         if args.predict:
@@ -160,10 +175,22 @@ def first_predictions(predictor: object, seconds: int, device: str) -> dict:
     first requests (the first may pay what setup did not: first kernel uses, graph recording)."""
     import asyncio
 
-    inputs = dict(prompt="lo-fi beat", input_audio=None, duration=seconds, continuation=False,
-                  continuation_start=0, continuation_end=None, multi_band_diffusion=False,
-                  normalization_strategy="loudness", top_k=250, top_p=0.0, temperature=1.0,
-                  classifier_free_guidance=3, output_format="wav", seed=1)
+    inputs = dict(
+        prompt="lo-fi beat",
+        input_audio=None,
+        duration=seconds,
+        continuation=False,
+        continuation_start=0,
+        continuation_end=None,
+        multi_band_diffusion=False,
+        normalization_strategy="loudness",
+        top_k=250,
+        top_p=0.0,
+        temperature=1.0,
+        classifier_free_guidance=3,
+        output_format="wav",
+        seed=1,
+    )
     out = {}
     for name in ("first_request_s", "second_request_s"):
         real_stdout, sys.stdout = sys.stdout, _Lines()
@@ -188,19 +215,42 @@ def machine() -> dict:
 
     from musicgen_service.core.machine import cpu_flags
 
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = sorted(f for f in cpu_flags() if f in {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
-                                                   "amx_bf16", "amx_int8", "f16c"})
-    return {"cpu": model, "cores": os.cpu_count(), "cpu_flags": flags, "torch": torch.__version__,
-            "python": platform.python_version()}
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
+    )
+    flags = sorted(
+        f
+        for f in cpu_flags()
+        if f in {"avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "f16c"}
+    )
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "cpu_flags": flags,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def compare(args: argparse.Namespace) -> dict:
     prepared = args.prepared or ROOT / "bench" / "work" / "coldstart-prepared"
-    base = [sys.executable, str(Path(__file__).resolve()), "--weights", str(args.weights), "--model", args.model,
-            "--device", args.device, "--decoder", args.decoder]
-    kinds = {"stock": ["--stock"], "first boot": ["--prepared", str(prepared), "--fresh"],
-             "later boot": ["--prepared", str(prepared)]}
+    base = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--weights",
+        str(args.weights),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--decoder",
+        args.decoder,
+    ]
+    kinds = {
+        "stock": ["--stock"],
+        "first boot": ["--prepared", str(prepared), "--fresh"],
+        "later boot": ["--prepared", str(prepared)],
+    }
     runs: dict = {k: [] for k in kinds}
     for i in range(args.compare):
         for kind, flags in kinds.items():  # in turn: a drift of the machine's speed hits all three
@@ -218,8 +268,14 @@ def compare(args: argparse.Namespace) -> dict:
         row["decoder"] = rs[-1].get("decoder")
         return row
 
-    report = {"machine": machine(), "model": args.model, "decoder": args.decoder, "runs": args.compare,
-              "summary": {k: summary(v) for k, v in runs.items()}, "raw": runs}
+    report = {
+        "machine": machine(),
+        "model": args.model,
+        "decoder": args.decoder,
+        "runs": args.compare,
+        "summary": {k: summary(v) for k, v in runs.items()},
+        "raw": runs,
+    }
     stock = report["summary"]["stock"]["total_s"]["median"]
     for kind in ("first boot", "later boot"):
         report["summary"][kind]["vs_stock"] = round(report["summary"][kind]["total_s"]["median"] / stock, 2)
@@ -228,21 +284,31 @@ def compare(args: argparse.Namespace) -> dict:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"# Cold start: {report['model']}, decoder {report['decoder']}", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, flags {', '.join(m['cpu_flags'])}, torch {m['torch']}, "
-             f"Python {m['python']}. Each row: {report['runs']} fresh processes, run in turn with the others; "
-             "median (min-max). Total = imports + setup, from the process' first statement.", "",
-             "| setup | total s | imports s | vs stock | peak RSS MB | final RSS MB | decoder |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Cold start: {report['model']}, decoder {report['decoder']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, flags {', '.join(m['cpu_flags'])}, torch {m['torch']}, "
+        f"Python {m['python']}. Each row: {report['runs']} fresh processes, run in turn with the others; "
+        "median (min-max). Total = imports + setup, from the process' first statement.",
+        "",
+        "| setup | total s | imports s | vs stock | peak RSS MB | final RSS MB | decoder |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for kind, row in report["summary"].items():
+
         def cell(field: str) -> str:
             v = row[field]
             return f"{v['median']} ({v['min']}-{v['max']})"
-        label = {"stock": "stock audiocraft (import + get_pretrained)",
-                 "first boot": "ours, first boot (measure, convert, store)",
-                 "later boot": "ours, later boot (prepared cache hit)"}[kind]
-        lines.append(f"| {label} | {cell('total_s')} | {cell('imports_s')} | {row.get('vs_stock', 1.0)}x | "
-                     f"{cell('peak_rss_mb')} | {cell('final_rss_mb')} | {row['decoder'] or '-'} |")
+
+        label = {
+            "stock": "stock audiocraft (import + get_pretrained)",
+            "first boot": "ours, first boot (measure, convert, store)",
+            "later boot": "ours, later boot (prepared cache hit)",
+        }[kind]
+        lines.append(
+            f"| {label} | {cell('total_s')} | {cell('imports_s')} | {row.get('vs_stock', 1.0)}x | "
+            f"{cell('peak_rss_mb')} | {cell('final_rss_mb')} | {row['decoder'] or '-'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -254,16 +320,31 @@ def main() -> None:
     parser.add_argument("--stock", action="store_true", help="audiocraft's MusicGen.get_pretrained")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--decoder", default="auto", help="our setup's decoder (stock: model loading only)")
-    parser.add_argument("--mbd", default="off", choices=["lazy", "eager", "off"],
-                        help="eager: our setup also loads MultiBand Diffusion (its cost on every boot)")
+    parser.add_argument(
+        "--mbd",
+        default="off",
+        choices=["lazy", "eager", "off"],
+        help="eager: our setup also loads MultiBand Diffusion (its cost on every boot)",
+    )
     parser.add_argument("--prepared", type=Path, help="the prepared-decoder cache (MUSICGEN_PREPARED)")
     parser.add_argument("--fresh", action="store_true", help="empty --prepared first: a first boot")
-    parser.add_argument("--predict", type=int, default=0, metavar="SECONDS",
-                        help="ours: then time the first and second text prediction of that length")
-    parser.add_argument("--compare", type=int, default=0, metavar="N",
-                        help="stock, first boot and later boot, N fresh processes each, in turn")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "coldstart"),
-                        help="--compare: where the .md and .json go")
+    parser.add_argument(
+        "--predict",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="ours: then time the first and second text prediction of that length",
+    )
+    parser.add_argument(
+        "--compare",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stock, first boot and later boot, N fresh processes each, in turn",
+    )
+    parser.add_argument(
+        "--out", default=str(ROOT / "bench" / "results" / "coldstart"), help="--compare: where the .md and .json go"
+    )
     args = parser.parse_args()
     if args.compare:
         report = compare(args)

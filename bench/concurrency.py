@@ -15,6 +15,7 @@ the solo latency (one request alone). Also: whether every request's output was
 the same file in both runs (same seed, so it must be). The service is set up with
 ``concurrency`` = N (Cog's ``concurrency.max``: rows padded to 2N per step).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,16 @@ sys.path.insert(0, str(ROOT))
 
 from bench import models  # noqa: E402
 
-PROMPTS = ["lo-fi hip hop beat", "jazz trio with brushed drums", "80s synthwave", "ambient drone",
-           "funky disco groove", "epic orchestral", "reggae skank", "techno, four on the floor"]
+PROMPTS = [
+    "lo-fi hip hop beat",
+    "jazz trio with brushed drums",
+    "80s synthwave",
+    "ambient drone",
+    "funky disco groove",
+    "epic orchestral",
+    "reggae skank",
+    "techno, four on the floor",
+]
 
 
 def log(message: str) -> None:
@@ -83,33 +92,51 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     from musicgen_service.serving import compute
 
     # torch only in the service's compute thread, which serves the requests (why: musicgen_service/serving/compute.py)
-    model_id = compute.shared().call(models.ensure_set, cache, scale, melody=False, mbd=False,
-                                     real_t5=not args.quick, log=log, real_codec=not args.quick)
-    from musicgen_service.serving.service import Service
+    model_id = compute.shared().call(
+        models.ensure_set,
+        cache,
+        scale,
+        melody=False,
+        mbd=False,
+        real_t5=not args.quick,
+        log=log,
+        real_codec=not args.quick,
+    )
     from musicgen_service.core.settings import Settings
+    from musicgen_service.serving.service import Service
 
-    report: tp.Dict[str, tp.Any] = {"machine": machine(), "model": model_id, "seconds_of_audio": args.seconds,
-                                    "rows": []}
+    report: tp.Dict[str, tp.Any] = {
+        "machine": machine(),
+        "model": model_id,
+        "seconds_of_audio": args.seconds,
+        "rows": [],
+    }
     for n in [int(x) for x in args.levels.split(",")]:
-        service = Service(Settings(weights_dir=cache, model=model_id, device="cpu", mbd="off",
-                                   decoder=args.decoder, concurrency=n))
+        service = Service(
+            Settings(weights_dir=cache, model=model_id, device="cpu", mbd="off", decoder=args.decoder, concurrency=n)
+        )
         run_one(service, 99, 1)  # warm-up
         solo, _ = run_one(service, 0, args.seconds)
         seq_start = time.perf_counter()
         seq = [run_one(service, i, args.seconds) for i in range(n)]
         seq_total = time.perf_counter() - seq_start
         total, latencies, hashes = concurrent(service, n, args.seconds)
-        row = {"concurrency": n, "decoder": service.generator.decoder.describe(),
-               "scheduler": service.scheduler.describe(), "solo_latency_s": round(solo, 2),
-               "sequential_total_s": round(seq_total, 2), "concurrent_total_s": round(total, 2),
-               "sequential_req_per_min": round(60 * n / seq_total, 2),
-               "concurrent_req_per_min": round(60 * n / total, 2),
-               "throughput_vs_sequential": round(seq_total / total, 2),
-               "latencies_s": [round(x, 2) for x in latencies],
-               "max_latency_vs_solo": round(max(latencies) / solo, 2),
-               "median_latency_vs_solo": round(statistics.median(latencies) / solo, 2),
-               "same_outputs_as_sequential": [h == s[1] for h, s in zip(hashes, seq)],
-               "rows_per_step": dict(sorted(service.scheduler.batch_sizes.items()))}
+        row = {
+            "concurrency": n,
+            "decoder": service.generator.decoder.describe(),
+            "scheduler": service.scheduler.describe(),
+            "solo_latency_s": round(solo, 2),
+            "sequential_total_s": round(seq_total, 2),
+            "concurrent_total_s": round(total, 2),
+            "sequential_req_per_min": round(60 * n / seq_total, 2),
+            "concurrent_req_per_min": round(60 * n / total, 2),
+            "throughput_vs_sequential": round(seq_total / total, 2),
+            "latencies_s": [round(x, 2) for x in latencies],
+            "max_latency_vs_solo": round(max(latencies) / solo, 2),
+            "median_latency_vs_solo": round(statistics.median(latencies) / solo, 2),
+            "same_outputs_as_sequential": [h == s[1] for h, s in zip(hashes, seq)],
+            "rows_per_step": dict(sorted(service.scheduler.batch_sizes.items())),
+        }
         report["rows"].append(row)
         log(json.dumps(row))
         del service
@@ -117,16 +144,23 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     m = report["machine"]
-    lines = [f"# Concurrent requests ({model_id}, {args.seconds} s of audio each)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, flags {', '.join(m.get('cpu_flags', []))}, torch "
-             f"{m['torch']} ({m['torch_threads']} threads).", "",
-             "| at once | decoder | solo s | sequential req/min | concurrent req/min | throughput x | "
-             "latency vs solo (median / max) | same outputs |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Concurrent requests ({model_id}, {args.seconds} s of audio each)",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, flags {', '.join(m.get('cpu_flags', []))}, torch "
+        f"{m['torch']} ({m['torch_threads']} threads).",
+        "",
+        "| at once | decoder | solo s | sequential req/min | concurrent req/min | throughput x | "
+        "latency vs solo (median / max) | same outputs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['concurrency']} | {r['decoder']} | {r['solo_latency_s']} | {r['sequential_req_per_min']} | "
-                     f"{r['concurrent_req_per_min']} | {r['throughput_vs_sequential']}x | "
-                     f"{r['median_latency_vs_solo']} / {r['max_latency_vs_solo']} | "
-                     f"{'yes' if all(r['same_outputs_as_sequential']) else 'NO'} |")
+        lines.append(
+            f"| {r['concurrency']} | {r['decoder']} | {r['solo_latency_s']} | {r['sequential_req_per_min']} | "
+            f"{r['concurrent_req_per_min']} | {r['throughput_vs_sequential']}x | "
+            f"{r['median_latency_vs_solo']} / {r['max_latency_vs_solo']} | "
+            f"{'yes' if all(r['same_outputs_as_sequential']) else 'NO'} |"
+        )
     text = "\n".join(lines) + "\n"
     args.out.with_suffix(".md").write_text(text)
     print(text)

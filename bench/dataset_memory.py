@@ -10,6 +10,7 @@ the imports and the model load. The model is the tiny set's musicgen-small (``sc
 written to bench/work/tiny when --weights is not given): the memory measured is the audio's, which does
 not depend on the model's size; a real model adds its own weights and one segment's activations.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,14 @@ def silent_flac(hours: float) -> Path:
 
 
 def run(weights_dir: Path, path: Path, way: str) -> tp.Dict[str, float]:
-    done = subprocess.run([sys.executable, "-c", CHILD, str(weights_dir), str(path), way], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=3600)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(weights_dir), str(path), way],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=3600,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     segments, grown, seconds = done.stdout.split()[-3:]
@@ -99,18 +106,28 @@ def main() -> int:
             row[way] = run(weights_dir, path, way)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    result = {"what": "peak RSS growth (MB) while preparing a training dataset: segments held vs streamed",
-              "machine": {"cpu": cpu(), "cores": os.cpu_count()},
-              "date": datetime.date.today().isoformat(), "rows": rows}
+    result = {
+        "what": "peak RSS growth (MB) while preparing a training dataset: segments held vs streamed",
+        "machine": {"cpu": cpu(), "cores": os.cpu_count()},
+        "date": datetime.date.today().isoformat(),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Training dataset memory ({result['date']}, {result['machine']['cpu']}, {os.cpu_count()} cores)", "",
-             "A silent FLAC (mono, 32 kHz) prepared for training on the tiny musicgen-small: peak RSS growth above",
-             "the imports and the model, and the time, with every segment held (as before) and streamed (now).", "",
-             "| audio | file | held: peak | held: time | streamed: peak | streamed: time |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Training dataset memory ({result['date']}, {result['machine']['cpu']}, {os.cpu_count()} cores)",
+        "",
+        "A silent FLAC (mono, 32 kHz) prepared for training on the tiny musicgen-small: peak RSS growth above",
+        "the imports and the model, and the time, with every segment held (as before) and streamed (now).",
+        "",
+        "| audio | file | held: peak | held: time | streamed: peak | streamed: time |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['hours']:g} h | {r['file_MB']} MB | +{r['held']['peak_growth_MB']} MB | "
-                     f"{r['held']['seconds']} s | +{r['streamed']['peak_growth_MB']} MB | {r['streamed']['seconds']} s |")
+        lines.append(
+            f"| {r['hours']:g} h | {r['file_MB']} MB | +{r['held']['peak_growth_MB']} MB | "
+            f"{r['held']['seconds']} s | +{r['streamed']['peak_growth_MB']} MB | {r['streamed']['seconds']} s |"
+        )
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

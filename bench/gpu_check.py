@@ -29,9 +29,10 @@ fast_speedup_vs_audiocraft_8s, cuda_graph_failures, and more. ``--budget`` secon
 bounds the run: steps that would start after it are marked skipped.
 
 ``--dry``: CPU, the xsmall LM (with the test suite's tiny T5, htdemucs, EnCodec and MBD), fp16, durations
-1/2/3 s instead of 8/30/60 s (extension windows are tested in tests/test_decoding.py); the ``fast`` decoder runs its static steps eagerly (what a GPU records
-as graphs).
+1/2/3 s instead of 8/30/60 s (extension windows are tested in tests/test_decoding.py); the ``fast``
+decoder runs its static steps eagerly (what a GPU records as graphs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import models  # noqa: E402
-from bench.run import PROMPT, SEED, sync, timed  # noqa: E402
+from bench.run import PROMPT, SEED, timed  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -89,7 +90,10 @@ class Report:
             return result
         except Exception as exc:
             self.data["errors"][name] = "".join(traceback.format_exception(exc))[-3000:]
-            self.data["steps"][name] = {"s": round(time.perf_counter() - start, 2), "error": f"{type(exc).__name__}: {exc}"}
+            self.data["steps"][name] = {
+                "s": round(time.perf_counter() - start, 2),
+                "error": f"{type(exc).__name__}: {exc}",
+            }
             log(f"{name} FAILED: {type(exc).__name__}: {exc}")
             return None
         finally:
@@ -104,6 +108,7 @@ class Report:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
 
 def reset_peak(device: str) -> None:
     if device.startswith("cuda"):
@@ -152,10 +157,22 @@ def graph_stats(decoder: tp.Any) -> tp.Optional[tp.Dict[str, tp.Any]]:
 
 # ---------------------------------------------------------------------------------------- steps
 
-PREDICT_DEFAULTS = dict(prompt=PROMPT, input_audio=None, duration=8, continuation=False, continuation_start=0,
-                        continuation_end=None, multi_band_diffusion=False, normalization_strategy="loudness",
-                        top_k=250, top_p=0.0, temperature=1.0, classifier_free_guidance=3, output_format="wav",
-                        seed=SEED)
+PREDICT_DEFAULTS = dict(
+    prompt=PROMPT,
+    input_audio=None,
+    duration=8,
+    continuation=False,
+    continuation_start=0,
+    continuation_end=None,
+    multi_band_diffusion=False,
+    normalization_strategy="loudness",
+    top_k=250,
+    top_p=0.0,
+    temperature=1.0,
+    classifier_free_guidance=3,
+    output_format="wav",
+    seed=SEED,
+)
 
 
 def setup_as_a_user_sees_it(report: Report, device: str, short: int) -> None:
@@ -165,9 +182,22 @@ def setup_as_a_user_sees_it(report: Report, device: str, short: int) -> None:
     import subprocess
 
     def run() -> tp.Dict[str, tp.Any]:
-        cmd = [sys.executable, str(ROOT / "bench" / "coldstart.py"), "--weights", os.environ["MUSICGEN_WEIGHTS"],
-               "--model", os.environ["MUSICGEN_MODEL"], "--device", device, "--decoder",
-               os.environ["MUSICGEN_DECODER"], "--mbd", "lazy", "--predict", str(short)]
+        cmd = [
+            sys.executable,
+            str(ROOT / "bench" / "coldstart.py"),
+            "--weights",
+            os.environ["MUSICGEN_WEIGHTS"],
+            "--model",
+            os.environ["MUSICGEN_MODEL"],
+            "--device",
+            device,
+            "--decoder",
+            os.environ["MUSICGEN_DECODER"],
+            "--mbd",
+            "lazy",
+            "--predict",
+            str(short),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
         if out.returncode:
             raise RuntimeError(out.stderr[-3000:])
@@ -199,8 +229,11 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
             decoder = predictor.service.generator.decoder
             decoder.graphs = StepGraphs(decoder.runner, record=False)
         state["predictor"] = predictor
-        return {"setup_s": round(seconds, 2), "decoder": predictor.service.generator.decoder.describe(),
-                "peak_gpu_GB": peak_gb(device)}
+        return {
+            "setup_s": round(seconds, 2),
+            "decoder": predictor.service.generator.decoder.describe(),
+            "peak_gpu_GB": peak_gb(device),
+        }
 
     report.run("predictor_setup", setup)
     predictor = state.get("predictor")
@@ -231,15 +264,22 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
             hashes[name] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
             tokens[name] = tokens["last"]
             after = graph_stats(decoder) or {}
-            out = {"s": round(seconds, 3), "audio_s": round(got, 2), "expected_audio_s": expect_s,
-                   "rtf": round(seconds / max(got, 1e-9), 3), "peak_gpu_GB": peak_gb(device),
-                   "file": Path(path).name}
+            out = {
+                "s": round(seconds, 3),
+                "audio_s": round(got, 2),
+                "expected_audio_s": expect_s,
+                "rtf": round(seconds / max(got, 1e-9), 3),
+                "peak_gpu_GB": peak_gb(device),
+                "file": Path(path).name,
+            }
             if after:
-                out["graphs"] = {k: after[k] - before.get(k, 0) if isinstance(after[k], (int, float)) else after[k]
-                                 for k in after}
+                out["graphs"] = {
+                    k: after[k] - before.get(k, 0) if isinstance(after[k], (int, float)) else after[k] for k in after
+                }
             if abs(got - expect_s) > 0.1:
                 raise AssertionError(f"{name}: {got:.2f} s of audio, expected {expect_s}")
             return out
+
         return run
 
     r = report.run(f"text_{short}s_first", predict(f"text_{short}s_first", short, duration=short))
@@ -259,8 +299,9 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
     if r:
         report.headline["default_text_30s_s"] = r["s"]
     clip_s = 10 if not dry else 2
-    report.run("continuation", predict("continuation", clip_s + short, duration=short, input_audio=clip,
-                                       continuation=True))
+    report.run(
+        "continuation", predict("continuation", clip_s + short, duration=short, input_audio=clip, continuation=True)
+    )
     r = report.run(f"text_{longer}s", predict(f"text_{longer}s", longer, duration=longer))
     if r:
         report.headline[f"default_text_{longer}s_s"] = r["s"]
@@ -274,13 +315,22 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
     return predictor
 
 
-def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, duration: int,
-                       modes: tp.Sequence[str], with_hf: bool, dry: bool, hf_scale: str,
-                       t5_config: tp.Any) -> tp.Dict[str, tp.Any]:
+def decoder_comparison(
+    report: Report,
+    name: str,
+    service: tp.Any,
+    device: str,
+    duration: int,
+    modes: tp.Sequence[str],
+    with_hf: bool,
+    dry: bool,
+    hf_scale: str,
+    t5_config: tp.Any,
+) -> tp.Dict[str, tp.Any]:
     """stock audiocraft vs our decoders on one model (same seed, one process), then transformers'."""
     import torch
 
-    from bench.run import run_hf, build_hf, run_stock
+    from bench.run import build_hf, run_hf, run_stock
     from musicgen_service.generation.generator import Generator
 
     model = service.model
@@ -295,6 +345,7 @@ def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, 
     r = report.run(f"{name}_stock_{duration}s", stock)
     stock_s = r["s"] if r else None
     for mode in modes:
+
         def ours(mode: str = mode) -> tp.Dict[str, tp.Any]:
             generator = Generator(model, mode)
             if dry and mode == "fast":
@@ -305,8 +356,11 @@ def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, 
             if mode == "fast":  # the first request of a shape records its graphs: timed separately
                 first, _ = timed(device, lambda: generator.generate(request).tokens)
             seconds, tokens = timed(device, lambda: generator.generate(request).tokens)
-            out: tp.Dict[str, tp.Any] = {"decoder": generator.decoder.describe(), "s": round(seconds, 3),
-                                         "ms_per_step": round(1000 * seconds / steps, 2)}
+            out: tp.Dict[str, tp.Any] = {
+                "decoder": generator.decoder.describe(),
+                "s": round(seconds, 3),
+                "ms_per_step": round(1000 * seconds / steps, 2),
+            }
             if mode == "fast":
                 out["first_request_s"] = round(first, 3)
                 out["graphs"] = graph_stats(generator.decoder)
@@ -314,18 +368,21 @@ def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, 
                 out["speedup_vs_audiocraft"] = round(stock_s / seconds, 2)
             if "_stock_tokens" in results:
                 out["token_agreement_with_stock"] = round(
-                    (tokens.cpu() == results["_stock_tokens"].cpu()).float().mean().item(), 4)
+                    (tokens.cpu() == results["_stock_tokens"].cpu()).float().mean().item(), 4
+                )
             results[f"_{mode}_tokens"] = tokens
             results[mode] = out
-            del generator
+            generator = None  # (freed before the next one is built)
             gc.collect()
             return out
 
         report.run(f"{name}_{mode}_{duration}s", ours)
     if with_hf:
+
         def hf() -> tp.Dict[str, tp.Any]:
-            model_hf = build_hf(hf_scale, device, torch.float16 if device.startswith("cuda") else torch.float32,
-                                t5_config)
+            model_hf = build_hf(
+                hf_scale, device, torch.float16 if device.startswith("cuda") else torch.float32, t5_config
+            )
             run_hf(model_hf, 1, device)  # warm-up
             seconds = run_hf(model_hf, duration, device)
             del model_hf
@@ -341,7 +398,6 @@ def decoder_comparison(report: Report, name: str, service: tp.Any, device: str, 
 
 def quality(report: Report, service: tp.Any, reference: tp.Any, device: str) -> None:
     def run() -> tp.Dict[str, tp.Any]:
-        import torch
 
         from bench.quality import teacher_forced
         from musicgen_service.decoding.runner import Runner
@@ -359,6 +415,7 @@ def quality(report: Report, service: tp.Any, reference: tp.Any, device: str) -> 
 
 def exact_promise(report: Report, service: tp.Any, device: str, duration: int) -> None:
     """Stock against itself and exact against stock, same seed: what 'exact' can promise here."""
+
     def run() -> tp.Dict[str, tp.Any]:
         from bench.run import run_stock
         from musicgen_service.generation.generator import Generator
@@ -368,10 +425,13 @@ def exact_promise(report: Report, service: tp.Any, device: str, duration: int) -
         _, b = run_stock(model, duration, None, device)
         request = service.parse(prompt=PROMPT, duration=duration, seed=SEED)
         exact = Generator(model, "exact").generate(request).tokens
-        agree = lambda x, y: round((x.cpu() == y.cpu()).float().mean().item(), 4)  # noqa: E731
+        agree = lambda x, y: round((x.cpu() == y.cpu()).float().mean().item(), 4)
         first_diff = (exact.cpu() != a.cpu()).nonzero()
-        return {"stock_vs_stock": agree(a, b), "exact_vs_stock": agree(exact, a),
-                "first_difference_frame": int(first_diff[0, -1]) if len(first_diff) else None}
+        return {
+            "stock_vs_stock": agree(a, b),
+            "exact_vs_stock": agree(exact, a),
+            "first_difference_frame": int(first_diff[0, -1]) if len(first_diff) else None,
+        }
 
     r = report.run(f"exact_promise_{duration}s", run)
     if r:
@@ -380,6 +440,7 @@ def exact_promise(report: Report, service: tp.Any, device: str, duration: int) -
 
 
 # ---------------------------------------------------------------------------------------- main
+
 
 def streaming_and_training(report: Report, device: str, dry: bool, cache: Path, default_model: str) -> None:
     """5. the streaming model's time to first audio (bench/stream.py) on the default model; 6. LoRA
@@ -395,17 +456,35 @@ def streaming_and_training(report: Report, device: str, dry: bool, cache: Path, 
             if done.returncode:
                 raise RuntimeError(done.stderr[-3000:])
             return json.loads(path.with_suffix(".json").read_text())
+
         return run
 
-    stream_flags = ["--dry"] if dry else ["--model", default_model, "--durations", "8", "--runs", "2",
-                                          "--cache", str(cache)]
+    stream_flags = (
+        ["--dry"] if dry else ["--model", default_model, "--durations", "8", "--runs", "2", "--cache", str(cache)]
+    )
     r = report.run("streaming_default", bench("stream.py", stream_flags, "stream"))
     if r:
         report.headline["stream_first_chunk_s"] = r["rows"][0]["first_chunk_s"]
         report.headline["stream_vs_main"] = r["rows"][0]["stream_vs_main"]
-    train_flags = ["--dry", "--segments", "4", "--steps", "2", "--batches", "4", "--methods", "lora"] if dry else \
-        ["--scales", "small,large", "--segments", "4", "--steps", "3", "--batches", "4", "--methods", "lora",
-         "--checkpointing", "--cache", str(cache)]
+    train_flags = (
+        ["--dry", "--segments", "4", "--steps", "2", "--batches", "4", "--methods", "lora"]
+        if dry
+        else [
+            "--scales",
+            "small,large",
+            "--segments",
+            "4",
+            "--steps",
+            "3",
+            "--batches",
+            "4",
+            "--methods",
+            "lora",
+            "--checkpointing",
+            "--cache",
+            str(cache),
+        ]
+    )
     r = report.run("train_lora_batch4", bench("train.py", train_flags, "train"))
     if r:
         for entry in r["models"]:
@@ -438,9 +517,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     weights.use_hub_cache(cache)  # before anything imports the hub libraries
     scale = "xsmall" if args.dry else "large"
     # the default model (facebook/musicgen-stereo-melody-large; its xsmall twin in a dry run)
-    os.environ.update({"MUSICGEN_WEIGHTS": str(cache), "MUSICGEN_DEVICE": device, "MUSICGEN_MBD": "lazy",
-                       "MUSICGEN_DECODER": "fp16" if args.dry else "auto",  # auto is fp16 on GPUs
-                       "MUSICGEN_MODEL": models.model_id(scale, True, True)})
+    os.environ.update(
+        {
+            "MUSICGEN_WEIGHTS": str(cache),
+            "MUSICGEN_DEVICE": device,
+            "MUSICGEN_MBD": "lazy",
+            "MUSICGEN_DECODER": "fp16" if args.dry else "auto",  # auto is fp16 on GPUs
+            "MUSICGEN_MODEL": models.model_id(scale, True, True),
+        }
+    )
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (dry run)"
     report = Report(args.out, args.budget, name)
     small = "xsmall" if args.dry else "small"
@@ -457,17 +542,19 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         times = {}
         for key, (sc, melody, stereo) in {"default": (scale, True, True), "small": (small, False, False)}.items():
             start = time.perf_counter()
-            models.ensure_set(cache, sc, melody, real_t5=not args.dry, stereo=stereo, device=device, log=log,
-                              real_codec=not args.dry)
+            models.ensure_set(
+                cache, sc, melody, real_t5=not args.dry, stereo=stereo, device=device, log=log, real_codec=not args.dry
+            )
             times[key] = round(time.perf_counter() - start, 1)
         return {"write_s": times}
 
     report.run("write_models", write_models)
+
     def stock_service(model_id: str) -> tp.Any:
         """A service whose LM keeps its own weights (the Predictor's decoder released the ones it
         keeps in another precision), for the stock / exact / fast comparisons."""
-        from musicgen_service.serving.service import Service
         from musicgen_service.core.settings import Settings
+        from musicgen_service.serving.service import Service
 
         return Service(Settings(weights_dir=cache, model=model_id, device=device, mbd="off", decoder="stock"))
 
@@ -482,12 +569,15 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             gc.collect()
             torch.cuda.empty_cache() if device == "cuda" else None
     holder: tp.Dict[str, tp.Any] = {}
-    report.run("default_setup", lambda: holder.update(default=stock_service(models.model_id(scale, True, True)))
-               or {"ok": True})
+    report.run(
+        "default_setup",
+        lambda: holder.update(default=stock_service(models.model_id(scale, True, True))) or {"ok": True},
+    )
     if "default" in holder:
         service = holder.pop("default")
-        res = decoder_comparison(report, "default", service, device, durations["short"], ["exact", "fast"], False,
-                                 args.dry, scale, None)
+        res = decoder_comparison(
+            report, "default", service, device, durations["short"], ["exact", "fast"], False, args.dry, scale, None
+        )
         if res.get("fast", {}).get("speedup_vs_audiocraft"):
             report.headline["fast_speedup_vs_audiocraft_8s"] = res["fast"]["speedup_vs_audiocraft"]
             report.headline["default_fast_ms_per_step"] = res["fast"]["ms_per_step"]
@@ -496,13 +586,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         del service, res
         gc.collect()
         torch.cuda.empty_cache() if device == "cuda" else None
-    report.run("small_setup", lambda: holder.update(small=stock_service(models.model_id(small, False)))
-               or {"ok": True})
+    report.run("small_setup", lambda: holder.update(small=stock_service(models.model_id(small, False))) or {"ok": True})
     if "small" in holder:
         service = holder["small"]
         t5_config = models.real_t5_config() if not args.dry else tiny.tiny_t5_config()
-        res = decoder_comparison(report, "small", service, device, durations["short"], ["exact", "fast"], True,
-                                 args.dry, small, t5_config)
+        res = decoder_comparison(
+            report, "small", service, device, durations["short"], ["exact", "fast"], True, args.dry, small, t5_config
+        )
         if "_exact_tokens" in res:
             quality(report, service, res["_exact_tokens"], device)
         exact_promise(report, service, device, 2)
@@ -512,9 +602,13 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         torch.cuda.empty_cache() if device == "cuda" else None
     streaming_and_training(report, device, args.dry, cache, models.model_id(scale, True, True))
     report.headline["cuda_graph_failures"] = failures + sum(
-        step["result"]["graphs"]["failures"] for step in report.data["steps"].values()
-        if isinstance(step, dict) and isinstance(step.get("result"), dict)
-        and isinstance(step["result"].get("graphs"), dict) and "first_request_s" in step["result"])
+        step["result"]["graphs"]["failures"]
+        for step in report.data["steps"].values()
+        if isinstance(step, dict)
+        and isinstance(step.get("result"), dict)
+        and isinstance(step["result"].get("graphs"), dict)
+        and "first_request_s" in step["result"]
+    )
     report.headline["errors"] = len(report.data["errors"])
     report.write()
     log(f"done in {report.elapsed():.0f} s: {json.dumps(report.headline)}")

@@ -20,6 +20,7 @@ the tiny test set (:mod:`musicgen_service.tools.tiny`), with real sizes:
 ``xsmall`` (audiocraft's debug scale: dim 64, 2 layers), with the real EnCodec and the
 tiny T5 of the test set, serves the quick smoke run.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -52,8 +53,16 @@ MBD_BANDS = 4
 def real_t5_config() -> tp.Any:
     from transformers import T5Config
 
-    return T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12,
-                    num_heads=12, decoder_start_token_id=0)
+    return T5Config(
+        vocab_size=32128,
+        d_model=768,
+        d_kv=64,
+        d_ff=3072,
+        num_layers=12,
+        num_decoder_layers=12,
+        num_heads=12,
+        decoder_start_token_id=0,
+    )
 
 
 def lm_config(scale: str, melody: bool, stereo: bool = False) -> tp.Dict[str, tp.Any]:
@@ -65,9 +74,17 @@ def model_id(scale: str, melody: bool, stereo: bool = False) -> str:
     return MODEL_IDS[(scale, melody, stereo)]
 
 
-def ensure_set(cache_dir: Path, scale: str, melody: bool, mbd: bool = True, real_t5: bool = True,
-               log: tp.Callable[[str], None] = print, stereo: bool = False, device: str = "cpu",
-               real_codec: bool = True) -> str:
+def ensure_set(
+    cache_dir: Path,
+    scale: str,
+    melody: bool,
+    mbd: bool = True,
+    real_t5: bool = True,
+    log: tp.Callable[[str], None] = print,
+    stereo: bool = False,
+    device: str = "cpu",
+    real_codec: bool = True,
+) -> str:
     """Write what is missing of the set for (scale, melody, stereo) into ``cache_dir``; returns the
     model id. Each piece is written once and reused by later runs. ``real_t5=False`` (the smoke run)
     writes the test suite's tiny T5 and tiny htdemucs instead of the real architectures, and narrower
@@ -92,12 +109,12 @@ def ensure_set(cache_dir: Path, scale: str, melody: bool, mbd: bool = True, real
             tiny.write_demucs(cache_dir, work, tiny.REAL_DEMUCS if real_t5 else None)
         if missing(mid, weights.MUSICGEN_FILES):
             log(f"writing {mid} ({scale}, melody={melody}, stereo={stereo}; random, fp16)")
-            tiny.write_musicgen(cache_dir, work, mid, lm_config(scale, melody, stereo), codec, half=True,
-                                device=device)
+            tiny.write_musicgen(cache_dir, work, mid, lm_config(scale, melody, stereo), codec, half=True, device=device)
         if mbd and missing(weights.MBD_CODEC_REPO, weights.MUSICGEN_FILES):
             log("writing the EnCodec that MBD decodes with")
-            tiny.write_musicgen(cache_dir, work, weights.MBD_CODEC_REPO, lm_config("xsmall", False),
-                                codec, half=True, device=device)
+            tiny.write_musicgen(
+                cache_dir, work, weights.MBD_CODEC_REPO, lm_config("xsmall", False), codec, half=True, device=device
+            )
         if mbd and missing(weights.MBD_REPO, [weights.MBD_FILE]):
             if real_codec:  # score/basic.yaml: 166M parameters a band; the smoke run's growth 2: 4.7M
                 growth = 4 if real_t5 else 2

@@ -13,6 +13,7 @@ Two measures on the same model and inputs:
 Random weights give flatter distributions than trained ones; the divergences are a
 measure of numerical error, which is what precision changes.
 """
+
 from __future__ import annotations
 
 import typing as tp
@@ -32,15 +33,20 @@ def _conditions(lm: tp.Any, prompt: str) -> tp.Dict[str, tp.Any]:
 
         device = next(lm.parameters()).device
         for attr in conditions:
-            attr.wav["self_wav"] = WavCondition(torch.zeros((1, 1, 1), device=device),
-                                                torch.tensor([0], device=device), sample_rate=[32000], path=[None])
+            attr.wav["self_wav"] = WavCondition(
+                torch.zeros((1, 1, 1), device=device),
+                torch.tensor([0], device=device),
+                sample_rate=[32000],
+                path=[None],
+            )
     conditions = conditions + ClassifierFreeGuidanceDropout(p=1.0)(conditions)
     return lm.condition_provider(lm.condition_provider.tokenize(conditions))
 
 
 @torch.no_grad()
-def teacher_forced(model: tp.Any, reference: tp.Any, candidate: tp.Any, prompt: str, codes: torch.Tensor,
-                   cfg_coef: float = 3.0) -> tp.Dict[str, float]:
+def teacher_forced(
+    model: tp.Any, reference: tp.Any, candidate: tp.Any, prompt: str, codes: torch.Tensor, cfg_coef: float = 3.0
+) -> tp.Dict[str, float]:
     """Compare two Runners step by step on the pattern sequence of ``codes`` ([1, K, T])."""
     lm = model.lm
     tensors = _conditions(lm, prompt)
@@ -60,7 +66,7 @@ def teacher_forced(model: tp.Any, reference: tp.Any, candidate: tp.Any, prompt: 
         if t == 1:
             la, lb = a.prefill(seq[..., :1]), b.prefill(seq[..., :1])
         else:
-            la, lb = a.step(seq[..., t - 1:t]), b.step(seq[..., t - 1:t])
+            la, lb = a.step(seq[..., t - 1 : t]), b.step(seq[..., t - 1 : t])
         la, lb = combine(la), combine(lb)
         pa, pb = torch.log_softmax(la, -1), torch.log_softmax(lb, -1)
         kl.append((pa.exp() * (pa - pb)).sum(-1).mean().item())
@@ -72,7 +78,13 @@ def teacher_forced(model: tp.Any, reference: tp.Any, candidate: tp.Any, prompt: 
         decided_agree += int(same[sure].sum())
         decided += int(sure.sum())
         max_diff = max(max_diff, (la - lb).abs().max().item())
-    return {"steps": steps - 1, "kl_mean": sum(kl) / len(kl), "kl_max": max(kl),
-            "total_variation_mean": sum(tv) / len(tv), "top1_agreement": sum(agree) / len(agree),
-            "max_abs_logit_diff": max_diff, "decided_positions": decided,
-            "top1_agreement_decided": decided_agree / decided if decided else None}
+    return {
+        "steps": steps - 1,
+        "kl_mean": sum(kl) / len(kl),
+        "kl_max": max(kl),
+        "total_variation_mean": sum(tv) / len(tv),
+        "top1_agreement": sum(agree) / len(agree),
+        "max_abs_logit_diff": max_diff,
+        "decided_positions": decided,
+        "top1_agreement_decided": decided_agree / decided if decided else None,
+    }

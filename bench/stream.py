@@ -11,6 +11,7 @@ the streaming model's time to its first chunk and to its final file, the target 
 (``FIRST_CHUNK_SECONDS`` x the real-time factor + 0.5 s, issue #22) and the final file's time against the
 main model's. Medians. Writes ``bench/results/stream.{md,json}`` (``--out``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,11 +58,12 @@ def main() -> None:
         scale = {"facebook/musicgen-small": "small"}.get(args.model, "large")
         models.ensure_set(cache, scale, melody, mbd=False, stereo="stereo" in args.model, device=args.device)
         durations = [int(d) for d in args.durations.split(",")]
-    from musicgen_service.serving.service import Service
     from musicgen_service.core.settings import Settings
+    from musicgen_service.serving.service import Service
 
-    service = Service(Settings(weights_dir=cache, model=args.model, device=args.device, mbd="off",
-                               decoder=args.decoder))
+    service = Service(
+        Settings(weights_dir=cache, model=args.model, device=args.device, mbd="off", decoder=args.decoder)
+    )
     rows = []
     for duration in durations:
         runs: tp.Dict[str, tp.List[float]] = {"main_s": [], "first_chunk_s": [], "stream_total_s": []}
@@ -72,20 +74,33 @@ def main() -> None:
             runs["main_s"].append(time.perf_counter() - start)
             start = time.perf_counter()
             first = None
-            for path in service.stream(request):
+            for _path in service.stream(request):
                 if first is None:
                     first = time.perf_counter() - start
             runs["stream_total_s"].append(time.perf_counter() - start)
             runs["first_chunk_s"].append(first or float("nan"))
         med = {k: statistics.median(v) for k, v in runs.items()}
         rtf = med["main_s"] / duration
-        rows.append({"duration_s": duration, **{k: round(v, 2) for k, v in med.items()}, "rtf": round(rtf, 3),
-                     "first_chunk_target_s": round(streaming.FIRST_CHUNK_SECONDS * rtf + 0.5, 2),
-                     "stream_vs_main": round(med["stream_total_s"] / med["main_s"], 3), "runs": runs})
+        rows.append(
+            {
+                "duration_s": duration,
+                **{k: round(v, 2) for k, v in med.items()},
+                "rtf": round(rtf, 3),
+                "first_chunk_target_s": round(streaming.FIRST_CHUNK_SECONDS * rtf + 0.5, 2),
+                "stream_vs_main": round(med["stream_total_s"] / med["main_s"], 3),
+                "runs": runs,
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
-    report = {"machine": machine(), "device": args.device, "model": args.model,
-              "decoder": service.generator.decoder.describe(), "first_chunk_s": streaming.FIRST_CHUNK_SECONDS,
-              "chunk_s": streaming.CHUNK_SECONDS, "rows": rows}
+    report = {
+        "machine": machine(),
+        "device": args.device,
+        "model": args.model,
+        "decoder": service.generator.decoder.describe(),
+        "first_chunk_s": streaming.FIRST_CHUNK_SECONDS,
+        "chunk_s": streaming.CHUNK_SECONDS,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     md = markdown(report)
@@ -95,16 +110,23 @@ def main() -> None:
 
 def markdown(report: tp.Dict[str, tp.Any]) -> str:
     m = report["machine"]
-    lines = [f"# Streaming: {report['model']}", "",
-             f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
-             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; device `{report['device']}`; decoder "
-             f"{report['decoder']}. Chunks: the first {report['first_chunk_s']} s, then {report['chunk_s']} s. "
-             "Medians of runs in turn (main, then stream, same seed).", "",
-             "| duration s | main model s | real-time factor | first chunk s | target s | stream, final file s | vs main |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Streaming: {report['model']}",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f"; device `{report['device']}`; decoder "
+        f"{report['decoder']}. Chunks: the first {report['first_chunk_s']} s, then {report['chunk_s']} s. "
+        "Medians of runs in turn (main, then stream, same seed).",
+        "",
+        "| duration s | main model s | real-time factor | first chunk s | target s | stream, final file s | vs main |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in report["rows"]:
-        lines.append(f"| {r['duration_s']} | {r['main_s']} | {r['rtf']} | {r['first_chunk_s']} | "
-                     f"{r['first_chunk_target_s']} | {r['stream_total_s']} | {r['stream_vs_main']}x |")
+        lines.append(
+            f"| {r['duration_s']} | {r['main_s']} | {r['rtf']} | {r['first_chunk_s']} | "
+            f"{r['first_chunk_target_s']} | {r['stream_total_s']} | {r['stream_vs_main']}x |"
+        )
     return "\n".join(lines) + "\n"
 
 

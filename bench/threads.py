@@ -8,6 +8,7 @@ OpenMP team, then in a second thread (as when setup ran in the main thread and a
 prediction runs in a thread serving it: two teams alive). ``--step`` does the same
 for whole batched decoding steps of musicgen-small (the set bench/run.py writes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,13 @@ def kernels() -> tp.Dict[str, tp.Callable[[], tp.Any]]:
     scales = torch.rand(4096, dtype=torch.bfloat16)
     xb = torch.randn(2, 1024, dtype=torch.bfloat16)
     q, k = torch.randn(2, 16, 1, 64), torch.randn(2, 16, 500, 64)
-    return {"layer_norm [16,1,1024]": lambda: norm(x), "gelu [16,4096]": lambda: F.gelu(h),
-            "linear fp32 [2,1024]x[4096,1024]": lambda: F.linear(x[:2, 0], w),
-            "int8 weight-only [2,1024]x[4096,1024]": lambda: torch._weight_int8pack_mm(xb, wi, scales),
-            "attention 1 query, 500 keys": lambda: F.scaled_dot_product_attention(q, k, k)}
+    return {
+        "layer_norm [16,1,1024]": lambda: norm(x),
+        "gelu [16,4096]": lambda: F.gelu(h),
+        "linear fp32 [2,1024]x[4096,1024]": lambda: F.linear(x[:2, 0], w),
+        "int8 weight-only [2,1024]x[4096,1024]": lambda: torch._weight_int8pack_mm(xb, wi, scales),
+        "attention 1 query, 500 keys": lambda: F.scaled_dot_product_attention(q, k, k),
+    }
 
 
 def per_call_us(fn: tp.Callable[[], tp.Any], seconds: float = 1.0) -> float:
@@ -62,12 +66,12 @@ def in_thread(fn: tp.Callable[[], tp.Any]) -> tp.Any:
 
 def step_ms() -> tp.Callable[[], float]:
     """A batched decoding step of one request on musicgen-small, int8 (what bench/concurrency.py runs)."""
-    from musicgen_service.weights import hub as weights
+    from musicgen_service.core.settings import Settings
     from musicgen_service.decoding.rows import Row, RowDecoder
     from musicgen_service.generation.generator import Generator
-    from musicgen_service.weights.loading import load_musicgen
     from musicgen_service.generation.request import parse_request
-    from musicgen_service.core.settings import Settings
+    from musicgen_service.weights import hub as weights
+    from musicgen_service.weights.loading import load_musicgen
 
     cache = ROOT / "bench" / "work" / "full"
     weights.use_hub_cache(cache)
@@ -79,8 +83,16 @@ def step_ms() -> tp.Callable[[], float]:
     def measure() -> float:
         request = parse_request(generator.capabilities(30, "off"), prompt="x", duration=4, seed=0)
         prepared = generator.condition(request, tensors=True)
-        row = Row(condition_tensors=prepared.condition_tensors, prompt=None, max_gen_len=prepared.new_frames,
-                  seed=0, temp=1.0, top_k=250, top_p=0.0, cfg_coef=3.0)
+        row = Row(
+            condition_tensors=prepared.condition_tensors,
+            prompt=None,
+            max_gen_len=prepared.new_frames,
+            seed=0,
+            temp=1.0,
+            top_k=250,
+            top_p=0.0,
+            cfg_coef=3.0,
+        )
         rows.admit(row)
         return per_call_us(lambda: rows.step([row]), seconds=3.0) / 1000
 
@@ -96,8 +108,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> None:
     from bench.run import machine
 
     m = machine()
-    print(f"# torch work in one thread vs a second thread ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
-          f"{torch.get_num_threads()} threads)\n")
+    print(
+        f"# torch work in one thread vs a second thread ({m['cpu']}, {m['cores']} cores, torch {m['torch']}, "
+        f"{torch.get_num_threads()} threads)\n"
+    )
     print("| work | the only team's thread | a second thread | slower by |\n|---|---|---|---|")
     for name, fn in kernels().items():
         one, two = per_call_us(fn), in_thread(lambda: per_call_us(fn))

@@ -18,6 +18,7 @@ Measured, per model:
 Writes ``bench/results/train.{md,json}`` (``--out``) and prints the table. On the 2-core CPU a full
 update of musicgen-small at batch 2 takes minutes: the defaults are 2 updates each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,17 +68,25 @@ def one(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
     """One (method, batch) in this process."""
     import torch
 
-    from musicgen_service.weights import hub as weights
     from musicgen_service.core.settings import Settings
     from musicgen_service.training import allocator, loop, options, run, tokens
+    from musicgen_service.weights import hub as weights
 
     allocator.THRESHOLD = args.threshold  # what loop.train sets (0: glibc's default, as stock)
     weights.use_hub_cache(args.weights)
     settings = Settings(weights_dir=args.weights, model=args.model, device=args.device, prepared_off=True)
     model = run._load(settings, args.model, args.device)
     features = tokens.Features.load(args.features)
-    o = options.parse(base_model=args.model, default_model=args.model, method=args.method, epochs=0,
-                      max_steps=args.steps, batch_size=args.batch, seed=1, gradient_checkpointing=args.checkpointing)
+    o = options.parse(
+        base_model=args.model,
+        default_model=args.model,
+        method=args.method,
+        epochs=0,
+        max_steps=args.steps,
+        batch_size=args.batch,
+        seed=1,
+        gradient_checkpointing=args.checkpointing,
+    )
     params, _ = run._prepare_for_training(model, o, o.seed)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -98,25 +107,40 @@ def one(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
     steady = per_step[1:] or per_step
     tokens_per_step = args.batch * features.examples[0].codes.numel()
     s = statistics.median(steady)
-    return {"method": args.method, "batch": args.batch, "threshold": args.threshold if args.device == "cpu" else None,
-            "checkpointing": args.checkpointing, "steps": len(per_step),
-            "s_per_step": round(s, 2), "first_step_s": round(per_step[0], 2), "tokens_per_s": round(tokens_per_step / s, 1),
-            "peak_memory_MB": round(peak_memory_mb(args.device), 0), "final_loss": round(history.losses[-1], 4),
-            "trainable_M": round(sum(p.numel() for p in params) / 1e6, 2)}
+    return {
+        "method": args.method,
+        "batch": args.batch,
+        "threshold": args.threshold if args.device == "cpu" else None,
+        "checkpointing": args.checkpointing,
+        "steps": len(per_step),
+        "s_per_step": round(s, 2),
+        "first_step_s": round(per_step[0], 2),
+        "tokens_per_s": round(tokens_per_step / s, 1),
+        "peak_memory_MB": round(peak_memory_mb(args.device), 0),
+        "final_loss": round(history.losses[-1], 4),
+        "trainable_M": round(sum(p.numel() for p in params) / 1e6, 2),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--scales", default="small", help="comma-separated: small (musicgen-small), large (the "
-                                                           "default stereo melody model)")
+    parser.add_argument(
+        "--scales",
+        default="small",
+        help="comma-separated: small (musicgen-small), large (the default stereo melody model)",
+    )
     parser.add_argument("--segments", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--methods", default="lora,full")
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--thresholds", default=None, help="CPU: comma-separated glibc mmap thresholds in bytes "
-                        "to compare (0: glibc's default); default: the one training sets")
+    parser.add_argument(
+        "--thresholds",
+        default=None,
+        help="CPU: comma-separated glibc mmap thresholds in bytes "
+        "to compare (0: glibc's default); default: the one training sets",
+    )
     parser.add_argument("--dry", action="store_true", help="the tiny set, 3 s segments: the flow, in seconds")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     parser.add_argument("--cache", type=Path, default=None, help="the model sets' hub cache (default: WORK/full)")
@@ -136,10 +160,10 @@ def main() -> None:
 
     from bench import models
     from bench.run import machine
-    from musicgen_service.tools import tiny
-    from musicgen_service.weights import hub as weights
     from musicgen_service.core.settings import Settings
+    from musicgen_service.tools import tiny
     from musicgen_service.training import allocator, run, tokens
+    from musicgen_service.weights import hub as weights
 
     thresholds = [int(t) for t in args.thresholds.split(",")] if args.thresholds else [allocator.THRESHOLD]
     if args.device != "cpu":
@@ -165,20 +189,45 @@ def main() -> None:
         del model
         features_path = Path(tempfile.mkdtemp(prefix="musicgen-train-bench-")) / "features.pt"
         features.save(features_path)
-        entry = {"model": model_id, "segment_s": seconds, "segments": args.segments,
-                 "tokenize_s_per_audio_minute": round(60 * tokenize_s / (seconds * args.segments), 2), "runs": []}
-        for method, batch, threshold in [(m, b, t) for m in args.methods.split(",")
-                                         for b in map(int, args.batches.split(",")) for t in thresholds]:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--one", "--weights", str(cache), "--model", model_id,
-                   "--features", str(features_path), "--method", method, "--batch", str(batch), "--steps",
-                   str(args.steps), "--device", args.device, "--threshold", str(threshold)] + (
-                ["--checkpointing"] if args.checkpointing else [])
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        entry = {
+            "model": model_id,
+            "segment_s": seconds,
+            "segments": args.segments,
+            "tokenize_s_per_audio_minute": round(60 * tokenize_s / (seconds * args.segments), 2),
+            "runs": [],
+        }
+        for method, batch, threshold in [
+            (m, b, t) for m in args.methods.split(",") for b in map(int, args.batches.split(",")) for t in thresholds
+        ]:
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--one",
+                "--weights",
+                str(cache),
+                "--model",
+                model_id,
+                "--features",
+                str(features_path),
+                "--method",
+                method,
+                "--batch",
+                str(batch),
+                "--steps",
+                str(args.steps),
+                "--device",
+                args.device,
+                "--threshold",
+                str(threshold),
+            ] + (["--checkpointing"] if args.checkpointing else [])
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+            )
+            line = next((row for row in out.stdout.splitlines() if row.startswith("RESULT ")), None)
             if out.returncode or line is None:
-                entry["runs"].append({"method": method, "batch": batch, "threshold": threshold,
-                                      "error": out.stderr[-2000:]})
+                entry["runs"].append(
+                    {"method": method, "batch": batch, "threshold": threshold, "error": out.stderr[-2000:]}
+                )
             else:
                 entry["runs"].append(json.loads(line[7:]))
             print(f"{model_id} {method} batch {batch} threshold {threshold}: {entry['runs'][-1]}", file=sys.stderr)
@@ -191,25 +240,37 @@ def main() -> None:
 
 def markdown(report: tp.Dict[str, tp.Any]) -> str:
     m = report["machine"]
-    lines = ["# Fine-tuning cost", "",
-             f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
-             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; device `{report['device']}`. Random weights at "
-             "real size; each row a fresh process; seconds per update: the median after the first.", ""]
+    lines = [
+        "# Fine-tuning cost",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f"; device `{report['device']}`. Random weights at "
+        "real size; each row a fresh process; seconds per update: the median after the first.",
+        "",
+    ]
     for entry in report["models"]:
-        lines += [f"## {entry['model']}", "",
-                  f"Tokenizing: {entry['tokenize_s_per_audio_minute']} s per minute of audio "
-                  f"({entry['segments']} segments of {entry['segment_s']:g} s).", "",
-                  "| method | batch | allocator | trainable M | s / update | first update s | tokens/s | peak memory MB |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {entry['model']}",
+            "",
+            f"Tokenizing: {entry['tokenize_s_per_audio_minute']} s per minute of audio "
+            f"({entry['segments']} segments of {entry['segment_s']:g} s).",
+            "",
+            "| method | batch | allocator | trainable M | s / update | first update s | tokens/s | peak memory MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in entry["runs"]:
             t = r.get("threshold")
             alloc = "-" if t is None else "glibc default (stock)" if t == 0 else f"mmap from {t // 1024} KiB"
             if "error" in r:
-                lines.append(f"| {r['method']} | {r['batch']} | {alloc} | failed: {r['error'].splitlines()[-1][:80]} "
-                             "| | | | |")
+                lines.append(
+                    f"| {r['method']} | {r['batch']} | {alloc} | failed: {r['error'].splitlines()[-1][:80]} | | | | |"
+                )
             else:
-                lines.append(f"| {r['method']} | {r['batch']} | {alloc} | {r['trainable_M']} | {r['s_per_step']} | "
-                             f"{r['first_step_s']} | {r['tokens_per_s']} | {r['peak_memory_MB']} |")
+                lines.append(
+                    f"| {r['method']} | {r['batch']} | {alloc} | {r['trainable_M']} | {r['s_per_step']} | "
+                    f"{r['first_step_s']} | {r['tokens_per_s']} | {r['peak_memory_MB']} |"
+                )
         lines.append("")
     return "\n".join(lines)
 

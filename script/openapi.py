@@ -9,6 +9,7 @@ generator (cog 0.16.12, in script/schema's small venv), as `cog build` would mak
 
     python script/openapi.py CONFIG > schema.json     (run in the project folder)
 """
+
 import ast
 import json
 import os

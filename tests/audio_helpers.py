@@ -1,4 +1,5 @@
 """Test helpers: write audio files in many formats (PyAV / soundfile), decode them back."""
+
 from __future__ import annotations
 
 import typing as tp
@@ -69,14 +70,12 @@ def decode(path: tp.Union[str, Path]) -> tp.Tuple[np.ndarray, int]:
     return data.astype(np.float32), rate
 
 
-def sine(freq: float, seconds: float, rate: int = 32000, amplitude: float = 0.5,
-         channels: int = 1) -> np.ndarray:
+def sine(freq: float, seconds: float, rate: int = 32000, amplitude: float = 0.5, channels: int = 1) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     tone = (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
     return np.stack([tone] * channels)
 
 
-def melody(notes: tp.Sequence[float], note_seconds: float = 0.5, rate: int = 32000,
-           channels: int = 1) -> np.ndarray:
+def melody(notes: tp.Sequence[float], note_seconds: float = 0.5, rate: int = 32000, channels: int = 1) -> np.ndarray:
     """A sequence of sine notes (Hz): something with a chroma that changes over time."""
     return np.concatenate([sine(f, note_seconds, rate, 0.4, channels) for f in notes], axis=1)

@@ -9,6 +9,7 @@ Facts from replicate/cog's source (the cog 0.23.1 sdist on PyPI carries it):
 - pkg/image/build.go: the build context is the project folder less ``.cog/``, and the image gets
   it with ``COPY . /src``; Docker also leaves out what ``.dockerignore`` names.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,8 +22,9 @@ import yaml
 # standard_generator.go, UVVersion: the uv that Cog copies into every image.
 COG_UV_VERSION = "0.9.26"
 # The marker uv writes into the Pythons it installs (PEP 668), as Cog's images have it.
-UV_EXTERNALLY_MANAGED = ("[externally-managed]\n"
-                         "Error=This Python installation is managed by uv and should not be modified.\n")
+UV_EXTERNALLY_MANAGED = (
+    "[externally-managed]\nError=This Python installation is managed by uv and should not be modified.\n"
+)
 
 
 def cog_config(root: Path) -> tp.Dict[str, tp.Any]:
@@ -31,8 +33,7 @@ def cog_config(root: Path) -> tp.Dict[str, tp.Any]:
 
 def run_lines(config: tp.Mapping[str, tp.Any]) -> tp.List[str]:
     """cog.yaml's ``build.run`` commands, as the RUN lines get them (strings or ``command:`` items)."""
-    return [(item["command"] if isinstance(item, dict) else item).strip()
-            for item in config["build"].get("run") or []]
+    return [(item["command"] if isinstance(item, dict) else item).strip() for item in config["build"].get("run") or []]
 
 
 def cog_requirements(path: Path) -> tp.List[str]:
@@ -85,8 +86,12 @@ def dockerignored(path: str, patterns: tp.Sequence[str]) -> bool:
 def build_context(root: Path) -> tp.List[str]:
     """The project files that reach ``/src``: those git knows (tracked or not ignored), less
     ``.cog/`` (Cog) and ``.dockerignore``'s patterns (Docker)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=root, check=True, capture_output=True, text=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     patterns = dockerignore_patterns(root) + [".cog"]
-    return sorted(f for f in listed.split("\0")
-                  if f and (root / f).is_file() and not dockerignored(f, patterns))
+    return sorted(f for f in listed.split("\0") if f and (root / f).is_file() and not dockerignored(f, patterns))

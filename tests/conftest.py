@@ -3,6 +3,7 @@
 The hub libraries read their cache location when first imported, so the weights folder is
 chosen and configured here, before any test module imports them.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,8 @@ def tiny_weights() -> tp.Iterator[Path]:
 
 
 def make_service(weights_dir: Path, model: str = STEREO_MELODY, **settings: tp.Any) -> tp.Any:
-    from musicgen_service.serving.service import Service
     from musicgen_service.core.settings import Settings
+    from musicgen_service.serving.service import Service
 
     return Service(Settings(weights_dir=weights_dir, model=model, device="cpu", **settings))
 

@@ -1,5 +1,6 @@
 """Helpers for the HTTP tests: the real Cog server in a subprocess, and a loopback peer that
 receives webhooks and uploads and serves input files."""
+
 from __future__ import annotations
 
 import base64
@@ -31,11 +32,13 @@ class Response(tp.NamedTuple):
     headers: tp.Dict[str, str]
 
 
-def request(method: str, url: str, body: tp.Any = None, headers: tp.Optional[dict] = None,
-            timeout: float = 120) -> Response:
+def request(
+    method: str, url: str, body: tp.Any = None, headers: tp.Optional[dict] = None, timeout: float = 120
+) -> Response:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method,
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw, status, hdrs = resp.read(), resp.status, dict(resp.headers)
@@ -126,8 +129,15 @@ class Peer:
 class CogServer:
     """``script/serve`` on a free loopback port, logs to a file."""
 
-    def __init__(self, weights: Path, log_path: Path, upload_url: tp.Optional[str] = None,
-                 env: tp.Optional[dict] = None, train: bool = False, stream: bool = False):
+    def __init__(
+        self,
+        weights: Path,
+        log_path: Path,
+        upload_url: tp.Optional[str] = None,
+        env: tp.Optional[dict] = None,
+        train: bool = False,
+        stream: bool = False,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -138,11 +148,11 @@ class CogServer:
             args += ["--train"]
         if stream:
             args += ["--stream"]
-        environment = {**os.environ, "MUSICGEN_WEIGHTS": str(weights), "MUSICGEN_DEVICE": "cpu",
-                       **(env or {})}
+        environment = {**os.environ, "MUSICGEN_WEIGHTS": str(weights), "MUSICGEN_DEVICE": "cpu", **(env or {})}
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=environment, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=environment, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def health(self) -> dict:
         return request("GET", f"{self.url}/health-check", timeout=5).body
@@ -165,8 +175,15 @@ class CogServer:
             time.sleep(0.1)
         raise TimeoutError(f"server not {until} after {timeout} s: {seen}; {self.log_path.read_text()[-3000:]}")
 
-    def predict(self, inputs: dict, prediction_id: tp.Optional[str] = None, asynchronous: bool = False,
-                webhook: tp.Optional[str] = None, timeout: float = 300, retry_busy: float = 10) -> Response:
+    def predict(
+        self,
+        inputs: dict,
+        prediction_id: tp.Optional[str] = None,
+        asynchronous: bool = False,
+        webhook: tp.Optional[str] = None,
+        timeout: float = 300,
+        retry_busy: float = 10,
+    ) -> Response:
         """One prediction. The server answers a sync request a moment before it frees its slot, so a
         request sent right after the previous answer can get 409 "At capacity"; like any client, retry
         those for up to ``retry_busy`` seconds (0: return the 409, for the test of the busy answer)."""
@@ -185,8 +202,14 @@ class CogServer:
                 return response
             time.sleep(0.05)
 
-    def train(self, inputs: dict, training_id: tp.Optional[str] = None, asynchronous: bool = False,
-              webhook: tp.Optional[str] = None, timeout: float = 600) -> Response:
+    def train(
+        self,
+        inputs: dict,
+        training_id: tp.Optional[str] = None,
+        asynchronous: bool = False,
+        webhook: tp.Optional[str] = None,
+        timeout: float = 600,
+    ) -> Response:
         """One training (POST /trainings, or PUT /trainings/<id>)."""
         body: tp.Dict[str, tp.Any] = {"input": inputs}
         if webhook:

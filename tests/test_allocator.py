@@ -1,6 +1,7 @@
 """training.allocator: with glibc's mmap threshold fixed, large freed tensors leave the process; with
 glibc's default (its dynamic threshold), the same pattern of allocations stays resident. Each case in a
 fresh process: the threshold is process-wide, and the default's state depends on what ran before."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A step's pattern in small: one large block freed (glibc raises its threshold to its size), then
 # blocks below that size interleaved with small ones that stay alive (so the freed blocks cannot be
 # trimmed from the top of the heap), then the large ones freed.
-SCRIPT = r'''
+SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
@@ -38,12 +39,13 @@ for _ in range(24):
 before = rss_mb()
 del big
 print("RESULT " + json.dumps({"fixed": fixed, "released_mb": before - rss_mb()}))
-'''
+"""
 
 
 def _released(threshold: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT), str(threshold)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(ROOT), str(threshold)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
 

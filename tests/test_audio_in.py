@@ -1,4 +1,5 @@
 """Decoding input_audio: formats, rates, channels, slicing, limits and every error message."""
+
 from __future__ import annotations
 
 import struct
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from audio_helpers import sine, write
+
 from musicgen_service.audio import input_audio as audio_in
 from musicgen_service.core.errors import InputError
 
@@ -28,13 +29,27 @@ def fails(path, fragment: str, field: str = "input_audio", **kwargs) -> InputErr
 
 
 CASES = [  # (format, source channels, source rate)
-    ("wav", 1, 8000), ("wav", 2, 44100), ("wav", 6, 48000),
-    ("mp3", 1, 8000), ("mp3", 2, 44100), ("mp3", 2, 48000),
-    ("flac", 1, 8000), ("flac", 2, 44100), ("flac", 6, 48000),
-    ("ogg", 1, 8000), ("ogg", 2, 44100), ("ogg", 2, 48000),
-    ("opus", 1, 8000), ("opus", 2, 48000), ("opus", 6, 48000),
-    ("m4a", 1, 8000), ("m4a", 2, 44100), ("m4a", 6, 48000),
-    ("aac", 2, 44100), ("aiff", 2, 44100), ("webm", 2, 48000),
+    ("wav", 1, 8000),
+    ("wav", 2, 44100),
+    ("wav", 6, 48000),
+    ("mp3", 1, 8000),
+    ("mp3", 2, 44100),
+    ("mp3", 2, 48000),
+    ("flac", 1, 8000),
+    ("flac", 2, 44100),
+    ("flac", 6, 48000),
+    ("ogg", 1, 8000),
+    ("ogg", 2, 44100),
+    ("ogg", 2, 48000),
+    ("opus", 1, 8000),
+    ("opus", 2, 48000),
+    ("opus", 6, 48000),
+    ("m4a", 1, 8000),
+    ("m4a", 2, 44100),
+    ("m4a", 6, 48000),
+    ("aac", 2, 44100),
+    ("aiff", 2, 44100),
+    ("webm", 2, 48000),
 ]
 
 
@@ -124,9 +139,14 @@ def test_oversized_file_is_refused_before_opening(tmp_path):
 
 
 def _wav_header(data_bytes: int, rate: int = 8000, channels: int = 1) -> bytes:
-    return (b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVEfmt "
-            + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16)
-            + b"data" + struct.pack("<I", data_bytes))
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
 
 
 def test_header_claiming_more_than_the_limit_is_refused_before_decoding(tmp_path):
@@ -151,7 +171,7 @@ def test_a_playlist_naming_a_local_file_is_refused_whatever_its_name(tmp_path):
     """FFmpeg left to itself opens an HLS playlist (by its content and a .m3u8 name) and decodes the
     local files it names: their samples would come back in continuation mode."""
     secret = write(tmp_path / "secret.flac", sine(440, 2.0, RATE), RATE)
-    playlist = ("#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{}\n#EXT-X-ENDLIST\n")
+    playlist = "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:2.0,\n{}\n#EXT-X-ENDLIST\n"
     for entry in (str(secret), f"file://{secret}"):
         for name in ("list.m3u8", "song.wav", "song.mp3", "song.m4a", "song"):
             path = tmp_path / name
@@ -160,14 +180,17 @@ def test_a_playlist_naming_a_local_file_is_refused_whatever_its_name(tmp_path):
             assert "could not be read as audio" in str(error)
 
 
-@pytest.mark.parametrize("name, content, what", [
-    ("files.ffconcat", "ffconcat version 1.0\nfile '/etc/passwd'\n", "list of files"),
-    ("files.txt", "file '/tmp/a.wav'\nfile '/tmp/b.wav'\n", "list of files"),
-    ("stream.sdp", "v=0\no=- 0 0 IN IP4 127.0.0.1\nm=audio 5004 RTP/AVP 0\n", "text file"),
-    ("frames.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "image"),
-    ("cover.jpg", b"\xff\xd8\xff\xe0" + bytes(200), "image"),
-    ("sound.au", b".snd" + bytes(200), "not a wav, mp3"),  # a real format, but not one users send
-])
+@pytest.mark.parametrize(
+    "name, content, what",
+    [
+        ("files.ffconcat", "ffconcat version 1.0\nfile '/etc/passwd'\n", "list of files"),
+        ("files.txt", "file '/tmp/a.wav'\nfile '/tmp/b.wav'\n", "list of files"),
+        ("stream.sdp", "v=0\no=- 0 0 IN IP4 127.0.0.1\nm=audio 5004 RTP/AVP 0\n", "text file"),
+        ("frames.png", b"\x89PNG\r\n\x1a\n" + bytes(200), "image"),
+        ("cover.jpg", b"\xff\xd8\xff\xe0" + bytes(200), "image"),
+        ("sound.au", b".snd" + bytes(200), "not a wav, mp3"),  # a real format, but not one users send
+    ],
+)
 def test_lists_protocols_images_and_other_formats_are_refused(tmp_path, name, content, what):
     path = tmp_path / name
     path.write_bytes(content.encode() if isinstance(content, str) else content)
@@ -200,7 +223,7 @@ def test_a_stream_that_changes_rate_and_channels_part_way_decodes(tmp_path):
     clip = audio_in.load(spliced, RATE, 2)
     assert abs(clip.wav.shape[-1] - 2 * RATE) < 0.1 * RATE
     assert dominant_hz(clip.wav[:, : RATE // 2].numpy()) == pytest.approx(440, abs=5)
-    assert dominant_hz(clip.wav[:, -RATE // 2:].numpy()) == pytest.approx(660, abs=5)
+    assert dominant_hz(clip.wav[:, -RATE // 2 :].numpy()) == pytest.approx(660, abs=5)
 
 
 def _riff(fmt_rate: int, block_align: int, data: bytes, data_size: int, extra: bytes = b"") -> bytes:
@@ -213,9 +236,16 @@ CRAFTED = {  # (bench/fuzz_audio.py found these; bench/work/fuzz-crashes/memory-
     # a 1 Hz header rate: the resampler multiplied every packet 32,000 times before any length check
     "rate-1hz.wav": (_riff(1, 4096, bytes(64 << 10), 0xFFFFFFFE), "its sample rate is 1 Hz"),
     # an INFO tag declaring 2 GB in a 32 KB file: FFmpeg allocated and zeroed it inside av.open
-    "info-tag.wav": (_riff(16000, 2, bytes(32 << 10), 32 << 10, extra=b"LIST" + struct.pack("<I", 0xFFFFFFF0)
-                           + b"INFO" + b"INAM" + struct.pack("<I", 0x7FFFFF00) + b"name"),
-                     "chunk declares"),
+    "info-tag.wav": (
+        _riff(
+            16000,
+            2,
+            bytes(32 << 10),
+            32 << 10,
+            extra=b"LIST" + struct.pack("<I", 0xFFFFFFF0) + b"INFO" + b"INAM" + struct.pack("<I", 0x7FFFFF00) + b"name",
+        ),
+        "chunk declares",
+    ),
 }
 
 
@@ -244,8 +274,14 @@ except InputError as exc:
     print("refused", (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024, exc)
 """
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     verdict, grown, message = done.stdout.strip().split(" ", 2)
     assert verdict == "refused" and fragment in message, done.stdout

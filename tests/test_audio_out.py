@@ -1,4 +1,5 @@
 """Normalization strategies (audiocraft's) and in-process wav/mp3 encoding."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from audio_helpers import decode, sine
+
 from musicgen_service.audio import output_audio as audio_out
 
 RATE = 32000
@@ -55,8 +56,8 @@ def varying(seconds: float, channels: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(int(seconds * RATE)) / RATE
     wav = 0.1 * torch.randn(channels, t.numel(), generator=g) * (1.05 + torch.sin(2 * math.pi * 0.4 * t))
-    wav[:, :int(0.3 * RATE)] = 0
-    wav[:, -RATE // 2:] *= 12
+    wav[:, : int(0.3 * RATE)] = 0
+    wav[:, -RATE // 2 :] *= 12
     return wav
 
 
@@ -77,8 +78,15 @@ def test_blockwise_normalization_is_audiocrafts_in_place(strategy, monkeypatch):
 
     monkeypatch.setattr(audio_out, "BLOCK", 5000)
     wav = varying(4.2, 2)
-    expected = normalize_audio(wav.clone(), strategy=strategy, peak_clip_headroom_db=1, rms_headroom_db=18,
-                               loudness_headroom_db=14, loudness_compressor=True, sample_rate=RATE)
+    expected = normalize_audio(
+        wav.clone(),
+        strategy=strategy,
+        peak_clip_headroom_db=1,
+        rms_headroom_db=18,
+        loudness_headroom_db=14,
+        loudness_compressor=True,
+        sample_rate=RATE,
+    )
     out = audio_out.normalize(wav, RATE, strategy)
     assert out.data_ptr() == wav.data_ptr()  # no copy of the waveform
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

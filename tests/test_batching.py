@@ -1,5 +1,6 @@
 """Concurrent requests sharing decoding steps (musicgen_service/serving/scheduler.py, decoding/rows.py):
 a request's tokens must not depend on what it was batched with."""
+
 from __future__ import annotations
 
 import threading
@@ -7,11 +8,11 @@ import time
 
 import pytest
 import torch
-
 from audio_helpers import melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.decoding import formats
+
 from musicgen_service.core.errors import Cancelled
+from musicgen_service.decoding import formats
 
 
 def _runnable(name, slow=False):
@@ -25,9 +26,12 @@ def tune(tmp_path_factory):
     return write(tmp_path_factory.mktemp("batch") / "tune.wav", melody([262, 392, 330, 523], 0.5, 32000, 2), 32000)
 
 
-REQUESTS = [dict(prompt="lo-fi beat", duration=2, seed=1), dict(prompt="jazz trio", duration=3, seed=2, top_k=20),
-            dict(prompt="metal", duration=1, seed=3, top_p=0.9), dict(prompt="ambient", duration=2, seed=4,
-                                                                      temperature=0.7, classifier_free_guidance=5)]
+REQUESTS = [
+    dict(prompt="lo-fi beat", duration=2, seed=1),
+    dict(prompt="jazz trio", duration=3, seed=2, top_k=20),
+    dict(prompt="metal", duration=1, seed=3, top_p=0.9),
+    dict(prompt="ambient", duration=2, seed=4, temperature=0.7, classifier_free_guidance=5),
+]
 
 
 def _submit(service, inputs, cancel=None):
@@ -49,8 +53,10 @@ def test_tokens_are_the_same_alone_and_in_any_batch(tiny_weights, tune, name, pa
     if padding == "adaptive" and not rows.invariant_across_row_counts():
         pytest.skip("this CPU's kernels give a row different bits at different row counts")
     rows.padding = padding
-    requests = REQUESTS[:2] + [dict(prompt="synthwave", input_audio=str(tune), duration=2, seed=5),
-                               dict(prompt="continue", input_audio=str(tune), continuation=True, duration=1, seed=6)]
+    requests = REQUESTS[:2] + [
+        dict(prompt="synthwave", input_audio=str(tune), duration=2, seed=5),
+        dict(prompt="continue", input_audio=str(tune), continuation=True, duration=1, seed=6),
+    ]
     alone = [_submit(service, r).result() for r in requests]
     together = [f.result() for f in [_submit(service, r) for r in requests]]
     staggered = []

@@ -1,5 +1,6 @@
 """The benchmarks' smoke runs (`script/bench --quick`; bench/long.py on the tiny EnCodec): they run
 end to end and report every field. Not timed tests: speeds are reported, never asserted."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ pytestmark = pytest.mark.slow
 
 def test_quick_benchmark(tmp_path):
     out = tmp_path / "quick"
-    proc = subprocess.run([str(ROOT / "script" / "bench"), "--quick", "--out", str(out), "--work", str(tmp_path / "work")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [str(ROOT / "script" / "bench"), "--quick", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     cold = report["cold_start"][0]
@@ -43,16 +49,40 @@ def test_gpu_check_dry_run(tmp_path):
     """bench/gpu_check.py's whole flow on the CPU at the xsmall scale (--dry), so the one-call GPU
     check cannot rot between GPU loans: every step runs, and its report has the headline fields."""
     out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry", "--out", str(out),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_check.py"),
+            "--dry",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["errors"] == {}, report["errors"]
     head = report["headline"]
-    for key in ("device", "default_text_8s_s", "default_melody_30s_s", "fast_speedup_vs_audiocraft_8s",
-                "cuda_graph_failures", "seed_reproducible", "exact_vs_stock_agreement", "fast_vs_exact_kl_mean",
-                "setup_s", "setup_imports_s", "first_request_8s_s", "second_request_8s_s"):
+    for key in (
+        "device",
+        "default_text_8s_s",
+        "default_melody_30s_s",
+        "fast_speedup_vs_audiocraft_8s",
+        "cuda_graph_failures",
+        "seed_reproducible",
+        "exact_vs_stock_agreement",
+        "fast_vs_exact_kl_mean",
+        "setup_s",
+        "setup_imports_s",
+        "first_request_8s_s",
+        "second_request_8s_s",
+    ):
         assert key in head, key
     assert head["cuda_graph_failures"] == 0 and head["seed_reproducible"] is True
     assert head["exact_vs_stock_agreement"] == 1.0  # on the CPU, exact is stock's arithmetic
@@ -66,9 +96,25 @@ def test_long_outputs_benchmark_smoke(tmp_path):
     """bench/long.py end to end on the tiny EnCodec: the seam measurement tells an exact join
     from one without context margins."""
     out = tmp_path / "long"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "long.py"), "--codec", "tiny", "--parts", "seams",
-                           "--seam-seconds", "5", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "long.py"),
+            "--codec",
+            "tiny",
+            "--parts",
+            "seams",
+            "--seam-seconds",
+            "5",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     for row in report["seams"]:
@@ -82,11 +128,27 @@ def test_long_outputs_benchmark_smoke(tmp_path):
 def test_coldstart_comparison_smoke(tmp_path, tiny_weights):
     """bench/coldstart.py --compare: stock, our first boot and our later boot (a prepared-cache hit)."""
     out = tmp_path / "coldstart"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "coldstart.py"), "--weights", str(tiny_weights),
-                           "--model", "facebook/musicgen-small", "--compare", "1", "--out", str(out),
-                           "--prepared", str(tmp_path / "prepared")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "coldstart.py"),
+            "--weights",
+            str(tiny_weights),
+            "--model",
+            "facebook/musicgen-small",
+            "--compare",
+            "1",
+            "--out",
+            str(out),
+            "--prepared",
+            str(tmp_path / "prepared"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert [r["prepared_hit"] for r in report["raw"]["first boot"] + report["raw"]["later boot"]] == [False, True]
@@ -96,20 +158,48 @@ def test_coldstart_comparison_smoke(tmp_path, tiny_weights):
 def test_training_and_streaming_benchmarks_smoke(tmp_path):
     """bench/train.py and bench/stream.py on the tiny set (--dry): every field of their reports."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "--dry", "--segments", "2", "--steps", "2",
-                           "--batches", "1", "--thresholds", "0,1048576", "--out", str(tmp_path / "train")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "train.py"),
+            "--dry",
+            "--segments",
+            "2",
+            "--steps",
+            "2",
+            "--batches",
+            "1",
+            "--thresholds",
+            "0,1048576",
+            "--out",
+            str(tmp_path / "train"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "train.json").read_text())
     runs = report["models"][0]["runs"]
-    assert [(r["method"], r["threshold"]) for r in runs] == [("lora", 0), ("lora", 1048576), ("full", 0),
-                                                              ("full", 1048576)], runs
+    assert [(r["method"], r["threshold"]) for r in runs] == [
+        ("lora", 0),
+        ("lora", 1048576),
+        ("full", 0),
+        ("full", 1048576),
+    ], runs
     assert all(r["s_per_step"] > 0 for r in runs), runs
     assert "| lora | 1 | glibc default (stock) |" in (tmp_path / "train.md").read_text()
     assert report["models"][0]["tokenize_s_per_audio_minute"] > 0
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "stream.py"), "--dry", "--runs", "1",
-                           "--out", str(tmp_path / "stream")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "stream.py"), "--dry", "--runs", "1", "--out", str(tmp_path / "stream")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads((tmp_path / "stream.json").read_text())["rows"]
     assert all(0 < r["first_chunk_s"] < r["stream_total_s"] and r["stream_vs_main"] > 0 for r in rows), rows
@@ -119,13 +209,40 @@ def test_audio_fuzz_smoke(tmp_path):
     """bench/fuzz_audio.py on 40 malformed inputs, each decoded by audio_in in a forked child: every
     child is accounted for, the real seed files decode, and no input crashed FFmpeg (a signal) or hung."""
     out = tmp_path / "fuzz"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "fuzz_audio.py"), "--quick", "40", "--out", str(out),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "fuzz_audio.py"),
+            "--quick",
+            "40",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
-    for key in ("date", "command", "machine", "settings", "seeds", "total", "by_format", "by_mutation",
-                "refusal_reasons", "other_exceptions", "findings", "slowest", "most_memory"):
+    for key in (
+        "date",
+        "command",
+        "machine",
+        "settings",
+        "seeds",
+        "total",
+        "by_format",
+        "by_mutation",
+        "refusal_reasons",
+        "other_exceptions",
+        "findings",
+        "slowest",
+        "most_memory",
+    ):
         assert key in report, key
     assert {"cpu", "cpu_flags", "pyav", "ffmpeg_libraries"} <= set(report["machine"])
     assert set(report["by_format"]) == {"wav", "mp3", "flac", "ogg", "opus", "m4a", "aac", "aiff", "webm"}

@@ -1,5 +1,6 @@
 """Chunked EnCodec decoding and encoding (musicgen_service.audio.codec): the one-shot results, in
 bounded memory."""
+
 from __future__ import annotations
 
 import json
@@ -107,8 +108,14 @@ def test_300_s_decode_stays_under_a_ceiling_that_one_shot_breaks_at_60_s():
     """Peak resident memory above the start of the call, on the tiny set's EnCodec (a fresh
     process: VmHWM only grows). Ceiling: the output buffer plus 100 MB. The one-shot decode needs
     more than that for a fifth of the audio (measured: ~300 MB at 60 s, ~5 MB per second)."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     chunked, one_shot = result["chunked"], result["one_shot"]

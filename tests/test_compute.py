@@ -1,14 +1,15 @@
 """The compute thread (musicgen_service/serving/compute.py): all of a prediction's torch work runs in it,
 and what it logs for a request is logged by that request's thread."""
+
 from __future__ import annotations
 
 import threading
 
 import pytest
-
 from conftest import MONO_TEXT, make_service
-from musicgen_service.serving import compute
+
 from musicgen_service.core.logs import get_logger
+from musicgen_service.serving import compute
 
 
 def test_tasks_run_in_the_one_thread_and_their_lines_go_to_the_caller():

@@ -1,5 +1,6 @@
 """Hostile training datasets: archive bombs, odd members, endless audio, huge captions. Each is refused
 with a message naming ``dataset``, in bounded time and memory, nothing written outside its folder."""
+
 from __future__ import annotations
 
 import bz2
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from audio_helpers import melody
+
 from musicgen_service.core.errors import Cancelled, InputError
 from musicgen_service.training import dataset
 
@@ -105,14 +106,17 @@ def test_a_zip_of_too_many_entries_is_refused_from_its_end_record(tmp_path, monk
     assert not parsed  # the directory was never parsed
 
 
-@pytest.mark.parametrize("members, fragment", [
-    ([("a", b"x"), ("a/b.wav", wav_bytes(3))], "is inside 'a', which is a file"),
-    ([("a/b.wav", wav_bytes(3)), ("a", b"x")], "is both a file and a folder"),
-    ([("a.wav", wav_bytes(3)), ("a.wav", wav_bytes(3))], "appears twice"),
-    ([("x" * 300 + ".wav", wav_bytes(3))], "longer than 255 bytes"),
-    ([(".", b"x")], "an empty name"),
-    ([("./", b"")], "an empty name"),
-])
+@pytest.mark.parametrize(
+    "members, fragment",
+    [
+        ([("a", b"x"), ("a/b.wav", wav_bytes(3))], "is inside 'a', which is a file"),
+        ([("a/b.wav", wav_bytes(3)), ("a", b"x")], "is both a file and a folder"),
+        ([("a.wav", wav_bytes(3)), ("a.wav", wav_bytes(3))], "appears twice"),
+        ([("x" * 300 + ".wav", wav_bytes(3))], "longer than 255 bytes"),
+        ([(".", b"x")], "an empty name"),
+        ([("./", b"")], "an empty name"),
+    ],
+)
 def test_odd_zip_members_are_refused_naming_dataset(tmp_path, members, fragment):
     path = tmp_path / "odd.zip"
     with zipfile.ZipFile(path, "w") as z:
@@ -160,8 +164,9 @@ def test_unpacking_stops_when_cancelled(tmp_path):
 
 
 def test_a_megabyte_caption_is_read_in_part_and_cut_to_the_encoders_tokens(tiny_weights, tmp_path):
-    from musicgen_service.training import tokens
     from transformers import T5Tokenizer
+
+    from musicgen_service.training import tokens
 
     folder = tmp_path / "data"
     folder.mkdir()
@@ -226,8 +231,14 @@ planned = dataset.plan(folder, dataset.collect(folder), 32000, 1, 30.0)
 features = tokens.compute(model, dataset.segments(folder, planned.usable, 32000, 1, 30.0), "", total_seconds=3600)
 print(len(features.examples), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     segments, grown_mb = done.stdout.split()[-2:]
     assert int(segments) == 120

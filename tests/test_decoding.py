@@ -6,13 +6,14 @@ functions, called with the same shapes, in the same order). Compared across text
 conditioning), melody (prepended conditioning), continuation (a prompt) and past 30 s (audiocraft's
 windowed extension calls the decoder once per window).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from audio_helpers import melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
+
 from musicgen_service.decoding import Decoder, formats, precision
 from musicgen_service.generation.generator import Generator
 
@@ -39,10 +40,16 @@ def tokens(service, mode: str, **inputs) -> torch.Tensor:
     return generator.generate(req, service.input_clip(req)).tokens
 
 
-@pytest.mark.parametrize("sampling", [
-    {"top_k": 250}, {"top_k": 1}, {"top_p": 0.8}, {"temperature": 0.5, "top_k": 20},
-    {"classifier_free_guidance": 0},
-])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"top_k": 250},
+        {"top_k": 1},
+        {"top_p": 0.8},
+        {"temperature": 0.5, "top_k": 20},
+        {"classifier_free_guidance": 0},
+    ],
+)
 def test_exact_equals_stock_text(text_service, sampling):
     assert torch.equal(tokens(text_service, "exact", **sampling), tokens(text_service, "stock", **sampling))
 
@@ -59,8 +66,11 @@ def test_exact_equals_stock_greedy(text_service):
 
 
 def test_exact_equals_stock_melody_and_continuation(melody_service, tune):
-    for inputs in ({"input_audio": str(tune)}, {"input_audio": str(tune), "continuation": True},
-                   {"prompt": None, "input_audio": str(tune), "continuation": True, "continuation_end": 1}):
+    for inputs in (
+        {"input_audio": str(tune)},
+        {"input_audio": str(tune), "continuation": True},
+        {"prompt": None, "input_audio": str(tune), "continuation": True, "continuation_end": 1},
+    ):
         assert torch.equal(tokens(melody_service, "exact", **inputs), tokens(melody_service, "stock", **inputs)), inputs
 
 
@@ -91,7 +101,7 @@ def _steps(runner, tensors, seq, static: bool, kv_dtype=None, max_steps: int = 2
     window = runner.start(tensors, 2, max_steps, caches=caches, kv_dtype=kv_dtype)
     out = [window.prefill(seq[..., :4])]
     for t in range(4, seq.shape[-1]):
-        out.append(window.static_step(seq[..., t:t + 1]) if static else window.step(seq[..., t:t + 1]))
+        out.append(window.static_step(seq[..., t : t + 1]) if static else window.step(seq[..., t : t + 1]))
     return torch.stack(out)
 
 
@@ -151,12 +161,19 @@ def _seeded(fn, seed):
     return out, torch.rand(4)  # the random stream's state afterwards
 
 
-@pytest.mark.parametrize("params", [
-    dict(use_sampling=True, temp=1.0, top_k=250, top_p=0.0), dict(use_sampling=True, temp=0.7, top_k=20, top_p=0.0),
-    dict(use_sampling=True, temp=1.0, top_k=0, top_p=0.9), dict(use_sampling=True, temp=1.3, top_k=250, top_p=0.5),
-    dict(use_sampling=True, temp=1.0, top_k=0, top_p=0.0), dict(use_sampling=True, temp=1.0, top_k=2048, top_p=0.0),
-    dict(use_sampling=True, temp=1.0, top_k=1, top_p=0.0), dict(use_sampling=False, temp=1.0, top_k=250, top_p=0.0),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(use_sampling=True, temp=1.0, top_k=250, top_p=0.0),
+        dict(use_sampling=True, temp=0.7, top_k=20, top_p=0.0),
+        dict(use_sampling=True, temp=1.0, top_k=0, top_p=0.9),
+        dict(use_sampling=True, temp=1.3, top_k=250, top_p=0.5),
+        dict(use_sampling=True, temp=1.0, top_k=0, top_p=0.0),
+        dict(use_sampling=True, temp=1.0, top_k=2048, top_p=0.0),
+        dict(use_sampling=True, temp=1.0, top_k=1, top_p=0.0),
+        dict(use_sampling=False, temp=1.0, top_k=250, top_p=0.0),
+    ],
+)
 def test_step_sampler_gives_audiocraft_tokens(params):
     """The graph-safe sampler (parameters in tensors, one sort, multinomial as argmax(p / Exp(1)))
     against audiocraft's sampling functions: the same tokens for the same seed, and the random
@@ -194,13 +211,16 @@ def _tokens_with(service, decoder, **inputs):
 @pytest.mark.slow  # ~11 s: the CUDA-graph step run eagerly on CPU; in `--all`
 def test_static_loop_gives_the_exact_tokens(text_service, melody_service, tune):
     """The whole static step (layers, guidance, sampling, token write: what a CUDA graph replays),
-    run eagerly on the exact weights, against the exact decoder's dynamic steps, same seed: text (cross-attention), melody
-    (prepended chroma), continuation (a prompt). Within one short span the masked attention adds
-    only exact zeros, so the tokens are the same; one decoder serves every window (its caches are
-    reused and cleared), and the same request twice gives the same tokens."""
-    for service, inputs in ((text_service, {"duration": 2}), (melody_service, {"input_audio": str(tune)}),
-                            (melody_service, {"input_audio": str(tune), "continuation": True, "top_p": 0.9}),
-                            (text_service, {"duration": 2, "temperature": 0.7, "top_k": 20})):
+    run eagerly on the exact weights, against the exact decoder's dynamic steps, same seed: text
+    (cross-attention), melody (prepended chroma), continuation (a prompt). Within one short span the
+    masked attention adds only exact zeros, so the tokens are the same; one decoder serves every window
+    (its caches are reused and cleared), and the same request twice gives the same tokens."""
+    for service, inputs in (
+        (text_service, {"duration": 2}),
+        (melody_service, {"input_audio": str(tune)}),
+        (melody_service, {"input_audio": str(tune), "continuation": True, "top_p": 0.9}),
+        (text_service, {"duration": 2, "temperature": 0.7, "top_k": 20}),
+    ):
         decoder = _static_decoder(service.model.lm)
         static = _tokens_with(service, decoder, **inputs)
         assert torch.equal(static, tokens(service, "exact", **inputs)), inputs
@@ -229,8 +249,9 @@ def _runnable(name, max_kl, slow=False):
     return pytest.param(name, max_kl, marks=marks, id=name)
 
 
-@pytest.mark.parametrize("name, max_kl", [_runnable("fp16", 1e-5), _runnable("bf16", 1e-3, slow=True),
-                                         _runnable("int8", 1e-3)])
+@pytest.mark.parametrize(
+    "name, max_kl", [_runnable("fp16", 1e-5), _runnable("bf16", 1e-3, slow=True), _runnable("int8", 1e-3)]
+)
 def test_each_precision_decodes_and_stays_close_to_exact(text_service, melody_service, tune, name, max_kl):
     """Every precision, forced whatever this CPU would pick: it decodes text, melody and continuation,
     and teacher-forced on the same tokens its next-token distributions barely move from exact's
@@ -238,8 +259,11 @@ def test_each_precision_decodes_and_stays_close_to_exact(text_service, melody_se
     from bench.quality import teacher_forced
     from musicgen_service.decoding.runner import Runner
 
-    for service, inputs in ((text_service, {"duration": 2}), (melody_service, {"input_audio": str(tune)}),
-                            (melody_service, {"input_audio": str(tune), "continuation": True})):
+    for service, inputs in (
+        (text_service, {"duration": 2}),
+        (melody_service, {"input_audio": str(tune)}),
+        (melody_service, {"input_audio": str(tune), "continuation": True}),
+    ):
         out = tokens(service, name, **inputs)
         assert out.shape == tokens(service, "exact", **inputs).shape
         assert out.min() >= 0 and out.max() < service.model.lm.card
@@ -282,8 +306,14 @@ def test_release_keeps_only_the_chosen_precision(tiny_weights):
     service = make_service(tiny_weights, MONO_TEXT, decoder="fp16")
     lm = service.model.lm
     assert service.generator.decoder.released
-    assert all(p.numel() == 0 for p in (lm.transformer.layers[0].linear1.weight, lm.linears[0].weight,
-                                        lm.transformer.layers[0].self_attn.in_proj_weight))
+    assert all(
+        p.numel() == 0
+        for p in (
+            lm.transformer.layers[0].linear1.weight,
+            lm.linears[0].weight,
+            lm.transformer.layers[0].self_attn.in_proj_weight,
+        )
+    )
     assert lm.emb[0].weight.numel() > 0  # embeddings and norms stay: the runner reads them
     req = service.parse(prompt="lo-fi beat", duration=1, seed=1)
     assert service.generator.generate(req).tokens.shape == (1, 4, 50)
@@ -322,8 +352,11 @@ def test_setup_skips_int8dyn_where_torch_lacks_dynamic_quantization(tiny_weights
 
     monkeypatch.setitem(sys.modules, "torch.ao.nn.quantized.dynamic", None)  # `import` of it now fails
     monkeypatch.setattr(torch.ops, "quantized", types.SimpleNamespace())
-    assert formats.unavailable_reason("int8dyn", torch.device("cpu")) == \
-        f"this torch ({torch.__version__}) has no torch.ops.quantized.linear_prepack, torch.ops.quantized.linear_dynamic"
+    assert (
+        formats.unavailable_reason("int8dyn", torch.device("cpu"))
+        == f"this torch ({torch.__version__}) has no torch.ops.quantized.linear_prepack, "
+        "torch.ops.quantized.linear_dynamic"
+    )
     service = make_service(tiny_weights, MONO_TEXT, decoder="auto", prepared_off=True)  # measured here
     assert service.generator.decoder.mode != "int8dyn"
     assert "int8dyn: - (unavailable: this torch" in capsys.readouterr().out

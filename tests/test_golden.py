@@ -6,6 +6,7 @@ The bits depend on the CPU and torch (kernels round differently), so ``tests/gol
 holds one record per machine kind. On a machine without a record, the baseline is recomputed here: the
 baseline commit is exported from git and *its* recorder runs on *its* code, on the same tiny set.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,14 @@ GOLDEN = ROOT / "tests" / "golden"
 
 def record(code_root: Path, weights_dir: Path, out: Path) -> tp.Dict[str, tp.Any]:
     env = {**os.environ, "PYTHONPATH": str(code_root), "MUSICGEN_DEVICE": "cpu"}
-    done = subprocess.run([sys.executable, str(code_root / "tests" / "golden" / "record.py"), str(weights_dir),
-                           str(out)], cwd=code_root, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, str(code_root / "tests" / "golden" / "record.py"), str(weights_dir), str(out)],
+        cwd=code_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -40,8 +47,10 @@ def expected_for(machine: tp.Dict[str, tp.Any], weights_dir: Path, tmp: Path) ->
     export.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", baseline], capture_output=True)
     if archive.returncode != 0:
-        pytest.skip(f"no golden record for this machine ({machine}) and the baseline commit {baseline} is "
-                    f"not in this clone's history: {archive.stderr.decode()[:200]}")
+        pytest.skip(
+            f"no golden record for this machine ({machine}) and the baseline commit {baseline} is "
+            f"not in this clone's history: {archive.stderr.decode()[:200]}"
+        )
     subprocess.run(["tar", "-x", "-C", str(export)], input=archive.stdout, check=True)
     return record(export, weights_dir, tmp / "baseline.json")["cases"]
 

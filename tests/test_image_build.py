@@ -28,6 +28,7 @@ test_project.py) and the coglet server inside the image (test_server.py runs it 
 
 One run: about 3 minutes and 6 GB of disk (~1.5 minutes of it installing requirements.txt).
 """
+
 from __future__ import annotations
 
 import os
@@ -38,9 +39,8 @@ import sysconfig
 import typing as tp
 from pathlib import Path
 
-import pytest
-
 import cog_image
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,14 +70,22 @@ def clean_env(**extra: str) -> tp.Dict[str, str]:
     """This machine's environment (its registry and certificate settings) without what would make
     a build here differ from one in the image: virtualenv, Python paths, PEP 668 overrides."""
     drop = ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "PIP_BREAK_SYSTEM_PACKAGES", "PIP_REQUIRE_VIRTUALENV")
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("UV_", "MUSICGEN_", "HF_", "TRANSFORMERS_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and not k.startswith(("UV_", "MUSICGEN_", "HF_", "TRANSFORMERS_"))
+    }
     env.update(PYTHONNOUSERSITE="1", **extra)
     return env
 
 
-def run(cmd: tp.Sequence[str], env: tp.Mapping[str, str], cwd: tp.Optional[Path] = None,
-        timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    cmd: tp.Sequence[str],
+    env: tp.Mapping[str, str],
+    cwd: tp.Optional[Path] = None,
+    timeout: int = 900,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(list(cmd), env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -102,12 +110,18 @@ def test_cog_build_steps_install_and_predict(tmp_path: Path, tiny_weights: Path)
         (bin_dir / name).symlink_to(python)
     (system_bin / "python3").symlink_to(python)  # Cog links /usr/bin/python3 to uv's Python
     tools = tmp_path / "uv"
-    run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(tools),
-         f"uv=={cog_image.COG_UV_VERSION}"], env=clean_env())
+    run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(tools), f"uv=={cog_image.COG_UV_VERSION}"],
+        env=clean_env(),
+    )
     (bin_dir / "uv").symlink_to(tools / "bin" / "uv")
-    image_env = clean_env(PATH=f"{bin_dir}:/usr/sbin:{system_bin}:/sbin", UV_SYSTEM_PYTHON="true",
-                          UV_PYTHON=str(python), UV_PYTHON_DOWNLOADS="never",
-                          **dict(e.split("=", 1) for e in config.get("environment") or []))
+    image_env = clean_env(
+        PATH=f"{bin_dir}:/usr/sbin:{system_bin}:/sbin",
+        UV_SYSTEM_PYTHON="true",
+        UV_PYTHON=str(python),
+        UV_PYTHON_DOWNLOADS="never",
+        **dict(e.split("=", 1) for e in config.get("environment") or []),
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     refused = run(["python", "-m", "pip", "install", "--no-deps", "six"], env=image_env, cwd=empty, check=False)
@@ -117,12 +131,29 @@ def test_cog_build_steps_install_and_predict(tmp_path: Path, tiny_weights: Path)
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("\n".join(cog_image.cog_requirements(ROOT / build["python_requirements"])))
     pip_cache = Path.home() / ".cache" / "pip"
-    run(["uv", "run", "pip", "install", "--break-system-packages", "--cache-dir", str(pip_cache),
-         "-r", str(requirements)], env=image_env, cwd=empty, timeout=1800)
+    run(
+        [
+            "uv",
+            "run",
+            "pip",
+            "install",
+            "--break-system-packages",
+            "--cache-dir",
+            str(pip_cache),
+            "-r",
+            str(requirements),
+        ],
+        env=image_env,
+        cwd=empty,
+        timeout=1800,
+    )
 
     # 3. the Cog SDK at build.sdk_version
-    run(["uv", "pip", "install", "--break-system-packages", "--no-cache", f"cog=={build['sdk_version']}"],
-        env=image_env, cwd=empty)
+    run(
+        ["uv", "pip", "install", "--break-system-packages", "--no-cache", f"cog=={build['sdk_version']}"],
+        env=image_env,
+        cwd=empty,
+    )
 
     # 4. cog.yaml's run: lines, as written
     lines = cog_image.run_lines(config)
@@ -135,14 +166,35 @@ def test_cog_build_steps_install_and_predict(tmp_path: Path, tiny_weights: Path)
     for name in cog_image.build_context(ROOT):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, src / name)
-    versions = run(["python", "-c", "import importlib.metadata as m; "
-                    "print(*(m.version(p) for p in ('cog', 'coglet', 'torch', 'audiocraft', 'xformers')))"],
-                   env=image_env, cwd=src).stdout.split()
+    versions = run(
+        [
+            "python",
+            "-c",
+            "import importlib.metadata as m; "
+            "print(*(m.version(p) for p in ('cog', 'coglet', 'torch', 'audiocraft', 'xformers')))",
+        ],
+        env=image_env,
+        cwd=src,
+    ).stdout.split()
     assert versions == [str(build["sdk_version"])] * 2 + ["2.11.0", "1.3.0", "0.0.35"], versions
     out = tmp_path / "out.wav"
-    predicted = run(["python", "-m", "musicgen_service.tools.cli", "-i", "prompt=lo-fi beat", "-i", "duration=1",
-                     "-i", "seed=1", "-o", str(out)],
-                    env={**image_env, "MUSICGEN_WEIGHTS": str(tiny_weights), "MUSICGEN_DEVICE": "cpu"}, cwd=src)
+    predicted = run(
+        [
+            "python",
+            "-m",
+            "musicgen_service.tools.cli",
+            "-i",
+            "prompt=lo-fi beat",
+            "-i",
+            "duration=1",
+            "-i",
+            "seed=1",
+            "-o",
+            str(out),
+        ],
+        env={**image_env, "MUSICGEN_WEIGHTS": str(tiny_weights), "MUSICGEN_DEVICE": "cpu"},
+        cwd=src,
+    )
     assert predicted.stdout.split()[-1] == str(out), predicted.stdout  # the path, after the logs
     import soundfile
 

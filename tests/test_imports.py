@@ -2,6 +2,7 @@
 and a prediction leave the deferred modules unimported, and each deferred module, once used (MultiBand
 Diffusion on first request, stock attention's xformers ops, spaCy, sklearn's roc_curve), is the real
 one. The test session itself has imported everything already, hence the subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-SCRIPT = r'''
+SCRIPT = r"""
 import asyncio, json, sys, types
 sys.path.insert(0, sys.argv[1])
 import predict
@@ -51,15 +52,21 @@ with imports.deferred_imports():
 out["spacy_real_after"] = type(sys.modules["spacy"]) is types.ModuleType
 out["stand_ins_left_after_block"] = sorted(n for n, m in sys.modules.items() if isinstance(m, imports._StandIn))
 print("RESULT " + json.dumps(out))
-'''
+"""
 
 
 @pytest.mark.slow  # a whole fresh process with setup and four predictions
 def test_setup_and_predictions_import_only_what_they_use(tiny_weights, tmp_path):
-    env = {**os.environ, "MUSICGEN_WEIGHTS": str(tiny_weights), "MUSICGEN_DECODER": "exact",
-           "MUSICGEN_DEVICE": "cpu", "TMPDIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "MUSICGEN_WEIGHTS": str(tiny_weights),
+        "MUSICGEN_DECODER": "exact",
+        "MUSICGEN_DEVICE": "cpu",
+        "TMPDIR": str(tmp_path),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(ROOT)], env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["after_setup"] == [] and out["stand_ins_left"] == [], out

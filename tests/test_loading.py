@@ -1,13 +1,14 @@
 """Fast setup: models built without throw-away initialisation from mapped checkpoints must equal
 what stock audiocraft loads, parameter for parameter and token for token."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import MONO_TEXT, STEREO_MELODY
-from musicgen_service.weights import loading, hub as weights
-from musicgen_service.core.settings import Settings
+
+from musicgen_service.weights import hub as weights
+from musicgen_service.weights import loading
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -31,12 +32,17 @@ def test_fast_loading_equals_stock(tiny_weights, model_id, capsys):
     t5_stock = stock.lm.condition_provider.conditioners["description"].t5
     _same_state(t5_fast, t5_stock)
     if "self_wav" in stock.lm.condition_provider.conditioners:
-        _same_state(fast.lm.condition_provider.conditioners["self_wav"].demucs,
-                    stock.lm.condition_provider.conditioners["self_wav"].demucs)
+        _same_state(
+            fast.lm.condition_provider.conditioners["self_wav"].demucs,
+            stock.lm.condition_provider.conditioners["self_wav"].demucs,
+        )
         for m in (fast, stock):
             assert m.lm.condition_provider.conditioners["self_wav"].match_len_on_eval is True
     assert (fast.sample_rate, fast.audio_channels, fast.max_duration) == (
-        stock.sample_rate, stock.audio_channels, stock.max_duration)
+        stock.sample_rate,
+        stock.audio_channels,
+        stock.max_duration,
+    )
 
     def tokens(model):
         model.set_generation_params(duration=1.0, top_k=250)

@@ -1,18 +1,20 @@
 """MultiBand Diffusion: safe loading, mono and stereo models in every mode, windows, errors."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from audio_helpers import melody, write
-from conftest import MONO_MELODY, STEREO_MELODY, make_service
-from musicgen_service.weights import loading, hub as weights
+from conftest import MONO_MELODY, make_service
+
 from musicgen_service.audio import mbd as multiband
 from musicgen_service.core.errors import InputError
 from musicgen_service.core.settings import Settings
 from musicgen_service.serving.setup import MBDSource
+from musicgen_service.weights import hub as weights
+from musicgen_service.weights import loading
 
 RATE = 32000
 
@@ -32,8 +34,10 @@ def test_checkpoint_needs_and_gets_only_the_omegaconf_classes(tiny_weights):
     with pytest.raises(Exception, match="Unsupported global"):  # torch's safe loading is on
         torch.load(path, weights_only=True)
     needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    allowed = {f"{c.__module__}.{getattr(c, '__qualname__', getattr(c, '_name', ''))}"
-               for c in loading.omegaconf_safe_globals()}
+    allowed = {
+        f"{c.__module__}.{getattr(c, '__qualname__', getattr(c, '_name', ''))}"
+        for c in loading.omegaconf_safe_globals()
+    }
     assert needed <= allowed, needed - allowed
     with torch.serialization.safe_globals(loading.omegaconf_safe_globals()):
         pkg = torch.load(path, weights_only=True)
@@ -71,8 +75,7 @@ def test_mbd_decodes_every_mode(which, mode, mono, service, tune):
 def test_mbd_through_predict(mono):
     from audio_helpers import decode
 
-    data, rate = decode(mono.predict(prompt="folk", duration=1, seed=1, multi_band_diffusion=True,
-                                     output_format="mp3"))
+    data, rate = decode(mono.predict(prompt="folk", duration=1, seed=1, multi_band_diffusion=True, output_format="mp3"))
     assert rate == RATE and data.shape[0] == 1
 
 
@@ -108,8 +111,8 @@ def test_crossfade_keeps_the_level_of_partly_correlated_windows(rho):
     shared, a, b = (torch.randn(1, 1, n, generator=g) for _ in range(3))
     first = math.sqrt(rho) * shared + math.sqrt(1 - rho) * a
     second = math.sqrt(rho) * shared + math.sqrt(1 - rho) * b
-    out = multiband.crossfade([first, second[..., n - overlap:]], overlap)
-    middle = out[..., n - overlap + overlap // 4:n - overlap // 4]
+    out = multiband.crossfade([first, second[..., n - overlap :]], overlap)
+    middle = out[..., n - overlap + overlap // 4 : n - overlap // 4]
     assert 20 * math.log10(middle.pow(2).mean().sqrt().item()) == pytest.approx(0, abs=0.2)
     if rho == 1.0:  # the same signal twice: the join returns it
         torch.testing.assert_close(out[..., :n], first, rtol=0, atol=1e-5)
@@ -131,8 +134,8 @@ def test_mbd_unavailable_is_refused_before_generation(tiny_weights, capsys):
 
 
 def test_incompatible_tokens_are_refused(mono):
-    from omegaconf import OmegaConf
     from audiocraft.models import builders
+    from omegaconf import OmegaConf
 
     from musicgen_service.tools import tiny
 

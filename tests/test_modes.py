@@ -1,12 +1,13 @@
 """input_audio on the tiny models: melody conditioning and continuation, at any duration."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
-from audio_helpers import decode, melody, sine, write
+from audio_helpers import decode, melody, write
 from conftest import MONO_MELODY, make_service
+
 from musicgen_service.audio import input_audio as audio_in
 from musicgen_service.core.errors import InputError
 
@@ -52,8 +53,9 @@ def test_melody_without_a_prompt(melody_service, tunes):
 
 
 def test_stereo_default_model_melody_to_mp3(service, tunes):
-    data, rate = decode(service.predict(prompt="jazz", input_audio=str(tunes["b"]), duration=2,
-                                        output_format="mp3", seed=2))
+    data, rate = decode(
+        service.predict(prompt="jazz", input_audio=str(tunes["b"]), duration=2, output_format="mp3", seed=2)
+    )
     assert rate == RATE and data.shape[0] == 2
 
 
@@ -86,12 +88,13 @@ def _codec_round_trip(service, wav):
 
 def test_continuation_starts_with_the_prompt(melody_service, tunes):
     clip = audio_in.load(tunes["a"], RATE, 1, start=1, end=3)  # 2 s, resampled 44.1k stereo -> 32k mono
-    out = generate(melody_service, input_audio=tunes["a"], continuation=True, continuation_start=1,
-                   continuation_end=3, duration=3)
+    out = generate(
+        melody_service, input_audio=tunes["a"], continuation=True, continuation_start=1, continuation_end=3, duration=3
+    )
     # duration is the new music: the output is the 2 s prompt followed by 3 s
     assert out.wav.shape == (1, 5 * RATE)
     codes, round_trip = _codec_round_trip(melody_service, clip.wav)
-    assert torch.equal(out.tokens[..., :codes.shape[-1]], codes)  # the prompt's tokens, untouched
+    assert torch.equal(out.tokens[..., : codes.shape[-1]], codes)  # the prompt's tokens, untouched
     # Its audio is the codec's rendering of the prompt (a random tiny codec: large error vs the
     # original, so compare with the round trip), up to the decoder's right context at the seam.
     head = 2 * RATE - 5 * FRAME
@@ -106,16 +109,18 @@ def test_continuation_past_the_window_and_from_a_long_clip(melody_service, tmp_p
     clip = audio_in.load(long_clip, RATE, 1)
     codes, _ = _codec_round_trip(melody_service, clip.wav)
     assert out.tokens.shape[-1] == codes.shape[-1] + 3 * 50
-    assert torch.equal(out.tokens[..., :codes.shape[-1]], codes)
-    short = generate(melody_service, input_audio=long_clip, continuation=True, continuation_end=4,
-                     duration=28)
+    assert torch.equal(out.tokens[..., : codes.shape[-1]], codes)
+    short = generate(melody_service, input_audio=long_clip, continuation=True, continuation_end=4, duration=28)
     assert short.wav.shape[-1] == (4 + 28) * RATE  # 32 s in all: past the 30 s window
 
 
 def test_continuation_through_predict_with_every_format(service, tunes):
     for fmt in ("wav", "mp3"):
-        data, rate = decode(service.predict(prompt=None, input_audio=str(tunes["mono8k"]), continuation=True,
-                                            duration=1, output_format=fmt, seed=4))
+        data, rate = decode(
+            service.predict(
+                prompt=None, input_audio=str(tunes["mono8k"]), continuation=True, duration=1, output_format=fmt, seed=4
+            )
+        )
         assert rate == RATE and data.shape[0] == 2
         if fmt == "wav":
             assert data.shape[1] == 4 * RATE  # 3 s of prompt + 1 s

@@ -1,4 +1,5 @@
 """Output folders: one per prediction, kept until delivered, bounded by age, orphans removed."""
+
 from __future__ import annotations
 
 import os

@@ -1,19 +1,19 @@
 """The real Predictor on the tiny model set: text-to-music end to end, every option."""
+
 from __future__ import annotations
 
 import asyncio
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from audio_helpers import decode
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
+
 from musicgen_service.core.errors import InputError
 from musicgen_service.weights.hub import WeightsMissingError
 
@@ -32,10 +32,22 @@ def predictor(tiny_weights):
 
 
 def run(predictor, **inputs):
-    defaults = dict(prompt="lo-fi beat", input_audio=None, duration=2, continuation=False,
-                    continuation_start=0, continuation_end=None, multi_band_diffusion=False,
-                    normalization_strategy="loudness", top_k=250, top_p=0.0, temperature=1.0,
-                    classifier_free_guidance=3, output_format="wav", seed=1)
+    defaults = dict(
+        prompt="lo-fi beat",
+        input_audio=None,
+        duration=2,
+        continuation=False,
+        continuation_start=0,
+        continuation_end=None,
+        multi_band_diffusion=False,
+        normalization_strategy="loudness",
+        top_k=250,
+        top_p=0.0,
+        temperature=1.0,
+        classifier_free_guidance=3,
+        output_format="wav",
+        seed=1,
+    )
     return asyncio.run(predictor.predict(**{**defaults, **inputs}))  # async, as Cog runs it
 
 
@@ -106,8 +118,9 @@ def test_sampling_parameters_reach_audiocraft(mono_service, monkeypatch):
     monkeypatch.setattr(loop, "sample", recording)
     tokens(mono_service, top_k=1, seed=1)
     monkeypatch.undo()
-    assert seen and all(torch.equal(logits.gather(-1, out), logits.max(-1, keepdim=True).values)
-                        for logits, out in seen)
+    assert seen and all(
+        torch.equal(logits.gather(-1, out), logits.max(-1, keepdim=True).values) for logits, out in seen
+    )
     # a tiny top_p keeps exactly one token (the first in sorted order, ties or not): the seed no
     # longer matters.
     assert torch.equal(tokens(mono_service, top_p=1e-9, seed=1), tokens(mono_service, top_p=1e-9, seed=2))
@@ -194,13 +207,27 @@ def test_missing_conditioner_weights_are_named(tiny_weights, tmp_path):
     assert "adefossez/HTDemucs/htdemucs.yaml" in str(info.value)
 
 
-@pytest.mark.slow  # the script in a fresh process (~15 s); test_command_line_mp3_and_errors runs the same CLI in-process
+@pytest.mark.slow  # the script in a fresh process (~15 s); test_command_line_mp3_and_errors runs it in-process
 def test_command_line_predict_writes_playable_files(tiny_weights, tmp_path):
     env = {**os.environ, "MUSICGEN_WEIGHTS": str(tiny_weights)}
     out = tmp_path / "song.wav"
-    proc = subprocess.run([str(ROOT / "script" / "predict"), "-i", "prompt=lo-fi beat", "-i", "duration=2",
-                           "-i", "seed=3", "-o", str(out)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            str(ROOT / "script" / "predict"),
+            "-i",
+            "prompt=lo-fi beat",
+            "-i",
+            "duration=2",
+            "-i",
+            "seed=3",
+            "-o",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)
     assert "seed: 3" in proc.stdout
@@ -208,14 +235,25 @@ def test_command_line_predict_writes_playable_files(tiny_weights, tmp_path):
     assert (data.shape, rate) == ((2, 2 * RATE), RATE)
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("MUSICGEN_WEIGHTS", "error: weights: the model facebook/musicgen-stereo-melody-large needs"),
-    ("MUSICGEN_DECODER", "error: MUSICGEN_DECODER must be one of auto, exact, fp16, bf16, int8, int8dyn, stock, fast; got 'turbo'"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("MUSICGEN_WEIGHTS", "error: weights: the model facebook/musicgen-stereo-melody-large needs"),
+        (
+            "MUSICGEN_DECODER",
+            "error: MUSICGEN_DECODER must be one of auto, exact, fp16, bf16, int8, int8dyn, stock, fast; got 'turbo'",
+        ),
+    ],
+)
 def test_command_line_setup_problems_are_one_line(tmp_path, setting, message):
     value = str(tmp_path) if setting == "MUSICGEN_WEIGHTS" else "turbo"  # an empty folder; a bad value
-    proc = subprocess.run([str(ROOT / "script" / "predict"), "-i", "prompt=jazz"], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, setting: value})
+    proc = subprocess.run(
+        [str(ROOT / "script" / "predict"), "-i", "prompt=jazz"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, setting: value},
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
     assert proc.stderr.startswith(message), proc.stderr

@@ -3,6 +3,7 @@ first measured and converted, gives the same tokens, and any bad entry costs one
 
 The format is forced (``int8`` where this CPU runs it, else ``fp16``), whatever ``auto`` would pick
 here: the tests are about the cache, not about the choice; ``auto``'s decision has its own test."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import MONO_TEXT, make_service
-from musicgen_service.weights import hub as weights
+
 from musicgen_service.decoding import formats, prepared
+from musicgen_service.weights import hub as weights
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMAT = "int8" if formats.unavailable_reason("int8", torch.device("cpu")) is None else "fp16"
@@ -75,17 +76,27 @@ def _wrong_key(path: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage, file, reason", [
-    (_truncate, prepared.MATRICES, "bytes"),
-    pytest.param(_flip, prepared.MATRICES, "sha256 differs", marks=pytest.mark.slow, id="flipped-byte"),
-    (_wrong_key, prepared.MANIFEST, "another checkpoint, machine or settings"),
-    pytest.param(lambda p: p.write_text("{not json"), prepared.MANIFEST, "manifest unreadable",
-                 marks=pytest.mark.slow, id="garbled-manifest"),
-    pytest.param(lambda p: p.unlink(), prepared.MATRICES, "weights missing", marks=pytest.mark.slow,
-                 id="missing-weights"),
-])
-def test_a_damaged_entry_costs_one_rebuild_and_the_same_tokens(tiny_weights, clean, tmp_path, capsys,
-                                                               damage, file, reason):
+@pytest.mark.parametrize(
+    "damage, file, reason",
+    [
+        (_truncate, prepared.MATRICES, "bytes"),
+        pytest.param(_flip, prepared.MATRICES, "sha256 differs", marks=pytest.mark.slow, id="flipped-byte"),
+        (_wrong_key, prepared.MANIFEST, "another checkpoint, machine or settings"),
+        pytest.param(
+            lambda p: p.write_text("{not json"),
+            prepared.MANIFEST,
+            "manifest unreadable",
+            marks=pytest.mark.slow,
+            id="garbled-manifest",
+        ),
+        pytest.param(
+            lambda p: p.unlink(), prepared.MATRICES, "weights missing", marks=pytest.mark.slow, id="missing-weights"
+        ),
+    ],
+)
+def test_a_damaged_entry_costs_one_rebuild_and_the_same_tokens(
+    tiny_weights, clean, tmp_path, capsys, damage, file, reason
+):
     folder, reference = clean
     own = tmp_path / "prepared"
     service(tiny_weights, own)  # an entry of this test's own
@@ -159,13 +170,22 @@ def test_checkpoint_identity(tiny_weights, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_starting_together_leave_one_whole_entry(tiny_weights, tmp_path):
-    script = ("import sys; sys.path.insert(0, sys.argv[1]);"
-              "from musicgen_service.serving.service import Service; from musicgen_service.core.settings import Settings;"
-              "from pathlib import Path;"
-              f"Service(Settings(weights_dir=Path(sys.argv[2]), model={MONO_TEXT!r}, device='cpu', "
-              f"decoder={FORMAT!r}, prepared=Path(sys.argv[3])))")
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(ROOT), str(tiny_weights), str(tmp_path)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from musicgen_service.serving.service import Service; from musicgen_service.core.settings import Settings;"
+        "from pathlib import Path;"
+        f"Service(Settings(weights_dir=Path(sys.argv[2]), model={MONO_TEXT!r}, device='cpu', "
+        f"decoder={FORMAT!r}, prepared=Path(sys.argv[3])))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(ROOT), str(tiny_weights), str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len(entries(tmp_path)) == 1 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -183,8 +203,9 @@ def test_leftovers_are_swept_and_the_cache_is_kept_under_its_bound(tmp_path):
 
     from musicgen_service.decoding import prepared
 
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     leftover = tmp_path / f".tmp-{'a' * 32}-{dead}-{'b' * 8}"
     leftover.mkdir()
     (leftover / "matrices.pt").write_bytes(bytes(1000))

@@ -1,4 +1,5 @@
 """The project's contract files: cog.yaml, pins, and the public input schema of predict.py."""
+
 from __future__ import annotations
 
 import ast
@@ -9,14 +10,14 @@ import tokenize
 import typing as tp
 from pathlib import Path
 
+import cog_image
 import pytest
 import yaml
-
-import cog_image
 from seed_schema import SEED_DESCRIPTIONS, SEED_INPUTS
 
 ROOT = Path(__file__).resolve().parent.parent
 COG_SCHEMA = ROOT / "tests" / "data" / "cog_config_schema_v1.0.json"
+
 
 def _cog_schema() -> tp.Dict[str, tp.Any]:
     """The cog.yaml schema copied here, plus ``build.sdk_version``: the copy predates it, Cog's own
@@ -80,14 +81,28 @@ def test_cog_sdk_in_the_image_is_the_one_tested():
 
 def test_dockerignore_keeps_the_model_and_leaves_out_local_state():
     patterns = cog_image.dockerignore_patterns(ROOT)
-    for kept in ("predict.py", "cog.yaml", "requirements.txt", "musicgen_service/serving/service.py",
-                 "weights/README.md", "weights/models--t5-base/blobs/0123abcd",
-                 "weights/models--t5-base/snapshots/f00d/config.json", "bench/results/cpu.md"):
+    for kept in (
+        "predict.py",
+        "cog.yaml",
+        "requirements.txt",
+        "musicgen_service/serving/service.py",
+        "weights/README.md",
+        "weights/models--t5-base/blobs/0123abcd",
+        "weights/models--t5-base/snapshots/f00d/config.json",
+        "bench/results/cpu.md",
+    ):
         assert not cog_image.dockerignored(kept, patterns), kept
-    for dropped in (".git/HEAD", ".venv/bin/python", ".venv-schema/bin/python", ".gpu/site.tar.xz",
-                    "bench/work/models--facebook--musicgen-small/blobs/0123abcd",
-                    "musicgen_service/serving/__pycache__/service.cpython-311.pyc", ".pytest_cache/README.md",
-                    "output.wav", "output-2.mp3"):
+    for dropped in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        ".venv-schema/bin/python",
+        ".gpu/site.tar.xz",
+        "bench/work/models--facebook--musicgen-small/blobs/0123abcd",
+        "musicgen_service/serving/__pycache__/service.cpython-311.pyc",
+        ".pytest_cache/README.md",
+        "output.wav",
+        "output-2.mp3",
+    ):
         assert cog_image.dockerignored(dropped, patterns), dropped
     context = cog_image.build_context(ROOT)
     assert "predict.py" in context and "musicgen_service/weights/hub.py" in context
@@ -122,12 +137,18 @@ def _input_calls() -> tp.Dict[str, ast.Call]:
     such references within the file: its input registry, pkg/schema/python/inputs.go)."""
     tree = ast.parse((ROOT / "predict.py").read_text())
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    calls = {t.targets[0].id: t.value for t in classes["Inputs"].body
-             if isinstance(t, ast.Assign) and isinstance(t.value, ast.Call) and getattr(t.value.func, "id", None) == "Input"}
+    calls = {
+        t.targets[0].id: t.value
+        for t in classes["Inputs"].body
+        if isinstance(t, ast.Assign) and isinstance(t.value, ast.Call) and getattr(t.value.func, "id", None) == "Input"
+    }
     for name in ("Predictor", "StreamingPredictor"):
-        predict = next(n for n in classes[name].body
-                       if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict")
-        params = predict.args.args[len(predict.args.args) - len(predict.args.defaults):]
+        predict = next(
+            n
+            for n in classes[name].body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict"
+        )
+        params = predict.args.args[len(predict.args.args) - len(predict.args.defaults) :]
         refs = [(a.arg, ast.unparse(d)) for a, d in zip(params, predict.args.defaults)]
         assert refs == [(n, f"Inputs.{n}") for n in calls], name
     return calls
@@ -148,8 +169,11 @@ def test_predict_inputs_are_literals_that_cogs_static_schema_parser_reads():
             text = ast.get_source_segment(source, kw.value)
             where = f"{name}: {kw.arg}={text}"
             if kw.arg == "description":
-                tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
-                          if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)]
+                tokens = [
+                    t
+                    for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                    if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
+                ]
                 assert len(tokens) == 1 and tokens[0].type == tokenize.STRING, where
                 assert text[0] in "\"'" and "\\" not in text, where
             elif kw.arg == "choices":

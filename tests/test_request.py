@@ -1,4 +1,5 @@
 """Every input rule: a bad value fails with a message naming the field and the rule."""
+
 from __future__ import annotations
 
 import pytest
@@ -110,13 +111,16 @@ def test_melody_needs_a_melody_model():
 # ------------------------------------------------------------------ extremes
 
 
-@pytest.mark.parametrize("inputs, field", [
-    ({"classifier_free_guidance": 10**400}, "classifier_free_guidance"),  # beyond float range
-    ({"classifier_free_guidance": 1001}, "classifier_free_guidance"),
-    ({"continuation_start": 10**400, "input_audio": "x.wav", "continuation": True}, "continuation_start"),
-    ({"temperature": float("nan")}, "temperature"),
-    ({"top_p": float("inf")}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "inputs, field",
+    [
+        ({"classifier_free_guidance": 10**400}, "classifier_free_guidance"),  # beyond float range
+        ({"classifier_free_guidance": 1001}, "classifier_free_guidance"),
+        ({"continuation_start": 10**400, "input_audio": "x.wav", "continuation": True}, "continuation_start"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": float("inf")}, "top_p"),
+    ],
+)
 def test_extreme_numbers_are_refused_by_rule_not_by_overflow(inputs, field):
     with pytest.raises(InputError) as info:
         parse_request(CAPS, **{"prompt": "x", **inputs})

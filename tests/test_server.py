@@ -3,21 +3,19 @@
 Three servers run in this module: the main one (outputs as data: URIs), one started with
 --upload-url, and one with no weights at all (setup must fail, readably).
 """
+
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-
 from audio_helpers import decode, melody, write
-from server_helpers import ROOT, CogServer, Peer, data_uri_bytes, request
 from seed_schema import SEED_DESCRIPTIONS, SEED_INPUTS
+from server_helpers import ROOT, CogServer, Peer, data_uri_bytes, request
 
 RATE = 32000
 
@@ -94,8 +92,9 @@ def test_openapi_lists_exactly_the_seed_inputs(server):
 def test_committed_schema_matches_predict_py(tmp_path):
     """.cog/openapi_schema.json is what the Cog SDK's generator makes of predict.py today."""
     fresh, stream = tmp_path / "schema.json", tmp_path / "stream.json"
-    subprocess.run([str(ROOT / "script" / "schema"), str(fresh), str(stream)], check=True, cwd=ROOT,
-                   capture_output=True)
+    subprocess.run(
+        [str(ROOT / "script" / "schema"), str(fresh), str(stream)], check=True, cwd=ROOT, capture_output=True
+    )
     committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
     assert json.loads(fresh.read_text()) == committed, "predict.py changed: run script/schema"
     committed = json.loads((ROOT / ".cog" / "stream" / "openapi_schema.json").read_text())
@@ -113,9 +112,14 @@ def test_sync_text_prediction(server, fmt, mime):
     else:
         assert abs(data.shape[1] - 2 * RATE) <= 2 * 1152 + 529
     logs = response.body["logs"]
-    for line in ("model: facebook/musicgen-stereo-melody-large; mode: text", "seed: 1",
-                 "generated 2.0 s / 2.0 s of audio (100%)", "generated 2 s in", "decoded with EnCodec in",
-                 "wrote musicgen-"):
+    for line in (
+        "model: facebook/musicgen-stereo-melody-large; mode: text",
+        "seed: 1",
+        "generated 2.0 s / 2.0 s of audio (100%)",
+        "generated 2 s in",
+        "decoded with EnCodec in",
+        "wrote musicgen-",
+    ):
         assert line in logs, logs
     assert logs.count("generated ") <= 12  # progress every tenth, not every token
 
@@ -132,8 +136,16 @@ def test_melody_from_a_data_uri(server, tmp_path):
 
 
 def test_continuation_from_a_url(server, peer):
-    response = server.predict({"prompt": "jazz", "input_audio": f"{peer.url}/intro.ogg", "continuation": True,
-                               "duration": 1, "output_format": "mp3", "seed": 3})
+    response = server.predict(
+        {
+            "prompt": "jazz",
+            "input_audio": f"{peer.url}/intro.ogg",
+            "continuation": True,
+            "duration": 1,
+            "output_format": "mp3",
+            "seed": 3,
+        }
+    )
     data, rate = audio_of(response)
     assert rate == RATE and data.shape[0] == 2
     assert abs(data.shape[1] - (1.5 + 1) * RATE) <= 2 * 1152 + 529  # 1.5 s of prompt + 1 s
@@ -162,8 +174,12 @@ def test_busy_server_answers_409_beyond_its_concurrency(server, peer):
     slots = yaml.safe_load((ROOT / "cog.yaml").read_text())["concurrency"]["max"]
     ids = [f"busy-{i}" for i in range(slots)]
     for i, pid in enumerate(ids):
-        started = server.predict({"prompt": "long", "duration": 20, "seed": 5 + i}, prediction_id=pid,
-                                 asynchronous=True, webhook=f"{peer.url}/hook")
+        started = server.predict(
+            {"prompt": "long", "duration": 20, "seed": 5 + i},
+            prediction_id=pid,
+            asynchronous=True,
+            webhook=f"{peer.url}/hook",
+        )
         assert started.status == 202
     extra = server.predict({"prompt": "another", "duration": 1}, retry_busy=0)
     assert extra.status == 409, extra
@@ -197,9 +213,12 @@ def test_concurrent_predictions_share_steps_and_equal_their_solo_runs(server):
     """Four predictions at once, different prompts, durations and seeds: none is refused, they share
     decoding steps, each prediction's logs are its own, and each output is bit for bit the output of
     the same request run alone."""
-    requests = [{"prompt": "lo-fi beat", "duration": 2, "seed": 11}, {"prompt": "jazz trio", "duration": 3, "seed": 12},
-                {"prompt": "metal", "duration": 1, "seed": 13, "top_k": 20},
-                {"prompt": "ambient pads", "duration": 2, "seed": 14, "temperature": 0.8, "output_format": "mp3"}]
+    requests = [
+        {"prompt": "lo-fi beat", "duration": 2, "seed": 11},
+        {"prompt": "jazz trio", "duration": 3, "seed": 12},
+        {"prompt": "metal", "duration": 1, "seed": 13, "top_k": 20},
+        {"prompt": "ambient pads", "duration": 2, "seed": 14, "temperature": 0.8, "output_format": "mp3"},
+    ]
     # slots freed by the previous test's cancels can lag its final webhooks by a moment (as a sync
     # answer precedes the freeing of its slot): one prediction first, retried while busy
     assert server.predict({"prompt": "settle", "duration": 1, "seed": 1}).status == 200
@@ -224,7 +243,9 @@ def test_cancel_and_bad_input_inside_a_batch(server, peer):
     runs = {f"batch-{i}": {"prompt": f"tune {i}", "duration": 4, "seed": 20 + i} for i in range(3)}
     for pid, inputs in runs.items():
         assert server.predict(inputs, prediction_id=pid, asynchronous=True, webhook=f"{peer.url}/hook").status == 202
-    bad = server.predict({"prompt": "x", "continuation": True, "duration": 2}, retry_busy=0)  # continuation without audio
+    bad = server.predict(
+        {"prompt": "x", "continuation": True, "duration": 2}, retry_busy=0
+    )  # continuation without audio
     assert bad.status == 200 and bad.body["status"] == "failed" and "input_audio" in bad.body["error"]
     peer.wait_logs("batch-1")
     assert server.cancel("batch-1").status == 200
@@ -236,8 +257,12 @@ def test_cancel_and_bad_input_inside_a_batch(server, peer):
 
 def test_cancel_mid_generation_then_predict_again(server, peer):
     before = server.rss_mb()
-    started = server.predict({"prompt": "epic", "duration": 60, "seed": 6}, prediction_id="cancel-1",
-                             asynchronous=True, webhook=f"{peer.url}/hook")
+    started = server.predict(
+        {"prompt": "epic", "duration": 60, "seed": 6},
+        prediction_id="cancel-1",
+        asynchronous=True,
+        webhook=f"{peer.url}/hook",
+    )
     assert started.status == 202
     peer.wait_logs("cancel-1")  # generation under way
     asked = time.monotonic()
@@ -300,7 +325,7 @@ def test_upload_url_receives_the_file(servers, peer):
     assert response.body["status"] == "succeeded", response.body
     url = response.body["output"]
     assert url.startswith(f"{peer.url}/stored/uploads/musicgen-") and url.endswith(".wav")
-    uploaded = peer.uploads[url[len(f"{peer.url}/stored"):]]
+    uploaded = peer.uploads[url[len(f"{peer.url}/stored") :]]
     path = Path(f"/tmp/upload-test-{time.monotonic_ns()}.wav")
     path.write_bytes(uploaded)
     try:

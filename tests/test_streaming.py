@@ -1,20 +1,19 @@
 """The streaming model's service (musicgen_service/serving/streaming.py, Service.stream) on the tiny set: chunks
 in order, their audio the final file's up to the documented gain, no seams, every mode, the final item
 the main model's very file, and what happens on errors. Through the real server: test_streaming_server.py."""
+
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 from audio_helpers import decode, melody, write
 from conftest import MONO_TEXT, STEREO_MELODY, make_service
+
 from musicgen_service.audio import output_audio as audio_out
-from musicgen_service.serving import streaming
 from musicgen_service.core.errors import InputError
+from musicgen_service.serving import streaming
 
 RATE = 32000
 
@@ -38,7 +37,7 @@ def snr_after_gain(reference: np.ndarray, other: np.ndarray) -> float:
     """SNR (dB) of ``other`` against ``reference`` after the least-squares gain is applied to it."""
     gain = float((reference * other).sum() / max((other * other).sum(), 1e-12))
     noise = reference - gain * other
-    return 10 * math.log10((reference ** 2).sum() / max((noise ** 2).sum(), 1e-20))
+    return 10 * math.log10((reference**2).sum() / max((noise**2).sum(), 1e-20))
 
 
 def joined(chunks) -> np.ndarray:

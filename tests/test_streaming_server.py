@@ -1,6 +1,7 @@
 """The streaming model through the real Cog server (script/serve --stream: coglet with cog.stream.yaml's
 predictor and its schema): SSE while the prediction runs, output webhooks per chunk, uploads named by
 index, cancel mid-stream, melody and continuation, past the window."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from audio_helpers import decode, melody, write
 from server_helpers import CogServer, Peer, data_uri_bytes, request
 from test_streaming import snr_after_gain
@@ -43,9 +43,12 @@ def servers(tiny_weights, tmp_path_factory, peer):
 
 def sse(server: CogServer, inputs: dict, timeout: float = 300):
     """POST with Accept: text/event-stream; yields (seconds since the request, event, data)."""
-    req = urllib.request.Request(f"{server.url}/predictions", data=json.dumps({"input": inputs}).encode(),
-                                 method="POST", headers={"Content-Type": "application/json",
-                                                         "Accept": "text/event-stream"})
+    req = urllib.request.Request(
+        f"{server.url}/predictions",
+        data=json.dumps({"input": inputs}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+    )
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         event = None
@@ -87,8 +90,12 @@ def test_sse_chunks_arrive_while_the_prediction_runs(servers, tmp_path):
 
 def test_output_webhooks_and_uploads_named_by_index(servers, peer):
     server = servers["upload"]
-    response = server.predict({"prompt": "jazz", "duration": 6, "seed": 2}, prediction_id="stream-up-1",
-                              asynchronous=True, webhook=f"{peer.url}/hook")
+    response = server.predict(
+        {"prompt": "jazz", "duration": 6, "seed": 2},
+        prediction_id="stream-up-1",
+        asynchronous=True,
+        webhook=f"{peer.url}/hook",
+    )
     assert response.status == 202
     final = peer.final_webhook("stream-up-1", timeout=300)
     assert final["status"] == "succeeded"
@@ -105,8 +112,12 @@ def test_output_webhooks_and_uploads_named_by_index(servers, peer):
 
 def test_cancel_mid_stream_keeps_the_chunks_sent(servers, peer, tmp_path):
     server = servers["main"]
-    response = server.predict({"prompt": "ambient", "duration": 120, "seed": 1}, prediction_id="stream-cancel-1",
-                              asynchronous=True, webhook=f"{peer.url}/hook")
+    response = server.predict(
+        {"prompt": "ambient", "duration": 120, "seed": 1},
+        prediction_id="stream-cancel-1",
+        asynchronous=True,
+        webhook=f"{peer.url}/hook",
+    )
     assert response.status == 202
     deadline = time.time() + 120
     sent = []
@@ -124,11 +135,14 @@ def test_cancel_mid_stream_keeps_the_chunks_sent(servers, peer, tmp_path):
     assert server.predict({"prompt": "x", "duration": 1, "seed": 1}, retry_busy=30).body["status"] == "succeeded"
 
 
-@pytest.mark.parametrize("inputs, seconds", [
-    ({"input_audio": "{peer}/tune.wav", "duration": 3}, 3),
-    ({"input_audio": "{peer}/tune.wav", "continuation": True, "duration": 2}, 5),
-    ({"duration": 40}, 40),
-])
+@pytest.mark.parametrize(
+    "inputs, seconds",
+    [
+        ({"input_audio": "{peer}/tune.wav", "duration": 3}, 3),
+        ({"input_audio": "{peer}/tune.wav", "continuation": True, "duration": 2}, 5),
+        ({"duration": 40}, 40),
+    ],
+)
 def test_melody_continuation_and_past_the_window(servers, peer, tmp_path, inputs, seconds):
     inputs = {k: (v.format(peer=peer.url) if isinstance(v, str) else v) for k, v in inputs.items()}
     events = [(e, d) for _, e, d in sse(servers["main"], {"prompt": "synth", "seed": 6, **inputs})]

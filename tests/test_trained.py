@@ -1,5 +1,6 @@
 """Trained files from anyone: crafted files are refused before they touch the model, and URLs are
 downloaded within a size and a deadline, never downgraded, never logged with their query."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MONO_TEXT
 from safetensors.torch import save_file
 
-from conftest import MONO_TEXT
+from musicgen_service.core.errors import TrainedError
+from musicgen_service.core.settings import Settings
+from musicgen_service.serving.service import Service
 from musicgen_service.weights import fetch, trained
 from musicgen_service.weights import hub as weights
-from musicgen_service.core.errors import TrainedError
-from musicgen_service.serving.service import Service
-from musicgen_service.core.settings import Settings
 
 
 def base_state(tiny_weights: Path) -> tp.Dict[str, torch.Tensor]:
@@ -32,8 +33,17 @@ def base_state(tiny_weights: Path) -> tp.Dict[str, torch.Tensor]:
 
 def manifest(tiny_weights: Path, **fields: tp.Any) -> tp.Dict[str, tp.Any]:
     lm = weights.musicgen_folder(tiny_weights, MONO_TEXT) / weights.LM_FILE
-    return {"format": trained.FORMAT, "base_model": MONO_TEXT, "base_checkpoint": weights.checkpoint_identity(lm),
-            "method": "lora", "rank": 2, "alpha": 2.0, "training": {"steps": 1}, "final_loss": 1.0, **fields}
+    return {
+        "format": trained.FORMAT,
+        "base_model": MONO_TEXT,
+        "base_checkpoint": weights.checkpoint_identity(lm),
+        "method": "lora",
+        "rank": 2,
+        "alpha": 2.0,
+        "training": {"steps": 1},
+        "final_loss": 1.0,
+        **fields,
+    }
 
 
 def lora_tensors(tiny_weights: Path, rank: int = 2) -> tp.Dict[str, torch.Tensor]:
@@ -49,8 +59,10 @@ def write(path: Path, tensors: tp.Dict[str, torch.Tensor], meta: tp.Any) -> Path
 
 
 def serve(tiny_weights: Path, path: Path) -> Service:
-    return Service(Settings(weights_dir=tiny_weights, model=MONO_TEXT, device="cpu", decoder="exact",
-                            prepared_off=True), trained=str(path))
+    return Service(
+        Settings(weights_dir=tiny_weights, model=MONO_TEXT, device="cpu", decoder="exact", prepared_off=True),
+        trained=str(path),
+    )
 
 
 def crafted(tiny_weights: Path, case: str) -> tp.Tuple[tp.Dict[str, torch.Tensor], tp.Any]:
@@ -76,8 +88,10 @@ def crafted(tiny_weights: Path, case: str) -> tp.Tuple[tp.Dict[str, torch.Tensor
         t[f"{name}.lora_A"] = torch.ones_like(t[f"{name}.lora_A"], dtype=torch.int16)
         return t, m
     if case == "unknown-weight":
-        t = {"transformer.layers.99.linear1.weight.lora_A": torch.ones(2, 4).half(),
-             "transformer.layers.99.linear1.weight.lora_B": torch.ones(4, 2).half()}
+        t = {
+            "transformer.layers.99.linear1.weight.lora_A": torch.ones(2, 4).half(),
+            "transformer.layers.99.linear1.weight.lora_B": torch.ones(4, 2).half(),
+        }
         return t, m
     if case == "method":
         return t, {**m, "method": "dora"}
@@ -89,18 +103,21 @@ def crafted(tiny_weights: Path, case: str) -> tp.Tuple[tp.Dict[str, torch.Tensor
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("not-an-object", "not a JSON object"),
-    ("rank-0", "LoRA rank is 0"),
-    ("alpha-nan", "LoRA alpha is nan"),
-    ("missing-tensor", "lora_B is missing"),
-    ("one-element", "needs [96, 1]"),
-    ("nan-values", "NaN or infinite"),
-    ("integers", "holds torch.int16 values"),
-    ("unknown-weight", "which is no weight matrix"),
-    ("method", "its method is 'dora'"),
-    ("full-wrong-shape", "linears.0.weight is [3, 3]"),
-])
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("not-an-object", "not a JSON object"),
+        ("rank-0", "LoRA rank is 0"),
+        ("alpha-nan", "LoRA alpha is nan"),
+        ("missing-tensor", "lora_B is missing"),
+        ("one-element", "needs [96, 1]"),
+        ("nan-values", "NaN or infinite"),
+        ("integers", "holds torch.int16 values"),
+        ("unknown-weight", "which is no weight matrix"),
+        ("method", "its method is 'dora'"),
+        ("full-wrong-shape", "linears.0.weight is [3, 3]"),
+    ],
+)
 def test_a_crafted_trained_file_is_refused_before_the_model_loads(tiny_weights, tmp_path, case, fragment, monkeypatch):
     tensors, meta = crafted(tiny_weights, case)
     path = write(tmp_path / "crafted.safetensors", tensors, meta)
@@ -151,7 +168,7 @@ class _Files(BaseHTTPRequestHandler):
         self.end_headers()
         if path in self.trickle:
             for i in range(len(data)):
-                self.wfile.write(data[i:i + 1])
+                self.wfile.write(data[i : i + 1])
                 self.wfile.flush()
                 time.sleep(0.05)
             return

@@ -1,5 +1,6 @@
 """Fine-tuning on the tiny model set (CPU): data handling, the loss, LoRA and full training, the trained
 file served back, data parallelism, and every bad input refused before training."""
+
 from __future__ import annotations
 
 import io
@@ -9,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from audio_helpers import melody, write
 from conftest import MONO_MELODY, MONO_TEXT, STEREO_MELODY, make_service
-from musicgen_service.weights import hub as weights
-from musicgen_service.weights import lora, trained
+
 from musicgen_service.core.errors import InputError
 from musicgen_service.core.settings import Settings
 from musicgen_service.training import adapters, dataset, loop, options, run, tokens
+from musicgen_service.weights import lora, trained
 
 RATE = 32000
 
@@ -27,8 +27,9 @@ def settings_for(tiny_weights: Path, model: str = MONO_TEXT) -> Settings:
 
 def opts(tiny_weights: Path, model: str = MONO_TEXT, **kw) -> options.Options:
     kw = {"epochs": 0, "max_steps": 2, "batch_size": 2, "caption": "lo-fi", "seed": 1, **kw}
-    return options.parse(base_model=None, default_model=model,
-                         model_width=run.model_width(settings_for(tiny_weights, model)), **kw)
+    return options.parse(
+        base_model=None, default_model=model, model_width=run.model_width(settings_for(tiny_weights, model)), **kw
+    )
 
 
 def tune(folder: Path, name: str, notes, seconds_per_note: float, rate: int = RATE, channels: int = 1) -> Path:
@@ -87,8 +88,10 @@ def test_padding_is_masked_out_of_the_loss(tiny_weights):
     none = torch.zeros(2, dtype=torch.bool)
     with torch.no_grad():
         out = predict(codes, tokens.conditions(lm, features, [short, long], none, none))
-        per_item = [loop.cross_entropy(out.logits[i:i + 1].float(), codes[i:i + 1], (real & out.mask)[i:i + 1])
-                    for i in range(2)]
+        per_item = [
+            loop.cross_entropy(out.logits[i : i + 1].float(), codes[i : i + 1], (real & out.mask)[i : i + 1])
+            for i in range(2)
+        ]
         alone = loop.loss_of(predict, lm, features, [short], none[:1], none[:1], torch.autocast("cpu", enabled=False))
     assert torch.allclose(per_item[0], alone, atol=1e-5)
 
@@ -145,8 +148,13 @@ def test_training_lowers_the_loss_and_writes_one_file(lora_run):
 @pytest.mark.slow
 def test_same_seed_same_weights(tiny_weights, lora_run, tmp_path):
     res, clip = lora_run
-    again = run.run(clip, opts(tiny_weights, max_steps=30, batch_size=1, learning_rate=1e-2, lora_rank=8),
-                    settings_for(tiny_weights), tmp_path, sample_seconds=0)
+    again = run.run(
+        clip,
+        opts(tiny_weights, max_steps=30, batch_size=1, learning_rate=1e-2, lora_rank=8),
+        settings_for(tiny_weights),
+        tmp_path,
+        sample_seconds=0,
+    )
     a, b = trained.Trained(res.weights).tensors(), trained.Trained(again.weights).tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -193,8 +201,10 @@ def test_every_decoder_serves_the_merged_lora(tiny_weights, lora_run, tmp_path):
 
 def test_another_base_model_is_refused_naming_both(tiny_weights, lora_run):
     res, _ = lora_run
-    with pytest.raises(trained.TrainedError, match="trained on facebook/musicgen-small, but this service serves "
-                                                   "facebook/musicgen-melody"):
+    with pytest.raises(
+        trained.TrainedError,
+        match="trained on facebook/musicgen-small, but this service serves facebook/musicgen-melody",
+    ):
         make_service(tiny_weights, MONO_MELODY, decoder="exact", trained=str(res.weights))
 
 
@@ -222,7 +232,9 @@ def test_lora_attaches_to_the_fused_qkv_parameter_and_merges_exactly(tiny_weight
     name = "transformer.layers.0.self_attn.in_proj_weight"
     before = lm.get_parameter(name).detach().clone()
     loras = adapters.attach(lm, rank=4, alpha=4.0, seed=0)
-    assert name in loras and not lm.transformer.layers[0].self_attn.parametrizations.in_proj_weight.original.requires_grad
+    assert (
+        name in loras and not lm.transformer.layers[0].self_attn.parametrizations.in_proj_weight.original.requires_grad
+    )
     with torch.no_grad():
         loras[name].B.normal_()
     expected = before + loras[name].B @ loras[name].A
@@ -235,6 +247,7 @@ def test_lora_attaches_to_the_fused_qkv_parameter_and_merges_exactly(tiny_weight
 
 
 # ------------------------------------------------------------------------------------------ bad input
+
 
 def _zip(path: Path, members: dict) -> Path:
     with zipfile.ZipFile(path, "w") as z:
@@ -257,14 +270,17 @@ def _train(tiny_weights, data: Path, tmp_path: Path, **kw):
     return run.run(data, opts(tiny_weights, **kw), settings_for(tiny_weights), out, sample_seconds=0), out
 
 
-@pytest.mark.parametrize("members, message", [
-    ({}, "holds no audio file"),
-    ({"readme.txt": b"hello", "cover.jpg": b"\xff\xd8"}, "holds no audio file"),
-    ({"a.wav": _wav_bytes(1.0), "b.wav": _wav_bytes(0.5)}, "every file is shorter than 2 s"),
-    ({"a.wav": b"RIFF not really a wav"}, "could not be decoded"),
-    ({"/etc/evil.wav": _wav_bytes(3)}, "has an absolute path: refused"),
-    ({"../evil.wav": _wav_bytes(3)}, "has a '..' component: refused"),
-])
+@pytest.mark.parametrize(
+    "members, message",
+    [
+        ({}, "holds no audio file"),
+        ({"readme.txt": b"hello", "cover.jpg": b"\xff\xd8"}, "holds no audio file"),
+        ({"a.wav": _wav_bytes(1.0), "b.wav": _wav_bytes(0.5)}, "every file is shorter than 2 s"),
+        ({"a.wav": b"RIFF not really a wav"}, "could not be decoded"),
+        ({"/etc/evil.wav": _wav_bytes(3)}, "has an absolute path: refused"),
+        ({"../evil.wav": _wav_bytes(3)}, "has a '..' component: refused"),
+    ],
+)
 def test_bad_archives_are_refused_before_training(tiny_weights, tmp_path, members, message):
     data = _zip(tmp_path / "data.zip", members)
     with pytest.raises(InputError, match=message) as info:
@@ -300,19 +316,30 @@ def test_damaged_archive_and_limits(tiny_weights, tmp_path, monkeypatch):
         _train(tiny_weights, good, tmp_path)
 
 
-@pytest.mark.parametrize("settings, field, message", [
-    ({"batch_size": 0}, "batch_size", "at least 1"),
-    ({"lora_rank": 100}, "lora_rank", "at most 32, the narrowest adapted matrix"),
-    ({"base_model": "facebook/musicgen-large"}, "base_model", "not in the weights folder; training never downloads"),
-    ({"gradient_accumulation": 3, "batch_size": 4}, "gradient_accumulation", "must divide batch_size"),
-    ({"method": "dora"}, "method", "must be one of lora, full"),
-    ({"learning_rate": 5.0}, "learning_rate", "at most 0.1"),
-])
+@pytest.mark.parametrize(
+    "settings, field, message",
+    [
+        ({"batch_size": 0}, "batch_size", "at least 1"),
+        ({"lora_rank": 100}, "lora_rank", "at most 32, the narrowest adapted matrix"),
+        (
+            {"base_model": "facebook/musicgen-large"},
+            "base_model",
+            "not in the weights folder; training never downloads",
+        ),
+        ({"gradient_accumulation": 3, "batch_size": 4}, "gradient_accumulation", "must divide batch_size"),
+        ({"method": "dora"}, "method", "must be one of lora, full"),
+        ({"learning_rate": 5.0}, "learning_rate", "at most 0.1"),
+    ],
+)
 def test_impossible_settings_are_named(tiny_weights, settings, field, message):
     base = settings.pop("base_model", None)
     with pytest.raises(InputError, match=message) as info:
-        options.parse(base_model=base, default_model=MONO_TEXT, model_width=run.model_width(
-            settings_for(tiny_weights)), **{"seed": 1, **settings})
+        options.parse(
+            base_model=base,
+            default_model=MONO_TEXT,
+            model_width=run.model_width(settings_for(tiny_weights)),
+            **{"seed": 1, **settings},
+        )
     assert field in info.value.fields
 
 
@@ -321,8 +348,10 @@ def test_data_parallel_update_equals_one_process_with_the_same_global_batch(tiny
     """Two CPU processes (gloo), each with half of every update's batch, against one process with
     the whole batch: the same gradient norms and the same adapters, within float tolerance."""
     m = make_service(tiny_weights, MONO_TEXT, decoder="exact").model
-    segs = [dataset.Segment(f"{i}.wav", 0.0, torch.from_numpy(melody([262 + 40 * i, 392], 1.0, RATE, 1)), "lo-fi")
-            for i in range(4)]
+    segs = [
+        dataset.Segment(f"{i}.wav", 0.0, torch.from_numpy(melody([262 + 40 * i, 392], 1.0, RATE, 1)), "lo-fi")
+        for i in range(4)
+    ]
     features = tokens.compute(m, segs, "lo-fi")
     o = opts(tiny_weights, max_steps=2, batch_size=4, learning_rate=1e-3)
     state, history = run.train_processes(settings_for(tiny_weights), o, features, 2, "gloo", tmp_path)

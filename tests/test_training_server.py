@@ -1,6 +1,7 @@
 """Fine-tuning through the real Cog server (coglet in train mode, as `cog train` runs an image): sync and
 async trainings with webhooks, cancel, then trained versions served by a prediction server started
 with COG_WEIGHTS (a path, and a URL downloaded by content)."""
+
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from audio_helpers import decode, melody, write
 from server_helpers import CogServer, Peer, data_uri_bytes
 
@@ -54,8 +54,15 @@ def trainer(tiny_weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_file(trainer, dataset_zip, tmp_path_factory) -> Path:
-    response = trainer.train({"dataset": data_uri(dataset_zip, "application/zip"), "epochs": 2, "batch_size": 2,
-                              "caption": "lo-fi", "seed": 4})
+    response = trainer.train(
+        {
+            "dataset": data_uri(dataset_zip, "application/zip"),
+            "epochs": 2,
+            "batch_size": 2,
+            "caption": "lo-fi",
+            "seed": 4,
+        }
+    )
     assert response.status == 200 and response.body["status"] == "succeeded", response.body
     out = response.body["output"]
     assert set(out) == {"weights", "loss_curve", "sample_before", "sample_after"}
@@ -64,8 +71,13 @@ def trained_file(trainer, dataset_zip, tmp_path_factory) -> Path:
         mime, data = data_uri_bytes(out[key])
         assert mime in ("audio/wav", "audio/x-wav", "audio/wave") and data[:4] == b"RIFF"
     logs = response.body["logs"]
-    for line in ("dataset: 2 segments", "training: 2 updates", "allocator: blocks from 1024 KiB up mapped", "step 2/2",
-                 "trained file: musicgen-small-lora.safetensors"):
+    for line in (
+        "dataset: 2 segments",
+        "training: 2 updates",
+        "allocator: blocks from 1024 KiB up mapped",
+        "step 2/2",
+        "trained file: musicgen-small-lora.safetensors",
+    ):
         assert line in logs, logs[-3000:]
     path = tmp_path_factory.mktemp("trained") / "musicgen-small-lora.safetensors"
     path.write_bytes(data_uri_bytes(out["weights"])[1])
@@ -73,9 +85,12 @@ def trained_file(trainer, dataset_zip, tmp_path_factory) -> Path:
 
 
 def test_async_training_with_webhooks(trainer, dataset_zip, peer, trained_file):
-    response = trainer.train({"dataset": data_uri(dataset_zip, "application/zip"), "epochs": 1, "batch_size": 2,
-                              "seed": 4}, training_id="train-async-1", asynchronous=True,
-                             webhook=f"{peer.url}/hook")
+    response = trainer.train(
+        {"dataset": data_uri(dataset_zip, "application/zip"), "epochs": 1, "batch_size": 2, "seed": 4},
+        training_id="train-async-1",
+        asynchronous=True,
+        webhook=f"{peer.url}/hook",
+    )
     assert response.status == 202, response.body
     final = peer.final_webhook("train-async-1", timeout=300)
     assert final["status"] == "succeeded", final.get("error")
@@ -93,9 +108,18 @@ def test_bad_training_input_fails_with_the_rule(trainer, tmp_path):
 
 
 def test_cancel_a_training(trainer, dataset_zip, peer):
-    response = trainer.train({"dataset": data_uri(dataset_zip, "application/zip"), "epochs": 0, "max_steps": 100000,
-                              "batch_size": 2, "seed": 5}, training_id="train-cancel-1", asynchronous=True,
-                             webhook=f"{peer.url}/hook")
+    response = trainer.train(
+        {
+            "dataset": data_uri(dataset_zip, "application/zip"),
+            "epochs": 0,
+            "max_steps": 100000,
+            "batch_size": 2,
+            "seed": 5,
+        },
+        training_id="train-cancel-1",
+        asynchronous=True,
+        webhook=f"{peer.url}/hook",
+    )
     assert response.status == 202
     deadline = time.time() + 120
     while time.time() < deadline:  # wait for the updates to start
@@ -116,9 +140,16 @@ def test_a_trained_version_serves_predictions(tiny_weights, trained_file, peer, 
     (Path(peer.folder) / "v1" / trained_file.name).write_bytes(trained_file.read_bytes())
     cache = tmp_path / "weights-cache"  # an empty folder of its own for downloads: MUSICGEN_WEIGHTS stays tiny
     for source in (str(trained_file), f"{peer.url}/v1/{trained_file.name}"):
-        server = CogServer(tiny_weights, tmp_path / f"serve-{hashlib.md5(source.encode()).hexdigest()}.log",
-                           env={"MUSICGEN_MODEL": MODEL, "COG_WEIGHTS": source, "XDG_CACHE_HOME": str(cache),
-                                "MUSICGEN_DECODER": "exact"})
+        server = CogServer(
+            tiny_weights,
+            tmp_path / f"serve-{hashlib.md5(source.encode()).hexdigest()}.log",
+            env={
+                "MUSICGEN_MODEL": MODEL,
+                "COG_WEIGHTS": source,
+                "XDG_CACHE_HOME": str(cache),
+                "MUSICGEN_DECODER": "exact",
+            },
+        )
         try:
             server.wait()
             setup_logs = server.health()["setup"]["logs"]
@@ -156,6 +187,7 @@ def test_an_archive_bomb_is_refused_and_the_trainer_keeps_working(trainer, datas
     assert response.body["status"] == "failed", response.body
     assert "dataset: the archive holds more than" in response.body["error"], response.body["error"]
     assert time.monotonic() - start < 30  # (the server's own download of 22 MB included)
-    response = trainer.train({"dataset": data_uri(dataset_zip, "application/zip"), "epochs": 1, "batch_size": 2,
-                              "seed": 4})
+    response = trainer.train(
+        {"dataset": data_uri(dataset_zip, "application/zip"), "epochs": 1, "batch_size": 2, "seed": 4}
+    )
     assert response.body["status"] == "succeeded", response.body.get("error")

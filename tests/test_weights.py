@@ -1,4 +1,5 @@
 """The weights folder: hub layout, missing-file errors, local checkpoints, downloads."""
+
 from __future__ import annotations
 
 import hashlib
@@ -119,7 +120,7 @@ class _LocalHubHandler(BaseHTTPRequestHandler):
             self.end_headers()
             return
         data = path.read_bytes()
-        start = int(self.headers.get("Range", "bytes=0-")[len("bytes="):].split("-")[0])
+        start = int(self.headers.get("Range", "bytes=0-")[len("bytes=") :].split("-")[0])
         self.send_response(206 if start else 200)
         self.send_header("X-Repo-Commit", hashlib.sha1(repo.encode()).hexdigest())
         self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
@@ -131,7 +132,7 @@ class _LocalHubHandler(BaseHTTPRequestHandler):
         if self.server.hold == f and start == 0:
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            half = data[:len(data) // 2]
+            half = data[: len(data) // 2]
             self.wfile.write(b"%x\r\n%s\r\n" % (len(half), half))
             self.wfile.flush()
             self.server.release.wait(120)
@@ -144,14 +145,21 @@ class _LocalHubHandler(BaseHTTPRequestHandler):
 
 def download_weights(*args: str, **env: str) -> subprocess.Popen:
     """``script/download-weights`` in a user's environment (not the tests' offline hub settings)."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "MUSICGEN_"))
-            or k == "MUSICGEN_VENV"}
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_", "TRANSFORMERS_", "MUSICGEN_")) or k == "MUSICGEN_VENV"
+    }
     # Ctrl-C delivered as in a terminal's foreground job: a test run started in the background by a
     # shell without job control inherits SIGINT ignored, and Python then never raises KeyboardInterrupt
-    return subprocess.Popen([str(ROOT / "script" / "download-weights"), *args],
-                            env={**base, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        [str(ROOT / "script" / "download-weights"), *args],
+        env={**base, "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def one_line_error(proc: subprocess.Popen, code: int) -> str:
@@ -175,8 +183,9 @@ def test_download_with_a_bad_setting_or_model_says_so_in_one_line(tmp_path, tiny
     err = one_line_error(download_weights("--weights", str(tmp_path), MUSICGEN_MBD="sometimes"), 2)
     assert "MUSICGEN_MBD must be one of eager, lazy, off; got 'sometimes'" in err
     hub = LocalHub(tiny_weights)
-    err = one_line_error(download_weights("--weights", str(tmp_path), "--model", "facebook/musicgen-tiny",
-                                          HF_ENDPOINT=hub.url), 1)
+    err = one_line_error(
+        download_weights("--weights", str(tmp_path), "--model", "facebook/musicgen-tiny", HF_ENDPOINT=hub.url), 1
+    )
     assert "has no file state_dict.bin" in err, err
     hub.shutdown()
 

@@ -29,6 +29,7 @@ copied into one float32 buffer on the CPU, the only full-length copy.
 :func:`encode` streams the SEANet encoder the same way (continuation prompts may be minutes
 long). A compression model of another kind is run in one call, as audiocraft does.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,7 @@ def decode(compression_model: tp.Any, codes: tp.Any, chunk_frames: int = CHUNK_F
                 end = min(start + chunk_frames, frames)
                 piece = stream.push(codec.decode_latent(row_codes[..., start:end]), last=end == frames)
                 if piece is not None:
-                    target[written:written + piece.shape[-1]].copy_(piece[0, 0])
+                    target[written : written + piece.shape[-1]].copy_(piece[0, 0])
                     written += piece.shape[-1]
             assert written == target.shape[-1], (written, target.shape)
     return out
@@ -116,8 +117,9 @@ def encode(compression_model: tp.Any, wav: tp.Any, chunk_frames: int = CHUNK_FRA
     codec, streams = _mono_codec(compression_model)
     encoder = getattr(codec, "encoder", None)
     if streams is None or getattr(codec, "renormalize", True) or not _streamable(getattr(encoder, "model", None)):
-        log.info("%s: encoded in one call (not a SEANet EnCodec without renormalization)",
-                 type(compression_model).__name__)
+        log.info(
+            "%s: encoded in one call (not a SEANet EnCodec without renormalization)", type(compression_model).__name__
+        )
         return compression_model.encode(wav)[0]
     hop = int(round(codec.sample_rate / codec.frame_rate))
     step = chunk_frames * hop
@@ -125,7 +127,7 @@ def encode(compression_model: tp.Any, wav: tp.Any, chunk_frames: int = CHUNK_FRA
     with torch.inference_mode():
         for channel in range(streams.count):  # left rows first, as streams.split orders them
             for b in range(wav.shape[0]):
-                row = wav[b:b + 1, channel:channel + 1]
+                row = wav[b : b + 1, channel : channel + 1]
                 stream = _Stream(encoder.model, unit=hop)
                 pieces = []
                 for start in range(0, row.shape[-1], step):
@@ -138,6 +140,7 @@ def encode(compression_model: tp.Any, wav: tp.Any, chunk_frames: int = CHUNK_FRA
 
 
 # ------------------------------------------------------------------------------------ streams
+
 
 class _Streams:
     """How a model's channels map to mono code streams: one for a mono EnCodec, two (left and
@@ -185,12 +188,23 @@ def _is_lstm(layer: tp.Any) -> bool:
 
 def _local_types() -> tp.Tuple[type, ...]:
     """Layers whose outputs depend on a bounded span of their inputs."""
-    from torch import nn
     from audiocraft.modules.conv import StreamableConv1d, StreamableConvTranspose1d
     from audiocraft.modules.seanet import SEANetResnetBlock
+    from torch import nn
 
-    return (StreamableConv1d, StreamableConvTranspose1d, SEANetResnetBlock, nn.Identity, nn.ELU, nn.ReLU,
-            nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+    return (
+        StreamableConv1d,
+        StreamableConvTranspose1d,
+        SEANetResnetBlock,
+        nn.Identity,
+        nn.ELU,
+        nn.ReLU,
+        nn.LeakyReLU,
+        nn.GELU,
+        nn.SiLU,
+        nn.Tanh,
+        nn.Sigmoid,
+    )
 
 
 def _streamable(model: tp.Any) -> bool:
@@ -255,9 +269,9 @@ class _Local:
             return None
         w0 = max(self.done - self.margin, 0)
         w1 = self.seen if last else end + self.margin
-        y = self.layers(self.buffer[..., w0 - self.kept:w1 - self.kept])
+        y = self.layers(self.buffer[..., w0 - self.kept : w1 - self.kept])
         first = int((self.done - w0) * self.ratio)
-        y = y[..., first:] if last else y[..., first:first + int((end - self.done) * self.ratio)]
+        y = y[..., first:] if last else y[..., first : first + int((end - self.done) * self.ratio)]
         self.done = end
         drop = max(self.done - self.margin, 0) - self.kept
         self.buffer, self.kept = self.buffer[..., drop:], self.kept + drop

@@ -23,6 +23,7 @@ claims before decoding, and the decoded length while decoding (a header can lie)
 ``InputError`` naming ``input_audio`` (or the continuation bounds) in plain words, never a decoder
 stack trace.
 """
+
 from __future__ import annotations
 
 import typing as tp
@@ -79,9 +80,16 @@ def check_size(path: Path, max_bytes: tp.Optional[int] = None, field: str = FIEL
         _fail(f"the file is {size / 2**20:.0f} MB; the limit is {max_bytes / 2**20:.0f} MB", field)
 
 
-def load(path: tp.Union[str, Path], sample_rate: int, channels: int, start: float = 0.0,
-         end: tp.Optional[float] = None, max_bytes: tp.Optional[int] = None,
-         max_seconds: tp.Optional[float] = None, field: str = FIELD) -> Clip:
+def load(
+    path: tp.Union[str, Path],
+    sample_rate: int,
+    channels: int,
+    start: float = 0.0,
+    end: tp.Optional[float] = None,
+    max_bytes: tp.Optional[int] = None,
+    max_seconds: tp.Optional[float] = None,
+    field: str = FIELD,
+) -> Clip:
     """Decode ``path`` from ``start`` to ``end`` seconds (None: to the end) as float32
     ``[channels, samples]`` at ``sample_rate``.
 
@@ -93,8 +101,12 @@ def load(path: tp.Union[str, Path], sample_rate: int, channels: int, start: floa
 
     decoding = Decoding(path, sample_rate, channels, start, end, max_bytes, max_seconds, field)
     pieces = list(decoding)
-    return Clip(wav=torch.cat(pieces, dim=1), sample_rate=sample_rate, start=decoding.first / sample_rate,
-                file_seconds=decoding.file_seconds)
+    return Clip(
+        wav=torch.cat(pieces, dim=1),
+        sample_rate=sample_rate,
+        start=decoding.first / sample_rate,
+        file_seconds=decoding.file_seconds,
+    )
 
 
 class Decoding:
@@ -105,9 +117,17 @@ class Decoding:
     piece where it can (size, container, declared length) and else where it shows: a caller that keeps
     pieces must drop them when iteration raises."""
 
-    def __init__(self, path: tp.Union[str, Path], sample_rate: int, channels: int, start: float = 0.0,
-                 end: tp.Optional[float] = None, max_bytes: tp.Optional[int] = None,
-                 max_seconds: tp.Optional[float] = None, field: str = FIELD):
+    def __init__(
+        self,
+        path: tp.Union[str, Path],
+        sample_rate: int,
+        channels: int,
+        start: float = 0.0,
+        end: tp.Optional[float] = None,
+        max_bytes: tp.Optional[int] = None,
+        max_seconds: tp.Optional[float] = None,
+        field: str = FIELD,
+    ):
         self.path = Path(path)
         self.sample_rate, self.channels, self.field = sample_rate, channels, field
         self.start = start
@@ -122,8 +142,7 @@ class Decoding:
 
     def _check_rate(self, rate: tp.Optional[int]) -> None:
         if rate is not None and rate and not MIN_SOURCE_RATE <= rate <= MAX_SOURCE_RATE:
-            self.fail(f"is damaged: its sample rate is {rate} Hz (audio is {MIN_SOURCE_RATE} to "
-                      f"{MAX_SOURCE_RATE} Hz)")
+            self.fail(f"is damaged: its sample rate is {rate} Hz (audio is {MIN_SOURCE_RATE} to {MAX_SOURCE_RATE} Hz)")
 
     def __iter__(self) -> tp.Iterator[tp.Any]:
         import av
@@ -161,6 +180,7 @@ class Decoding:
         limit = int(self.max_seconds * rate)
         decoded = 0  # samples at the model's rate since the start of the file
         reached_end = True
+
         def checked(frames: tp.Iterable[tp.Any]) -> tp.Iterator[tp.Any]:
             """Each frame's rate, and the length it resamples to, checked before it is resampled."""
             for frame in frames:
@@ -186,12 +206,17 @@ class Decoding:
         if decoded == 0:
             self.fail("contains no audio samples")
         total = decoded / rate
-        if (reached_end and declared is not None and media.format.name not in _ESTIMATED_DURATION_FORMATS
-                and total < declared - max(_TRUNCATION_TOLERANCE, 0.02 * declared)):
+        if (
+            reached_end
+            and declared is not None
+            and media.format.name not in _ESTIMATED_DURATION_FORMATS
+            and total < declared - max(_TRUNCATION_TOLERANCE, 0.02 * declared)
+        ):
             self.fail(f"is truncated: its header says {declared:.1f} s but only {total:.1f} s could be decoded")
         if first >= decoded:
-            self.fail(f"is {total:.1f} s long, so continuation_start ({self.start:g} s) is past its end",
-                      "continuation_start")
+            self.fail(
+                f"is {total:.1f} s long, so continuation_start ({self.start:g} s) is past its end", "continuation_start"
+            )
         self.file_seconds = total if reached_end else None
 
 
@@ -312,15 +337,16 @@ def _what_else(head: bytes) -> str:
         return ": this is a playlist (HLS/m3u), not audio"
     if text[:10].lower().startswith(b"ffconcat") or text.startswith(b"file "):
         return ": this is a list of files, not audio"
-    if text.startswith((b"v=0", b"<?xml", b"<", b"{", b"[")) or all(32 <= c < 127 or c in (9, 10, 13) for c in head[:32]):
+    if text.startswith((b"v=0", b"<?xml", b"<", b"{", b"[")) or all(
+        32 <= c < 127 or c in (9, 10, 13) for c in head[:32]
+    ):
         return ": this is a text file"
     if head[:8] == b"\x89PNG\r\n\x1a\n" or head[:3] == b"\xff\xd8\xff" or head[:4] in (b"GIF8", b"%PDF"):
         return ": this is an image or document"
     return ""
 
 
-def _kept(frame: tp.Any, decoded: int, first: int, last: tp.Optional[int],
-          channels: int) -> tp.Tuple[tp.Any, int]:
+def _kept(frame: tp.Any, decoded: int, first: int, last: tp.Optional[int], channels: int) -> tp.Tuple[tp.Any, int]:
     """The part of ``frame`` inside [first, last) as ``channels`` channels (None: nothing of it), and the
     new count of decoded samples."""
     import torch

@@ -16,6 +16,7 @@ window's decode, and joins have no clicks; up to one window, the decode is exact
 Cost: MBD is about 500x the FLOPs of an EnCodec decode. On a GPU that is about a
 second for 30 s of audio; on a CPU, minutes (see docs/multiband-diffusion.md).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,13 +32,26 @@ def check_compatible(mbd: tp.Any, compression_model: tp.Any) -> None:
     """MBD for MusicGen decodes 32 kHz, 50 Hz, 4-codebook EnCodec tokens; refuse other models."""
     codec = getattr(compression_model, "model", compression_model)  # stereo wrapper -> mono codec
     ours = (codec.sample_rate, codec.frame_rate, codec.num_codebooks, codec.cardinality)
-    theirs = (mbd.codec_model.sample_rate, mbd.codec_model.frame_rate, mbd.codec_model.num_codebooks,
-              mbd.codec_model.cardinality)
+    theirs = (
+        mbd.codec_model.sample_rate,
+        mbd.codec_model.frame_rate,
+        mbd.codec_model.num_codebooks,
+        mbd.codec_model.cardinality,
+    )
     if ours != theirs:
-        raise InputError([("multi_band_diffusion", (
-            "this model's tokens (%d Hz, %g frames/s, %d codebooks of %d) are not the ones MultiBand "
-            "Diffusion decodes (%d Hz, %g frames/s, %d codebooks of %d): use the EnCodec decoder "
-            "(multi_band_diffusion=false)") % (ours + theirs))])
+        raise InputError(
+            [
+                (
+                    "multi_band_diffusion",
+                    (
+                        "this model's tokens (%d Hz, %g frames/s, %d codebooks of %d) are not the ones MultiBand "
+                        "Diffusion decodes (%d Hz, %g frames/s, %d codebooks of %d): use the EnCodec decoder "
+                        "(multi_band_diffusion=false)"
+                    )
+                    % (ours + theirs),
+                )
+            ]
+        )
 
 
 def tokens_to_wav(mbd: tp.Any, compression_model: tp.Any, tokens: tp.Any) -> tp.Any:
@@ -65,7 +79,7 @@ def _windowed(mbd: tp.Any, codes: tp.Any) -> tp.Any:
     overlap = int(OVERLAP_SECONDS * frame_rate)
     out = samples_per_frame = None
     for start in range(0, total - overlap, window - overlap):
-        piece = mbd.tokens_to_wav(codes[..., start:min(start + window, total)]).float().cpu()
+        piece = mbd.tokens_to_wav(codes[..., start : min(start + window, total)]).float().cpu()
         if out is None:
             import torch
 
@@ -102,11 +116,11 @@ def join(out: tp.Any, position: int, piece: tp.Any, overlap: int, correlated: bo
 
     end = position + piece.shape[-1]
     if overlap:
-        head, new = out[..., position:position + overlap], piece[..., :overlap]
+        head, new = out[..., position : position + overlap], piece[..., :overlap]
         t = (torch.arange(overlap, dtype=out.dtype) + 0.5) / overlap
         fade_in, fade_out = torch.sin(t * math.pi / 2), torch.cos(t * math.pi / 2)
         norms = head.norm(dim=-1, keepdim=True) * new.norm(dim=-1, keepdim=True)
         rho = ((head * new).sum(dim=-1, keepdim=True) / norms.clamp_min(1e-12)).clamp(0, 1) * correlated
         gain = (1 + 2 * fade_in * fade_out * rho).rsqrt()
         head.mul_(fade_out * gain).add_(new * (fade_in * gain))
-    out[..., position + overlap:end].copy_(piece[..., overlap:])
+    out[..., position + overlap : end].copy_(piece[..., overlap:])

@@ -22,6 +22,7 @@ Each output is written to a fresh temporary folder under a temporary name and
 renamed into place once complete: a failed write leaves nothing behind, and
 concurrent predictions never share a file.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,7 @@ def _normalize(wav: tp.Any, sample_rate: int, strategy: str) -> tp.Any:
         rms = torch.tensor(math.sqrt(mean_square / wav.shape[-1]), dtype=torch.float32)
         _scale(wav, 10 ** (-RMS_HEADROOM_DB / 20) / rms)
     elif strategy == "loudness":
-        energy = math.sqrt(sum(wav[:, b].pow(2).sum(dtype=torch.float64) for b in _blocks(wav.shape[-1]))
-                           / wav.numel())
+        energy = math.sqrt(sum(wav[:, b].pow(2).sum(dtype=torch.float64) for b in _blocks(wav.shape[-1])) / wav.numel())
         if energy >= LOUDNESS_ENERGY_FLOOR:
             gain = 10.0 ** ((-LOUDNESS_HEADROOM_DB - loudness(wav, sample_rate)) / 20.0)
             _apply(wav, lambda x: x.mul_(gain).tanh_())  # audiocraft's loudness_compressor
@@ -139,8 +139,10 @@ def loudness(wav: tp.Any, sample_rate: int) -> float:
 
         return torchaudio.functional.loudness(wav, sample_rate).item()
     # torchaudio's K-weighting: treble_biquad(4 dB, 1500 Hz, Q 1/sqrt(2)), highpass_biquad(38 Hz, Q 0.5)
-    filters = [_Biquad(*_treble_coefficients(sample_rate, 4.0, 1500.0, 1 / math.sqrt(2)), channels),
-               _Biquad(*_highpass_coefficients(sample_rate, 38.0, 0.5), channels)]
+    filters = [
+        _Biquad(*_treble_coefficients(sample_rate, 4.0, 1500.0, 1 / math.sqrt(2)), channels),
+        _Biquad(*_highpass_coefficients(sample_rate, 38.0, 0.5), channels),
+    ]
     hops = []  # [C, n] energy sums of whole 100 ms hops
     for b in _blocks(wav.shape[-1], size=step * math.ceil(BLOCK / step)):
         x = wav[:, b]

@@ -8,6 +8,7 @@ prepared decoder per checkpoint, settings and machine; one file per trained vers
 bounded by :func:`evict_least_recent`: past a size, the entries used least recently go first, never
 the one in use.
 """
+
 from __future__ import annotations
 
 import os
@@ -122,6 +123,10 @@ def evict_least_recent(entries: tp.Iterable[Entry], max_bytes: int, keep: tp.Ite
         total -= e.size
         removed.append(e.path)
     if removed:
-        log.info("cache over %.1f GB: removed the %d least recently used: %s", max_bytes / 1e9, len(removed),
-                 ", ".join(p.name for p in removed))
+        log.info(
+            "cache over %.1f GB: removed the %d least recently used: %s",
+            max_bytes / 1e9,
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
     return removed

@@ -5,6 +5,7 @@ or an operational fault.
 Raised where each rule lives (the request's, the dataset's, the weights folder's...), always with a
 message that names what to change.
 """
+
 from __future__ import annotations
 
 import typing as tp

@@ -18,6 +18,7 @@ starts. Instead:
   age; other live processes' folders are left alone;
 - at exit, this process's folders are removed.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -77,7 +78,7 @@ def remove_folder(folder: tp.Optional[Path]) -> None:
 
 def _owner(folder: Path) -> tp.Optional[int]:
     try:
-        return int(folder.name[len(PREFIX):].split("-", 1)[0])
+        return int(folder.name[len(PREFIX) :].split("-", 1)[0])
     except ValueError:
         return None
 

@@ -36,6 +36,7 @@ something tests with ``isinstance``).
 ``tests/test_imports.py`` checks what a setup and a prediction import, and that each stand-in
 delivers the real object.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,7 +82,7 @@ def _spec(name: str) -> tp.Any:
     for i in range(1, len(parts)):
         if spec is None or not spec.submodule_search_locations:
             return None
-        spec = PathFinder.find_spec(".".join(parts[:i + 1]), spec.submodule_search_locations)
+        spec = PathFinder.find_spec(".".join(parts[: i + 1]), spec.submodule_search_locations)
     return spec
 
 

@@ -1,4 +1,5 @@
 """Limits that predictions and trainings share (each is a rule of both)."""
+
 from __future__ import annotations
 
 MAX_SEED = 2**32 - 1  # a seed is a 32-bit unsigned integer (numpy's generators take no more)

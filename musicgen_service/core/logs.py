@@ -4,6 +4,7 @@ Cog shows a prediction's stdout/stderr as its logs. The handler looks up
 ``sys.stdout`` at every record (rather than holding the stream it saw at
 start-up) so that Cog's per-prediction capture of stdout receives the lines.
 """
+
 from __future__ import annotations
 
 import contextlib

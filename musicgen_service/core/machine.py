@@ -1,4 +1,5 @@
 """What this machine's CPU is, as the speed paths and the caches keyed by them need it."""
+
 from __future__ import annotations
 
 import functools
@@ -7,7 +8,7 @@ import typing as tp
 
 @functools.lru_cache(maxsize=1)
 def _cpuinfo() -> tp.Tuple[str, tp.FrozenSet[str]]:
-    model, flags = "", frozenset()
+    model, flags = "", frozenset[str]()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

@@ -17,6 +17,7 @@ environment at all.
 | ``MUSICGEN_PREPARED_MAX_GB``| ``24``                                  | each prepared-decoder folder is kept under this size: the least recently used entries are removed past it |
 | ``MUSICGEN_TRAINED``       | none                                     | a trained file (or a folder holding one) to serve on top of ``MUSICGEN_MODEL`` (``trained``); ``setup(weights=...)``, Cog's ``COG_WEIGHTS``, wins over it. Downloads go to ``<weights>/trained`` (else ``$XDG_CACHE_HOME/musicgen/trained``) |
 """
+
 from __future__ import annotations
 
 import os

@@ -37,7 +37,8 @@ import typing as tp
 
 import torch
 
-from . import formats, precision as precisions
+from . import formats
+from . import precision as precisions
 from .runner import Runner, unsupported_reason
 
 if tp.TYPE_CHECKING:
@@ -67,9 +68,15 @@ def _return_freed_memory() -> None:
 class Decoder:
     """Generates with one LM in one mode; prepares (and caches) that mode's weights once."""
 
-    def __init__(self, lm: tp.Any, mode: str = "exact", use_cuda_graphs: bool = True,
-                 static_steps: tp.Optional[bool] = None, rows: int = 2,
-                 prepared: tp.Optional["PreparedDecoder"] = None):
+    def __init__(
+        self,
+        lm: tp.Any,
+        mode: str = "exact",
+        use_cuda_graphs: bool = True,
+        static_steps: tp.Optional[bool] = None,
+        rows: int = 2,
+        prepared: tp.Optional["PreparedDecoder"] = None,
+    ):
         """``static_steps``: run through the static loop (:mod:`.graphs`; default: on CUDA, for every
         mode but ``exact``, where its steps are recorded as CUDA graphs unless ``use_cuda_graphs`` is
         False); on the CPU it runs eagerly, which is how tests check what a graph would replay.
@@ -97,8 +104,9 @@ class Decoder:
                 self.mode = "stock"
         self.prepared = prepared if self.mode != "stock" else None
         if self.prepared is not None:
-            self.mode, self.trials, self.choose_s = prepared.precision, prepared.trials, prepared.choose_s
-            self.runner = Runner(lm, self.mode, stored=prepared.matrices)
+            entry = self.prepared
+            self.mode, self.trials, self.choose_s = entry.precision, entry.trials, entry.choose_s
+            self.runner = Runner(lm, self.mode, stored=entry.matrices)
         elif self.mode == "auto":
             if device.type == "cuda":
                 self.mode, self.runner = "fp16", Runner(lm, "fp16")
@@ -126,8 +134,12 @@ class Decoder:
         tokens, which its rows padded beside others' would not keep (fp32 kernels round differently at
         different row counts); not ``int8dyn``, whose activation scale spans all rows; not ``stock``
         (audiocraft's loop); not on GPUs, which decode each request alone, from CUDA graphs."""
-        return (self.graphs is None and self.runner is not None and self.runner.device.type == "cpu"
-                and self.mode in SHARES_STEPS)
+        return (
+            self.graphs is None
+            and self.runner is not None
+            and self.runner.device.type == "cpu"
+            and self.mode in SHARES_STEPS
+        )
 
     def describe(self) -> str:
         steps = ""
@@ -136,9 +148,14 @@ class Decoder:
         if self.prepared is not None:
             return f"{self.mode} ({'auto, ' if self.requested == 'auto' else ''}{self.prepared.describe()}){steps}"
         if self.requested == "auto":
-            how = "fp16 on GPUs" if not self.trials else (
-                f"measured at {self.rows} rows in {self.choose_s['measuring']:.2f} s, converted in "
-                f"{self.choose_s['converting']:.2f} s")
+            how = (
+                "fp16 on GPUs"
+                if not self.trials
+                else (
+                    f"measured at {self.rows} rows in {self.choose_s['measuring']:.2f} s, converted in "
+                    f"{self.choose_s['converting']:.2f} s"
+                )
+            )
             return f"auto: {self.mode} ({how}){steps}"
         if self.mode == self.requested:
             return f"{self.mode}{steps}"
@@ -154,19 +171,34 @@ class Decoder:
         and exact decoding of this LM are no longer possible afterwards). Returns the bytes freed."""
         if self.runner is None or self.runner.exact:
             return 0
-        kept = {m.w.untyped_storage().data_ptr() for m in self.runner.matrices() + self._cross_matrices()
-                if isinstance(m, formats.Dense)}
+        kept = {
+            m.w.untyped_storage().data_ptr()
+            for m in self.runner.matrices() + self._cross_matrices()
+            if isinstance(m, formats.Dense)
+        }
         freed = 0
-        modules = [m for layer in self.lm.transformer.layers
-                   for m in (layer.self_attn, layer.self_attn.out_proj, layer.cross_attention,
-                             getattr(layer.cross_attention, "out_proj", None), layer.linear1, layer.linear2)]
+        modules = [
+            m
+            for layer in self.lm.transformer.layers
+            for m in (
+                layer.self_attn,
+                layer.self_attn.out_proj,
+                layer.cross_attention,
+                getattr(layer.cross_attention, "out_proj", None),
+                layer.linear1,
+                layer.linear2,
+            )
+        ]
         for module in modules + list(self.lm.linears):
             if module is None:
                 continue
             for name in ("in_proj_weight", "weight"):
                 param = getattr(module, name, None)
-                if isinstance(param, torch.nn.Parameter) and param.numel() \
-                        and param.untyped_storage().data_ptr() not in kept:
+                if (
+                    isinstance(param, torch.nn.Parameter)
+                    and param.numel()
+                    and param.untyped_storage().data_ptr() not in kept
+                ):
                     freed += param.numel() * param.element_size()
                     param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         self.released = True
@@ -174,24 +206,64 @@ class Decoder:
         return freed
 
     def _cross_matrices(self) -> tp.List[tp.Any]:
-        return [m for L in self.runner.layers for m in (L.cross_k, L.cross_v) if m is not None]
+        layers = self.runner.layers if self.runner is not None else []
+        return [m for L in layers for m in (L.cross_k, L.cross_v) if m is not None]
 
     @torch.no_grad()
-    def generate(self, prompt: tp.Optional[torch.Tensor] = None, conditions: tp.Sequence[tp.Any] = (),
-                 num_samples: tp.Optional[int] = None, max_gen_len: int = 256, use_sampling: bool = True,
-                 temp: float = 1.0, top_k: int = 250, top_p: float = 0.0, cfg_coef: tp.Optional[float] = None,
-                 two_step_cfg: tp.Optional[bool] = None, remove_prompts: bool = False, check: bool = False,
-                 callback: tp.Optional[tp.Callable[[int, int], None]] = None, **kwargs: tp.Any) -> torch.Tensor:
+    def generate(
+        self,
+        prompt: tp.Optional[torch.Tensor] = None,
+        conditions: tp.Sequence[tp.Any] = (),
+        num_samples: tp.Optional[int] = None,
+        max_gen_len: int = 256,
+        use_sampling: bool = True,
+        temp: float = 1.0,
+        top_k: int = 250,
+        top_p: float = 0.0,
+        cfg_coef: tp.Optional[float] = None,
+        two_step_cfg: tp.Optional[bool] = None,
+        remove_prompts: bool = False,
+        check: bool = False,
+        callback: tp.Optional[tp.Callable[[int, int], None]] = None,
+        **kwargs: tp.Any,
+    ) -> torch.Tensor:
         lm = self.lm
         tap = kwargs.pop("tap", None)  # streaming's view of the window (our loop only; stock has none)
         two_step_cfg = lm.two_step_cfg if two_step_cfg is None else two_step_cfg
         if self.runner is None or two_step_cfg:
             if self.released:
                 raise RuntimeError("two-step guidance needs the LM's own weights, released for this decoder")
-            return type(lm).generate(lm, prompt, list(conditions), num_samples, max_gen_len, use_sampling, temp,
-                                     top_k, top_p, cfg_coef, two_step_cfg, remove_prompts, check, callback,
-                                     **kwargs)
+            return type(lm).generate(
+                lm,
+                prompt,
+                list(conditions),
+                num_samples,
+                max_gen_len,
+                use_sampling,
+                temp,
+                top_k,
+                top_p,
+                cfg_coef,
+                two_step_cfg,
+                remove_prompts,
+                check,
+                callback,
+                **kwargs,
+            )
         from .loop import generate
 
-        return generate(self, prompt, list(conditions), num_samples, max_gen_len, use_sampling, temp, top_k,
-                        top_p, cfg_coef, remove_prompts, callback, tap)
+        return generate(
+            self,
+            prompt,
+            list(conditions),
+            num_samples,
+            max_gen_len,
+            use_sampling,
+            temp,
+            top_k,
+            top_p,
+            cfg_coef,
+            remove_prompts,
+            callback,
+            tap,
+        )

@@ -18,6 +18,7 @@ op is missing, ``auto`` skips that candidate with a log line and a format named 
 
 Which format runs on a machine, and why, is :mod:`.precision`'s business.
 """
+
 from __future__ import annotations
 
 import typing as tp
@@ -179,8 +180,7 @@ def stored_matrix(precision: str, tensors: tp.Mapping[str, torch.Tensor]) -> Mat
 # so that a torch without them names what is missing
 REQUIRED_OPS = {
     "int8": ("_weight_int8pack_mm",),
-    "int8dyn": ("_make_per_channel_quantized_tensor", "ops.quantized.linear_prepack",
-                "ops.quantized.linear_dynamic"),
+    "int8dyn": ("_make_per_channel_quantized_tensor", "ops.quantized.linear_prepack", "ops.quantized.linear_dynamic"),
 }
 
 

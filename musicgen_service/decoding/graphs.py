@@ -27,6 +27,7 @@ operations, so the same tokens.
 Without recording (CPU, ``record=False``) the same steps run eagerly: that is
 how the test suite checks, on the CPU, everything a graph would replay.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,8 @@ import torch
 
 from .loop import masked_column
 from .runner import Runner
-from .window import StaticCaches, Window
 from .sampling import StepSampler
+from .window import StaticCaches, Window
 
 log = logging.getLogger("musicgen")
 
@@ -81,8 +82,15 @@ class StepGraphs:
 
     # --------------------------------------------------------------------------------- a window
 
-    def run(self, window: Window, gen_sequence: torch.Tensor, mask: torch.Tensor, first: int,
-            cfg: bool, callback: tp.Optional[tp.Callable[[int, int], None]]) -> None:
+    def run(
+        self,
+        window: Window,
+        gen_sequence: torch.Tensor,
+        mask: torch.Tensor,
+        first: int,
+        cfg: bool,
+        callback: tp.Optional[tp.Callable[[int, int], None]],
+    ) -> None:
         """Fill ``gen_sequence`` ([B, K, S]; columns before ``first`` given) from column ``first`` on:
         the first column from the prefill, the rest by static steps. ``mask`` is the pattern's
         [K, S] validity, the sampler already holds the request's parameters."""
@@ -184,8 +192,12 @@ class StepGraphs:
                 self.pool = graph.pool()
         except Exception as exc:  # a failed recording costs speed, not the prediction
             self.failures += 1
-            log.warning("CUDA graph recording failed for shape %s (%s: %s); these steps run eagerly",
-                        window.shape_key(), type(exc).__name__, exc)
+            log.warning(
+                "CUDA graph recording failed for shape %s (%s: %s); these steps run eagerly",
+                window.shape_key(),
+                type(exc).__name__,
+                exc,
+            )
             return _Recorded(None, window)
         finally:
             self._restore(saved_tokens, saved_offset, caches, saved_pos, rng)
@@ -193,13 +205,19 @@ class StepGraphs:
         seconds = time.perf_counter() - start
         self.captures += 1
         self.capture_s += seconds
-        log.info("recorded the decoding step for shape %s as a CUDA graph in %.2f s (graph memory: %.0f MB; "
-                 "static caches: %.0f MB)", window.shape_key(), seconds, self.pool_bytes() / 1e6,
-                 sum(c.nbytes() for c in self.caches.values()) / 1e6)
+        log.info(
+            "recorded the decoding step for shape %s as a CUDA graph in %.2f s (graph memory: %.0f MB; "
+            "static caches: %.0f MB)",
+            window.shape_key(),
+            seconds,
+            self.pool_bytes() / 1e6,
+            sum(c.nbytes() for c in self.caches.values()) / 1e6,
+        )
         return _Recorded(graph, window)
 
-    def _restore(self, tokens: torch.Tensor, offset: torch.Tensor, caches: StaticCaches, pos: torch.Tensor,
-                 rng: torch.Tensor) -> None:
+    def _restore(
+        self, tokens: torch.Tensor, offset: torch.Tensor, caches: StaticCaches, pos: torch.Tensor, rng: torch.Tensor
+    ) -> None:
         self.tokens.copy_(tokens)
         self.offset.copy_(offset)
         caches.pos.copy_(pos)
@@ -216,9 +234,15 @@ class StepGraphs:
         return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(self.pool))
 
     def stats(self) -> tp.Dict[str, tp.Any]:
-        return {"captures": self.captures, "capture_s": round(self.capture_s, 3), "failures": self.failures,
-                "replays": self.replays, "eager_steps": self.eager_steps, "graph_pool_MB": round(self.pool_bytes() / 1e6, 1),
-                "static_caches_MB": round(sum(c.nbytes() for c in self.caches.values()) / 1e6, 1)}
+        return {
+            "captures": self.captures,
+            "capture_s": round(self.capture_s, 3),
+            "failures": self.failures,
+            "replays": self.replays,
+            "eager_steps": self.eager_steps,
+            "graph_pool_MB": round(self.pool_bytes() / 1e6, 1),
+            "static_caches_MB": round(sum(c.nbytes() for c in self.caches.values()) / 1e6, 1),
+        }
 
 
 class _Progress:

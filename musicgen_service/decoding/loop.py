@@ -16,6 +16,7 @@ Two ways through the steps:
   graphs (:class:`.graphs.StepGraphs`; sampling by :class:`.sampling.StepSampler`,
   which gives :func:`sample`'s tokens for the same seed).
 """
+
 from __future__ import annotations
 
 import typing as tp
@@ -53,8 +54,9 @@ def condition_tensors(lm: tp.Any, conditions: tp.List[tp.Any]) -> tp.Dict[str, t
 UNKNOWN = -1  # a token not generated yet (LMModel.generate's unknown_token)
 
 
-def masked_column(valid: torch.Tensor, current: torch.Tensor, sampled: torch.Tensor,
-                  special: torch.Tensor) -> torch.Tensor:
+def masked_column(
+    valid: torch.Tensor, current: torch.Tensor, sampled: torch.Tensor, special: torch.Tensor
+) -> torch.Tensor:
     """The token column to write from sampled [B, K, 1] tokens: masked pattern positions (``valid``
     false) get the special token, known positions (a prompt's, ``current`` not :data:`UNKNOWN`) keep
     theirs (``LMModel.generate``'s step, without a host read)."""
@@ -85,19 +87,20 @@ class Sequence:
     def write(self, offset: int, next_token: torch.Tensor) -> None:
         """Set column ``offset`` from sampled [B, K, 1] tokens (:func:`masked_column`)."""
         B = self.tokens.shape[0]
-        valid = self.mask[..., offset:offset + 1].expand(B, -1, -1)
-        current = self.tokens[..., offset:offset + 1]
-        self.tokens[..., offset:offset + 1] = masked_column(valid, current, next_token, self.special)
+        valid = self.mask[..., offset : offset + 1].expand(B, -1, -1)
+        current = self.tokens[..., offset : offset + 1]
+        self.tokens[..., offset : offset + 1] = masked_column(valid, current, next_token, self.special)
 
     def codes(self, remove_prompts: bool = False) -> torch.Tensor:
         """The finished sequence back in codebook order, with stock's final checks."""
         lm, gen_sequence, B = self.lm, self.tokens, self.tokens.shape[0]
         assert not (gen_sequence == self.UNKNOWN).any()
-        assert (gen_sequence == torch.where(self.mask[None, ...].expand(B, -1, -1), gen_sequence,
-                                            lm.special_token_id)).all()
+        assert (
+            gen_sequence == torch.where(self.mask[None, ...].expand(B, -1, -1), gen_sequence, lm.special_token_id)
+        ).all()
         out_codes, _, _ = self.pattern.revert_pattern_sequence(gen_sequence, special_token=self.UNKNOWN)
-        assert (out_codes[..., :self.max_gen_len] != self.UNKNOWN).all()
-        out_codes = out_codes[..., (self.prompt_len if remove_prompts else 0):self.max_gen_len]
+        assert (out_codes[..., : self.max_gen_len] != self.UNKNOWN).all()
+        out_codes = out_codes[..., (self.prompt_len if remove_prompts else 0) : self.max_gen_len]
         assert (out_codes >= 0).all() and (out_codes <= lm.card).all()
         return out_codes
 
@@ -116,17 +119,27 @@ class WindowView:
         """[B, K, n]: the frames whose every codebook is known (the prompt's included)."""
         tokens = self.live().clone()
         codes, _, _ = self.seq.pattern.revert_pattern_sequence(tokens, special_token=Sequence.UNKNOWN)
-        codes = codes[..., :self.seq.max_gen_len]
+        codes = codes[..., : self.seq.max_gen_len]
         unknown = (codes == Sequence.UNKNOWN).any(dim=1).any(dim=0)  # [T]
         n = int(unknown.nonzero()[0]) if unknown.any() else codes.shape[-1]
         return codes[..., :n]
 
 
-def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.List[tp.Any],
-             num_samples: tp.Optional[int], max_gen_len: int, use_sampling: bool, temp: float, top_k: int,
-             top_p: float, cfg_coef: tp.Optional[float], remove_prompts: bool,
-             callback: tp.Optional[tp.Callable[[int, int], None]],
-             tap: tp.Optional[tp.Callable[[WindowView], None]] = None) -> torch.Tensor:
+def generate(
+    decoder: tp.Any,
+    prompt: tp.Optional[torch.Tensor],
+    conditions: tp.List[tp.Any],
+    num_samples: tp.Optional[int],
+    max_gen_len: int,
+    use_sampling: bool,
+    temp: float,
+    top_k: int,
+    top_p: float,
+    cfg_coef: tp.Optional[float],
+    remove_prompts: bool,
+    callback: tp.Optional[tp.Callable[[int, int], None]],
+    tap: tp.Optional[tp.Callable[[WindowView], None]] = None,
+) -> torch.Tensor:
     lm = decoder.lm
     runner = decoder.runner
     assert not lm.training, "generation shouldn't be used in training mode."
@@ -144,8 +157,14 @@ def generate(decoder: tp.Any, prompt: tp.Optional[torch.Tensor], conditions: tp.
     cfg = bool(tensors)
 
     if tap is not None:  # (the graphs keep the tokens in their own buffer while they run)
-        tap(WindowView(seq, (lambda: decoder.graphs.tokens[..., :seq.length]) if decoder.graphs is not None
-                       else (lambda: seq.tokens)))
+        tap(
+            WindowView(
+                seq,
+                (lambda: decoder.graphs.tokens[..., : seq.length])
+                if decoder.graphs is not None
+                else (lambda: seq.tokens),
+            )
+        )
     if decoder.graphs is not None:
         graphs = decoder.graphs
         window = runner.start(tensors, batch, seq.length, caches=graphs.caches_for(batch))

@@ -35,6 +35,7 @@ It never picks a candidate slower than ``exact`` in its own measurement, nor one
 that fails the bar. The table and the choice are logged. On CUDA, ``auto`` is
 fp16 without measuring: audiocraft's own GPU dtype, where ``exact`` is fp16 too.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,6 +61,7 @@ PROBE_ROUNDS = 4
 
 # ------------------------------------------------------------------------------------------ choosing
 
+
 @dataclass
 class Trial:
     precision: str
@@ -69,7 +71,7 @@ class Trial:
 
     def row(self) -> str:
         speed = "-" if self.ms_per_layer_step is None else f"{self.ms_per_layer_step:.2f} ms/layer-step"
-        q = (f", KL {self.quality['kl_mean']:.1e}, top-1 {self.quality['top1']:.1%}" if self.quality else "")
+        q = f", KL {self.quality['kl_mean']:.1e}, top-1 {self.quality['top1']:.1%}" if self.quality else ""
         return f"{self.precision}: {speed}{q}{' (' + self.note + ')' if self.note else ''}"
 
 
@@ -106,15 +108,23 @@ def probe_conditions(lm: tp.Any, length: int = 8, seed: int = 0) -> tp.Dict[str,
     return {"description": (cond, mask)}
 
 
-def _products_ms(candidates: tp.Dict[str, tp.Sequence[Matrix]], device: torch.device, dtype: torch.dtype,
-                 layers: int, rows: int = 2, rounds: int = PROBE_ROUNDS) -> tp.Dict[str, float]:
+def _products_ms(
+    candidates: tp.Dict[str, tp.Sequence[Matrix]],
+    device: torch.device,
+    dtype: torch.dtype,
+    layers: int,
+    rows: int = 2,
+    rounds: int = PROBE_ROUNDS,
+) -> tp.Dict[str, float]:
     """Per candidate, the time per layer of one pass over the probe layers' products at ``rows``
     rows (2: one request with its guidance twin; more: concurrent requests sharing steps).
     Candidates take turns, one pass each per round, after a warm-up round (first calls pay one-off
     costs: allocations, kernel dispatch caches); each keeps its best pass, so a pass that another
     process interrupted (a whole scheduler time slice, tens of ms) does not count."""
-    inputs = {name: [torch.randn(rows, 1, m.shape[1], device=device, dtype=dtype) for m in mats]
-              for name, mats in candidates.items()}
+    inputs = {
+        name: [torch.randn(rows, 1, m.shape[1], device=device, dtype=dtype) for m in mats]
+        for name, mats in candidates.items()
+    }
     best = {name: float("inf") for name in candidates}
     for round_ in range(rounds + 1):
         for name, mats in candidates.items():
@@ -127,8 +137,15 @@ def _products_ms(candidates: tp.Dict[str, tp.Sequence[Matrix]], device: torch.de
 
 
 @torch.no_grad()
-def teacher_forced_quality(lm: tp.Any, reference: tp.Any, candidate: tp.Any, tensors: tp.Dict[str, tp.Any],
-                           steps: int = QUALITY_STEPS, cfg_coef: float = 3.0, seed: int = 0) -> tp.Dict[str, float]:
+def teacher_forced_quality(
+    lm: tp.Any,
+    reference: tp.Any,
+    candidate: tp.Any,
+    tensors: tp.Dict[str, tp.Any],
+    steps: int = QUALITY_STEPS,
+    cfg_coef: float = 3.0,
+    seed: int = 0,
+) -> tp.Dict[str, float]:
     """Both runners read the same random tokens in one prefill; their next-token distributions
     after guidance are compared: KL(reference || candidate) mean and max, top-1 agreement where the
     reference is decided (top-2 probabilities >= DECIDED_MARGIN apart; random-weight models are
@@ -145,12 +162,17 @@ def teacher_forced_quality(lm: tp.Any, reference: tp.Any, candidate: tp.Any, ten
     top2 = pa.exp().topk(2, dim=-1).values
     decided = (top2[..., 0] - top2[..., 1]) >= DECIDED_MARGIN
     agree = (pa.argmax(-1) == pb.argmax(-1))[decided]
-    return {"kl_mean": kl.mean().item(), "kl_max": kl.max().item(),
-            "top1": agree.float().mean().item() if agree.numel() else 1.0, "decided": int(agree.numel())}
+    return {
+        "kl_mean": kl.mean().item(),
+        "kl_max": kl.max().item(),
+        "top1": agree.float().mean().item() if agree.numel() else 1.0,
+        "decided": int(agree.numel()),
+    }
 
 
-def choose(lm: tp.Any, candidates: tp.Sequence[str] = PRECISIONS, rows: int = 2
-           ) -> tp.Tuple[str, tp.Any, tp.List[Trial], tp.Dict[str, float]]:
+def choose(
+    lm: tp.Any, candidates: tp.Sequence[str] = PRECISIONS, rows: int = 2
+) -> tp.Tuple[str, tp.Any, tp.List[Trial], tp.Dict[str, float]]:
     """Measure and pick (CPU). Returns the precision, its full-model Runner, the table, and the
     seconds spent: ``measuring`` and ``converting`` (the chosen precision's conversion of the whole
     LM, which an explicit choice of it pays too).
@@ -177,8 +199,9 @@ def choose(lm: tp.Any, candidates: tp.Sequence[str] = PRECISIONS, rows: int = 2
             slices[name] = Runner(lm, name, layers=layers)
             trials.append(Trial(name))
     # the layers' products (the output heads, one more product, are left out)
-    speed = _products_ms({name: r.matrices()[:-len(r.output)] for name, r in slices.items()}, device, act_dtype,
-                         layers, rows)
+    speed = _products_ms(
+        {name: r.matrices()[: -len(r.output)] for name, r in slices.items()}, device, act_dtype, layers, rows
+    )
     for trial in trials:
         trial.ms_per_layer_step = speed.get(trial.precision)
     exact_ms = speed["exact"]

@@ -33,6 +33,7 @@ so it is written once and read back by later setups:
 GPUs need none of this: ``auto`` is fp16 there without measuring, and the fp16 checkpoint is
 already in that format. Only CPU setups read and write entries.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -73,19 +74,35 @@ def applies(decoder: str, device: str) -> bool:
 def machine() -> tp.Dict[str, tp.Any]:
     """What a measurement and a conversion depend on, of the machine and torch."""
     flags = " ".join(sorted(cpu_flags()))
-    return {"cpu": cpu_model(), "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "cpu": cpu_model(),
+        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def key(checkpoint: tp.Mapping[str, tp.Any], decoder: str, rows: int,
-        adapter: tp.Optional[tp.Mapping[str, tp.Any]] = None) -> tp.Dict[str, tp.Any]:
+def key(
+    checkpoint: tp.Mapping[str, tp.Any], decoder: str, rows: int, adapter: tp.Optional[tp.Mapping[str, tp.Any]] = None
+) -> tp.Dict[str, tp.Any]:
     """The key of an entry: ``checkpoint`` is the LM checkpoint's identity, ``adapter`` that of a
     trained adapter merged into it (None: none)."""
-    return {"format": FORMAT, "checkpoint": dict(checkpoint), "adapter": None if adapter is None else dict(adapter),
-            "decoder": decoder, "rows": rows, **machine(),
-            "rules": {"precisions": list(formats.PRECISIONS), "batch_invariant": list(formats.BATCH_INVARIANT),
-                      "bar": precision.QUALITY_BAR, "decided_margin": precision.DECIDED_MARGIN,
-                      "probe_layers": precision.PROBE_LAYERS, "quality_steps": precision.QUALITY_STEPS}}
+    return {
+        "format": FORMAT,
+        "checkpoint": dict(checkpoint),
+        "adapter": None if adapter is None else dict(adapter),
+        "decoder": decoder,
+        "rows": rows,
+        **machine(),
+        "rules": {
+            "precisions": list(formats.PRECISIONS),
+            "batch_invariant": list(formats.BATCH_INVARIANT),
+            "bar": precision.QUALITY_BAR,
+            "decided_margin": precision.DECIDED_MARGIN,
+            "probe_layers": precision.PROBE_LAYERS,
+            "quality_steps": precision.QUALITY_STEPS,
+        },
+    }
 
 
 def digest(k: tp.Mapping[str, tp.Any]) -> str:
@@ -95,6 +112,7 @@ def digest(k: tp.Mapping[str, tp.Any]) -> str:
 @dataclass
 class PreparedDecoder:
     """An entry read back: what :class:`..Decoder` takes instead of measuring and converting."""
+
     precision: str
     trials: tp.List[precision.Trial]
     choose_s: tp.Dict[str, float]  # what measuring and converting cost when the entry was made
@@ -104,8 +122,7 @@ class PreparedDecoder:
     read_s: float = 0.0
 
     def describe(self) -> str:
-        return (f"read from the prepared cache in {self.read_s:.2f} s ({self.path}; measured "
-                f"{self.created})")
+        return f"read from the prepared cache in {self.read_s:.2f} s ({self.path}; measured {self.created})"
 
 
 class EntryError(Exception):
@@ -251,15 +268,24 @@ class Cache:
             if not isinstance(flat, dict) or sorted(flat) != sorted(weights.get("tensors", [])):
                 raise EntryError("weights hold other tensors than were written")
             matrices = _nested(flat)
-        return PreparedDecoder(precision=chosen, trials=trials, choose_s=manifest.get("choose_s", {}),
-                        created=manifest.get("created", "?"), matrices=matrices, path=entry)
+        return PreparedDecoder(
+            precision=chosen,
+            trials=trials,
+            choose_s=manifest.get("choose_s", {}),
+            created=manifest.get("created", "?"),
+            matrices=matrices,
+            path=entry,
+        )
 
     def store(self, k: tp.Mapping[str, tp.Any], decoder: tp.Any) -> tp.Optional[Path]:
         """Write ``decoder``'s decision and matrices as the entry for ``k``; the entry's path, or None
         when no folder could take it (logged)."""
         start = time.perf_counter()
-        flat = None if decoder.runner is None or decoder.runner.exact else \
-            _flat({n: m.tensors() for n, m in decoder.runner.named_matrices().items()})
+        flat = (
+            None
+            if decoder.runner is None or decoder.runner.exact
+            else _flat({n: m.tensors() for n, m in decoder.runner.named_matrices().items()})
+        )
         for folder in self.folders:
             try:
                 path = self._write(folder, k, decoder, flat)
@@ -267,17 +293,24 @@ class Cache:
                 log.info("prepared decoder: cannot write into %s (%s)", folder, exc.strerror or exc)
                 continue
             size = (path / MATRICES).stat().st_size if flat is not None else 0
-            log.info("prepared decoder stored in %s (%.0f MB) in %.2f s: the next setup reads it", path,
-                     size / 1e6, time.perf_counter() - start)
+            log.info(
+                "prepared decoder stored in %s (%.0f MB) in %.2f s: the next setup reads it",
+                path,
+                size / 1e6,
+                time.perf_counter() - start,
+            )
             self.sweep(keep=path)
             return path
-        log.info("prepared decoder: no writable folder among %s; the next setup measures again",
-                 ", ".join(map(str, self.folders)))
+        log.info(
+            "prepared decoder: no writable folder among %s; the next setup measures again",
+            ", ".join(map(str, self.folders)),
+        )
         return None
 
     @staticmethod
-    def _write(folder: Path, k: tp.Mapping[str, tp.Any], decoder: tp.Any,
-               flat: tp.Optional[tp.Dict[str, torch.Tensor]]) -> Path:
+    def _write(
+        folder: Path, k: tp.Mapping[str, tp.Any], decoder: tp.Any, flat: tp.Optional[tp.Dict[str, torch.Tensor]]
+    ) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / digest(k)
         tmp = folder / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -287,11 +320,19 @@ class Cache:
             if flat is not None:
                 torch.save(flat, tmp / MATRICES)  # (not fsynced: a file cut short by a crash fails
                 # its size or hash check at the next read, which rebuilds it)
-                weights = {"bytes": (tmp / MATRICES).stat().st_size, "sha256": sha256_of(tmp / MATRICES),
-                           "tensors": sorted(flat)}
-            manifest = {"key": k, "precision": decoder.mode, "trials": [asdict(t) for t in decoder.trials],
-                        "choose_s": decoder.choose_s, "matrices": weights,
-                        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                weights = {
+                    "bytes": (tmp / MATRICES).stat().st_size,
+                    "sha256": sha256_of(tmp / MATRICES),
+                    "tensors": sorted(flat),
+                }
+            manifest = {
+                "key": k,
+                "precision": decoder.mode,
+                "trials": [asdict(t) for t in decoder.trials],
+                "choose_s": decoder.choose_s,
+                "matrices": weights,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             try:
                 os.rename(tmp, final)
@@ -337,4 +378,3 @@ class Pending:
         """Whether loading may leave that LM parameter unread: the entry holds it in its format."""
         entry = self.entry()
         return entry is not None and entry.matrices is not None and replaced_by_matrices(parameter)
-

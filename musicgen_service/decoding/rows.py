@@ -11,6 +11,7 @@ any batch (tests/test_batching.py checks it).
 
 A row's prefill runs alone, on its own shapes, when it is admitted.
 """
+
 from __future__ import annotations
 
 import typing as tp
@@ -20,13 +21,14 @@ import torch
 
 from .loop import Sequence
 from .runner import Runner
-from .window import Window, batched_step
 from .sampling import StepSampler
+from .window import Window, batched_step
 
 
 @dataclass
 class Row:
     """One request as the LM sees it."""
+
     condition_tensors: tp.Dict[str, tp.Any]  # the conditions with their null twins (batch 2)
     prompt: tp.Optional[torch.Tensor]  # [1, K, T] tokens to continue, or None
     max_gen_len: int  # frames of the whole window, prompt included
@@ -71,8 +73,11 @@ class RowDecoder:
         self.padding = padding or ("adaptive" if self.invariant_across_row_counts() else "fixed")
 
     def describe_padding(self) -> str:
-        why = ("a row's bits do not depend on the row count here" if self.padding == "adaptive"
-               else "rows always padded to the full batch, so that none depends on the others")
+        why = (
+            "a row's bits do not depend on the row count here"
+            if self.padding == "adaptive"
+            else "rows always padded to the full batch, so that none depends on the others"
+        )
         return f"{self.padding} padding ({why}), up to {self.slots} requests per step"
 
     def padded(self, rows: int) -> int:
@@ -108,22 +113,26 @@ class RowDecoder:
     def admit(self, row: Row) -> None:
         """Prefill the row alone and sample its first token."""
         lm, device = self.lm, self.runner.device
-        prompt = row.prompt if row.prompt is not None else torch.zeros(
-            (1, lm.num_codebooks, 0), dtype=torch.long, device=device)
+        prompt = (
+            row.prompt
+            if row.prompt is not None
+            else torch.zeros((1, lm.num_codebooks, 0), dtype=torch.long, device=device)
+        )
         row.seq = seq = Sequence(lm, prompt, row.max_gen_len)
         row.window = self.runner.start(row.condition_tensors, 2, seq.length)
         row.sampler = StepSampler(device, lm.card)
         row.sampler.set(row.use_sampling, row.temp, row.top_k, row.top_p, row.cfg_coef)
         row.generator = torch.Generator(device).manual_seed(row.seed)
-        first = seq.tokens[..., :seq.start]
+        first = seq.tokens[..., : seq.start]
         self._commit(row, row.window.prefill(torch.cat([first, first])), seq.start)
 
     @torch.no_grad()
     def step(self, rows: tp.Sequence[Row]) -> None:
         """One step for every row given (all admitted, none done)."""
-        columns = [row.seq.tokens[..., row.offset - 1:row.offset] for row in rows]
-        logits = batched_step([row.window for row in rows], [torch.cat([c, c]) for c in columns],
-                              self.padded(2 * len(rows)))
+        columns = [row.seq.tokens[..., row.offset - 1 : row.offset] for row in rows]
+        logits = batched_step(
+            [row.window for row in rows], [torch.cat([c, c]) for c in columns], self.padded(2 * len(rows))
+        )
         for row, all_logits in zip(rows, logits):
             row.steps += 1
             row.shared += len(rows) > 1

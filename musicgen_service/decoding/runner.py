@@ -26,6 +26,7 @@ Precision and dtypes:
   weight's dtype and its output back, attention runs in the caches' dtype, logits are fp32. The
   result is the same with autocast on or off (tested on CPU); the output heads are one matrix product.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,11 +38,10 @@ import torch.nn.functional as F
 
 from ..weights.layout import is_matrix
 from .formats import DENSE_DTYPES, Matrix, cast, matrix, stored_matrix
-
-if tp.TYPE_CHECKING:
-    from .window import StaticCaches, Window
+from .window import StaticCaches, Window
 
 Attend = tp.Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
 
 def replaced_by_matrices(parameter: str) -> bool:
     """Whether a runner in a reduced precision keeps its own copy of that LM parameter (the LM's weight
@@ -62,17 +62,26 @@ def unsupported_reason(lm: tp.Any) -> tp.Optional[str]:
         return "sum / input_interpolate condition fusing"
     if lm.fuser.cross_attention_pos_emb:
         return "cross-attention positional embedding"
-    norms = [lm.out_norm] + [n for layer in tr.layers for n in (layer.norm1, layer.norm2,
-                                                                 getattr(layer, "norm_cross", None))]
+    norms = [lm.out_norm] + [
+        n for layer in tr.layers for n in (layer.norm1, layer.norm2, getattr(layer, "norm_cross", None))
+    ]
     if any(n is not None and type(n) is not torch.nn.LayerNorm for n in norms):
         return "a normalization other than LayerNorm"
     for layer in tr.layers:
         attn = layer.self_attn
-        if not layer.norm_first or not attn.custom or attn.rope is not None or attn.qk_layer_norm \
-                or attn.kv_repeat != 1 or attn.past_context is not None or not attn.causal:
+        if (
+            not layer.norm_first
+            or not attn.custom
+            or attn.rope is not None
+            or attn.qk_layer_norm
+            or attn.kv_repeat != 1
+            or attn.past_context is not None
+            or not attn.causal
+        ):
             return "a transformer layer configured unlike MusicGen's"
-        if layer.cross_attention is not None and (layer.cross_attention.qk_layer_norm
-                                                  or not layer.cross_attention.custom):
+        if layer.cross_attention is not None and (
+            layer.cross_attention.qk_layer_norm or not layer.cross_attention.custom
+        ):
             return "a cross-attention configured unlike MusicGen's"
     return None
 
@@ -115,8 +124,13 @@ class _Norm:
 class Runner:
     """One LM's weights, prepared for step-by-step decoding in one precision (:mod:`.precision`)."""
 
-    def __init__(self, lm: tp.Any, precision: str = "exact", layers: tp.Optional[int] = None,
-                 stored: tp.Optional[tp.Mapping[str, tp.Mapping[str, torch.Tensor]]] = None):
+    def __init__(
+        self,
+        lm: tp.Any,
+        precision: str = "exact",
+        layers: tp.Optional[int] = None,
+        stored: tp.Optional[tp.Mapping[str, tp.Mapping[str, torch.Tensor]]] = None,
+    ):
         """``precision``: ``exact`` (the parameters themselves, stock's operators), ``fp16``, ``bf16``,
         ``int8`` or ``int8dyn``. ``layers``: only the first ones (what ``auto`` times). ``stored``: the
         matrices already converted, by name (:meth:`named_matrices`' names and each matrix's
@@ -147,26 +161,33 @@ class Runner:
             return matrix(precision, w, b)
 
         def part(t: tp.Optional[torch.Tensor], i: int) -> tp.Optional[torch.Tensor]:
-            return None if t is None else t[i * dim:(i + 1) * dim]
+            return None if t is None else t[i * dim : (i + 1) * dim]
 
         self.layers: tp.List[_Layer] = []
         for i, layer in enumerate(tr.layers[:layers]):
             sa, ca = layer.self_attn, layer.cross_attention
             cross = ca is not None
             n = f"layers.{i}."
-            self.layers.append(_Layer(
-                norm1=norm(layer.norm1), qkv=mat(n + "qkv", sa.in_proj_weight, sa.in_proj_bias),
-                out=mat(n + "out", sa.out_proj.weight, sa.out_proj.bias), scale1=layer.layer_scale_1,
-                norm_cross=norm(getattr(layer, "norm_cross", None)),
-                # the keys/values of the text are projected once per window
-                cross_q=mat(n + "cross_q", part(ca.in_proj_weight, 0), part(ca.in_proj_bias, 0)) if cross else None,
-                cross_k=mat(n + "cross_k", part(ca.in_proj_weight, 1), part(ca.in_proj_bias, 1)) if cross else None,
-                cross_v=mat(n + "cross_v", part(ca.in_proj_weight, 2), part(ca.in_proj_bias, 2)) if cross else None,
-                cross_out=mat(n + "cross_out", ca.out_proj.weight, ca.out_proj.bias) if cross else None,
-                scale_cross=getattr(layer, "layer_scale_cross", None),
-                norm2=norm(layer.norm2), ff1=mat(n + "ff1", layer.linear1.weight, layer.linear1.bias),
-                ff2=mat(n + "ff2", layer.linear2.weight, layer.linear2.bias),
-                scale2=layer.layer_scale_2, activation=layer.activation))
+            self.layers.append(
+                _Layer(
+                    norm1=norm(layer.norm1),
+                    qkv=mat(n + "qkv", sa.in_proj_weight, sa.in_proj_bias),
+                    out=mat(n + "out", sa.out_proj.weight, sa.out_proj.bias),
+                    scale1=layer.layer_scale_1,
+                    norm_cross=norm(getattr(layer, "norm_cross", None)),
+                    # the keys/values of the text are projected once per window
+                    cross_q=mat(n + "cross_q", part(ca.in_proj_weight, 0), part(ca.in_proj_bias, 0)) if cross else None,
+                    cross_k=mat(n + "cross_k", part(ca.in_proj_weight, 1), part(ca.in_proj_bias, 1)) if cross else None,
+                    cross_v=mat(n + "cross_v", part(ca.in_proj_weight, 2), part(ca.in_proj_bias, 2)) if cross else None,
+                    cross_out=mat(n + "cross_out", ca.out_proj.weight, ca.out_proj.bias) if cross else None,
+                    scale_cross=getattr(layer, "layer_scale_cross", None),
+                    norm2=norm(layer.norm2),
+                    ff1=mat(n + "ff1", layer.linear1.weight, layer.linear1.bias),
+                    ff2=mat(n + "ff2", layer.linear2.weight, layer.linear2.bias),
+                    scale2=layer.layer_scale_2,
+                    activation=layer.activation,
+                )
+            )
         self.has_cross = self.layers[0].cross_q is not None
         self.emb = list(lm.emb)
         self.out_norm = norm(lm.out_norm)
@@ -176,23 +197,33 @@ class Runner:
             self.output = [mat("output.0", None, None)]
         else:  # one product for the K output heads
             biases = [lin.bias for lin in lm.linears]
-            self.output = [mat("output.0", torch.cat([lin.weight for lin in lm.linears]),
-                               None if biases[0] is None else torch.cat(biases))]
+            self.output = [
+                mat(
+                    "output.0",
+                    torch.cat([lin.weight for lin in lm.linears]),
+                    None if biases[0] is None else torch.cat(biases),
+                )
+            ]
         self.card = lm.card
         self.n_q = lm.n_q
         self.prepend = len(lm.fuser.fuse2cond["prepend"]) > 0
 
     def matrices(self) -> tp.List[Matrix]:
         """Every matrix a step reads (the once-per-window cross-attention keys/values excluded)."""
-        per_layer = [m for L in self.layers for m in (L.qkv, L.out, L.cross_q, L.cross_out, L.ff1, L.ff2)
-                     if m is not None]
+        per_layer = [
+            m for L in self.layers for m in (L.qkv, L.out, L.cross_q, L.cross_out, L.ff1, L.ff2) if m is not None
+        ]
         return per_layer + self.output
 
     def named_matrices(self) -> tp.Dict[str, Matrix]:
         """Every matrix, by the name ``stored`` takes (the cross-attention keys/values included)."""
         names = ("qkv", "out", "cross_q", "cross_k", "cross_v", "cross_out", "ff1", "ff2")
-        named = {f"layers.{i}.{n}": getattr(L, n) for i, L in enumerate(self.layers) for n in names
-                 if getattr(L, n) is not None}
+        named = {
+            f"layers.{i}.{n}": getattr(L, n)
+            for i, L in enumerate(self.layers)
+            for n in names
+            if getattr(L, n) is not None
+        }
         named.update({f"output.{k}": m for k, m in enumerate(self.output)})
         return named
 
@@ -213,8 +244,14 @@ class Runner:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, enabled=False)
 
-    def layer(self, L: "_Layer", x: torch.Tensor, T: int, attend: Attend,
-              attend_cross: tp.Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def layer(
+        self,
+        L: "_Layer",
+        x: torch.Tensor,
+        T: int,
+        attend: Attend,
+        attend_cross: tp.Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """One transformer layer on the residual stream ``x`` [B, T, dim] (pre-norm, as MusicGen's):
         self-attention, cross-attention (text models), feed-forward. ``attend(q, k, v)`` ([B, heads, T,
         head_dim] each) and ``attend_cross(q)`` return the merged [B, T, dim] attention outputs: the
@@ -238,10 +275,14 @@ class Runner:
         B, H, T, D = t.shape
         return t.transpose(1, 2).reshape(B, T, H * D)
 
-    def start(self, condition_tensors: tp.Dict[str, tp.Any], batch: int, max_steps: int,
-              caches: tp.Optional["StaticCaches"] = None, kv_dtype: tp.Optional[torch.dtype] = None) -> "Window":
+    def start(
+        self,
+        condition_tensors: tp.Dict[str, tp.Any],
+        batch: int,
+        max_steps: int,
+        caches: tp.Optional[StaticCaches] = None,
+        kv_dtype: tp.Optional[torch.dtype] = None,
+    ) -> Window:
         """A window of ``max_steps`` positions (plus prepended conditions). ``caches``: the static
         form's persistent caches (see :class:`.window.StaticCaches`); None: caches of this window's own."""
-        from .window import Window
-
         return Window(self, condition_tensors, batch, max_steps, caches, kv_dtype)

@@ -22,6 +22,7 @@ same thing from parameters held in device tensors:
 Every branch is computed and one is selected with ``torch.where``: a few small
 kernels per step, no host synchronisation, one graph for every parameter set.
 """
+
 from __future__ import annotations
 
 import typing as tp

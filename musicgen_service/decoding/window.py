@@ -14,6 +14,7 @@ Two step forms:
 matrix products run once for all their rows, attention per window. Every form runs the runner's one
 layer definition (:meth:`.runner.Runner.layer`).
 """
+
 from __future__ import annotations
 
 import typing as tp
@@ -21,7 +22,9 @@ import typing as tp
 import torch
 import torch.nn.functional as F
 
-from .runner import Runner
+# A window's runner (a .runner.Runner) is typed loosely here: the runner starts its windows, so
+# runner.py imports this module and not the other way round.
+Runner = tp.Any
 
 # Static caches grow in these steps: a graph is recorded per (span, cross length) pair.
 SPAN_STEP = 256
@@ -57,8 +60,14 @@ class StaticCaches:
 
     def ensure(self, capacity: int, cross_len: int) -> None:
         r = self.runner
-        zeros = lambda n: [torch.zeros((self.batch, r.heads, n, r.head_dim), device=r.device,  # noqa: E731
-                                       dtype=self.dtype) for _ in r.layers]
+        zeros = lambda n: [
+            torch.zeros(
+                (self.batch, r.heads, n, r.head_dim),
+                device=r.device,
+                dtype=self.dtype,
+            )
+            for _ in r.layers
+        ]
         if capacity > self.capacity:
             self.capacity = round_up(capacity, SPAN_STEP)
             self.k, self.v = [], []  # free before allocating
@@ -84,8 +93,15 @@ class StaticCaches:
 class Window:
     """The state of one ``generate`` call: caches, cached cross-attention, position."""
 
-    def __init__(self, runner: Runner, condition_tensors: tp.Dict[str, tp.Any], batch: int,
-                 max_steps: int, caches: tp.Optional[StaticCaches], kv_dtype: tp.Optional[torch.dtype]):
+    def __init__(
+        self,
+        runner: Runner,
+        condition_tensors: tp.Dict[str, tp.Any],
+        batch: int,
+        max_steps: int,
+        caches: tp.Optional[StaticCaches],
+        kv_dtype: tp.Optional[torch.dtype],
+    ):
         self.r = r = runner
         self.batch = batch
         self.device = r.device
@@ -94,23 +110,25 @@ class Window:
             condition_tensors = {name: (c.to(self.act_dtype), m) for name, (c, m) in condition_tensors.items()}
         self.conditions = condition_tensors
         # prepended conditions (melody models) enter the sequence at the first step
-        self.prefix = sum(c.shape[1] for name, (c, _) in condition_tensors.items()
-                          if r.lm.fuser.cond2fuse[name] == "prepend")
+        self.prefix = sum(
+            c.shape[1] for name, (c, _) in condition_tensors.items() if r.lm.fuser.cond2fuse[name] == "prepend"
+        )
         self.length = self.prefix + max_steps
-        cross_len = sum(c.shape[1] for name, (c, _) in condition_tensors.items()
-                        if r.lm.fuser.cond2fuse[name] == "cross")
+        cross_len = sum(
+            c.shape[1] for name, (c, _) in condition_tensors.items() if r.lm.fuser.cond2fuse[name] == "cross"
+        )
         self.static = caches is not None
         if caches is not None:
             caches.ensure(self.length, cross_len)
             caches.clear()
             self.kv_dtype = caches.dtype
             self.span = round_up(self.length, SPAN_STEP)  # the static step attends to this many keys
-            self.k = [t[:, :, :self.span] for t in caches.k]
-            self.v = [t[:, :, :self.span] for t in caches.v]
+            self.k = [t[:, :, : self.span] for t in caches.k]
+            self.v = [t[:, :, : self.span] for t in caches.v]
             self.cross_span = round_up(cross_len, CROSS_STEP) if r.has_cross else 0
-            self.cross_k = [t[:, :, :self.cross_span] for t in caches.cross_k]
-            self.cross_v = [t[:, :, :self.cross_span] for t in caches.cross_v]
-            self.cross_mask = None if caches.cross_mask is None else caches.cross_mask[..., :self.cross_span]
+            self.cross_k = [t[:, :, : self.cross_span] for t in caches.cross_k]
+            self.cross_v = [t[:, :, : self.cross_span] for t in caches.cross_v]
+            self.cross_mask = None if caches.cross_mask is None else caches.cross_mask[..., : self.cross_span]
         else:
             self.kv_dtype = kv_dtype or r.default_kv_dtype()
             self.span = self.length
@@ -163,7 +181,7 @@ class Window:
             x = self._layers(x, T, causal=T > 1, static=False)
             logits = self._logits(x, all_positions=True)  # [B, K, S_total, card] like stock
         if r.prepend:
-            logits = logits[:, :, -sequence.shape[-1]:]
+            logits = logits[:, :, -sequence.shape[-1] :]
         self.pos = T
         self.pos_tensor.fill_(T)
         return logits if all_positions else logits[:, :, -1]
@@ -173,7 +191,7 @@ class Window:
         r = self.r
         with r.autocast():
             x = self._embed(sequence)
-            x = x + r.positional_scale * self.pos_emb[:, self.pos:self.pos + 1]
+            x = x + r.positional_scale * self.pos_emb[:, self.pos : self.pos + 1]
             x = self._layers(x, 1, causal=False, static=False)
             logits = self._logits(x, all_positions=False)[:, :, -1]
         self.pos += 1
@@ -188,8 +206,11 @@ class Window:
         with r.autocast():
             x = self._embed(sequence)
             x = x + r.positional_scale * self.pos_emb.index_select(1, self.pos_tensor.view(1))
-            self._mask = torch.zeros(self.span, dtype=self.kv_dtype, device=self.device).masked_fill(
-                self.key_positions > self.pos_tensor, float("-inf")).view(1, 1, 1, -1)
+            self._mask = (
+                torch.zeros(self.span, dtype=self.kv_dtype, device=self.device)
+                .masked_fill(self.key_positions > self.pos_tensor, float("-inf"))
+                .view(1, 1, 1, -1)
+            )
             x = self._layers(x, 1, causal=False, static=True)
             logits = self._logits(x, all_positions=False)[:, :, -1]
         self.pos_tensor.add_(1)
@@ -203,6 +224,7 @@ class Window:
     def _layers(self, x: torch.Tensor, T: int, causal: bool, static: bool) -> torch.Tensor:
         r = self.r
         for i, L in enumerate(r.layers):
+
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
                 return r.merged(self._self_attention(i, q, k, v, T, causal, static))
 
@@ -215,19 +237,21 @@ class Window:
     def _cross_attention(self, i: int, q: torch.Tensor, static: bool) -> torch.Tensor:
         if static:  # the padded span, its padding masked out
             return F.scaled_dot_product_attention(q, self.cross_k[i], self.cross_v[i], attn_mask=self.cross_mask)
-        return F.scaled_dot_product_attention(q, self.cross_k[i][:, :, :self.cross_len],
-                                              self.cross_v[i][:, :, :self.cross_len])
+        return F.scaled_dot_product_attention(
+            q, self.cross_k[i][:, :, : self.cross_len], self.cross_v[i][:, :, : self.cross_len]
+        )
 
-    def _self_attention(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int,
-                        causal: bool, static: bool) -> torch.Tensor:
+    def _self_attention(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, T: int, causal: bool, static: bool
+    ) -> torch.Tensor:
         kc, vc = self.k[i], self.v[i]
         if static:  # fixed shapes: write at pos_tensor, attend to the whole span under the step's mask
             kc.index_copy_(2, self.pos_tensor.view(1), k.to(kc.dtype))
             vc.index_copy_(2, self.pos_tensor.view(1), v.to(vc.dtype))
             return F.scaled_dot_product_attention(q.to(kc.dtype), kc, vc, attn_mask=self._mask)
         end = self.pos + T
-        kc[:, :, self.pos:end] = k
-        vc[:, :, self.pos:end] = v
+        kc[:, :, self.pos : end] = k
+        vc[:, :, self.pos : end] = v
         return F.scaled_dot_product_attention(q.to(kc.dtype), kc[:, :, :end], vc[:, :, :end], is_causal=causal)
 
     def _logits(self, x: torch.Tensor, all_positions: bool) -> torch.Tensor:
@@ -240,7 +264,9 @@ class Window:
         return logits.view(B, S, r.n_q, r.card).permute(0, 2, 1, 3)  # [B, K, S, card]
 
 
-def batched_step(windows: tp.Sequence[Window], sequences: tp.Sequence[torch.Tensor], slots: int) -> tp.List[torch.Tensor]:
+def batched_step(
+    windows: tp.Sequence[Window], sequences: tp.Sequence[torch.Tensor], slots: int
+) -> tp.List[torch.Tensor]:
     """One dynamic step for several windows of one runner at once (each its own request: its own
     caches, position and conditions). The matrix products, which stream the weights, run once for
     all of them, on ``slots`` rows padded with zeros (the caller's padding policy: :class:`.rows.
@@ -253,27 +279,36 @@ def batched_step(windows: tp.Sequence[Window], sequences: tp.Sequence[torch.Tens
     n = 2 * len(windows)
     assert n <= slots, (n, slots)
     with r.autocast():
-        rows = [w._embed(seq) + r.positional_scale * w.pos_emb[:, w.pos:w.pos + 1] for w, seq in zip(windows, sequences)]
+        rows = [
+            w._embed(seq) + r.positional_scale * w.pos_emb[:, w.pos : w.pos + 1] for w, seq in zip(windows, sequences)
+        ]
         x = torch.zeros((slots, 1, r.dim), dtype=rows[0].dtype, device=r.device)
         x[:n] = torch.cat(rows)
 
-        def per_window(fn: tp.Callable[[int, Window], torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros((slots,) + tuple(like.shape[1:]), dtype=like.dtype, device=like.device)
+        template = x  # (the residual stream's shape and dtype, the same through every layer)
+
+        def per_window(fn: tp.Callable[[int, Window], torch.Tensor]) -> torch.Tensor:
+            """Each window's attention output from its own two rows, in the padded [slots, 1, dim]."""
+            out = torch.zeros_like(template)
             out[:n] = torch.cat([fn(j, w) for j, w in enumerate(windows)])
             return out
 
+        def own(t: torch.Tensor, j: int) -> torch.Tensor:
+            return t[2 * j : 2 * j + 2]
+
         for i, L in enumerate(r.layers):
+
             def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int = i) -> torch.Tensor:
-                return per_window(lambda j, w: r.merged(w._self_attention(
-                    i, q[2 * j:2 * j + 2], k[2 * j:2 * j + 2], v[2 * j:2 * j + 2], 1, False, False)), x)
+                return per_window(
+                    lambda j, w: r.merged(w._self_attention(i, own(q, j), own(k, j), own(v, j), 1, False, False))
+                )
 
             def attend_cross(q: torch.Tensor, i: int = i) -> torch.Tensor:
-                return per_window(lambda j, w: r.merged(w._cross_attention(
-                    i, q[2 * j:2 * j + 2].to(w.kv_dtype), False)), x)
+                return per_window(lambda j, w: r.merged(w._cross_attention(i, own(q, j).to(w.kv_dtype), False)))
 
             x = r.layer(L, x, 1, attend, attend_cross)
         logits = windows[0]._logits(x, all_positions=False)[:, :, -1]  # [slots, K, card]
     for w in windows:
         w.pos += 1
         w.pos_tensor.add_(1)
-    return [logits[2 * j:2 * j + 2] for j in range(len(windows))]
+    return [logits[2 * j : 2 * j + 2] for j in range(len(windows))]

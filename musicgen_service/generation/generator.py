@@ -19,6 +19,7 @@ Modes:
   music. The model sees at most the last ``window - 1`` seconds of the audio as its prompt (its
   window is 30 s); earlier audio is kept in the output as it is, so any clip length works.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,6 +53,7 @@ CONTINUATION_MARGIN = 1.0
 @dataclass
 class Conditioned:
     """A request conditioned for the LM (:meth:`Generator.condition`): its seed, conditions and prompt."""
+
     req: Request
     seed: int
     attributes: "ConditioningAttributes"  # audiocraft's, one
@@ -78,8 +80,13 @@ class Generator:
     """Runs one request at a time on a loaded MusicGen, decoding in ``decoding_mode``
     (see :mod:`..decoding`: ``auto``, ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock``)."""
 
-    def __init__(self, model: "MusicGen", decoding_mode: str = "stock", rows: int = 2,
-                 prepared: tp.Optional["PreparedDecoder"] = None):
+    def __init__(
+        self,
+        model: "MusicGen",
+        decoding_mode: str = "stock",
+        rows: int = 2,
+        prepared: tp.Optional["PreparedDecoder"] = None,
+    ):
         """``rows``: matrix rows per decoding step at full load (2 per concurrent request);
         ``prepared``: the decoder's decision and weights read from disk (:mod:`..decoding.prepared`)."""
         from ..decoding import Decoder
@@ -96,22 +103,34 @@ class Generator:
         return "self_wav" in self.model.lm.condition_provider.conditioners
 
     def capabilities(self, max_duration: int, mbd_unavailable: tp.Optional[str] = None) -> Capabilities:
-        return Capabilities(max_duration=max_duration, card=self.model.lm.card, melody=self.melody,
-                            name=self.model.name, mbd_unavailable=mbd_unavailable)
+        return Capabilities(
+            max_duration=max_duration,
+            card=self.model.lm.card,
+            melody=self.melody,
+            name=self.model.name,
+            mbd_unavailable=mbd_unavailable,
+        )
 
-    def generate(self, req: Request, clip: tp.Optional["Clip"] = None,
-                 mbd: tp.Optional["MultiBandDiffusion"] = None) -> Generated:
+    def generate(
+        self, req: Request, clip: tp.Optional["Clip"] = None, mbd: tp.Optional["MultiBandDiffusion"] = None
+    ) -> Generated:
         """Tokens for ``req`` (``clip``: the selected input audio at the model's rate and channels),
         turned into audio with EnCodec, or with MultiBand Diffusion when ``mbd`` is given, start to end
         in the calling thread (the service runs the same steps: :mod:`..serving.service`)."""
         conditioned = self.condition(req, clip)
         tokens = self.tokens(conditioned)
         wav = self.to_audio(tokens, mbd)
-        return Generated(wav=wav[0].float().cpu(), sample_rate=self.model.sample_rate, tokens=tokens,
-                         seed=conditioned.seed)
+        return Generated(
+            wav=wav[0].float().cpu(), sample_rate=self.model.sample_rate, tokens=tokens, seed=conditioned.seed
+        )
 
-    def condition(self, req: Request, clip: tp.Optional["Clip"] = None,
-                  say: tp.Optional[tp.Callable[[str], None]] = None, tensors: bool = False) -> Conditioned:
+    def condition(
+        self,
+        req: Request,
+        clip: tp.Optional["Clip"] = None,
+        say: tp.Optional[tp.Callable[[str], None]] = None,
+        tensors: bool = False,
+    ) -> Conditioned:
         """Everything before the LM: the seed, the conditions (T5, chroma), the continuation prompt's
         tokens; ``tensors``: also the conditions' tensors, as one batched row needs them. The service
         runs it in its compute thread, between decoding steps (:mod:`..serving.compute`)."""
@@ -123,8 +142,10 @@ class Generator:
         seed = req.seed if req.seed is not None else random_seed()
         say("seed: %d%s" % (seed, "" if req.seed is not None else " (random)"))
         if req.greedy:
-            say("temperature %g is below %g: greedy decoding (the most likely token at each step)" % (
-                req.temperature, GREEDY_BELOW))
+            say(
+                "temperature %g is below %g: greedy decoding (the most likely token at each step)"
+                % (req.temperature, GREEDY_BELOW)
+            )
         with torch.inference_mode():
             melody = [clip.wav.to(model.device)] if req.mode == "melody" and clip is not None else None
             attributes, _ = model._prepare_tokens_and_attributes([req.prompt], None, melody_wavs=melody)
@@ -139,17 +160,27 @@ class Generator:
 
                 with request_random(random.Random(seed)):
                     condition_tensors = make_tensors(model.lm, attributes)
-        return Conditioned(req=req, seed=seed, attributes=attributes, head=head, context=context,
-                           new_frames=int(req.duration * fr), condition_tensors=condition_tensors, say=say)
+        return Conditioned(
+            req=req,
+            seed=seed,
+            attributes=attributes,
+            head=head,
+            context=context,
+            new_frames=int(req.duration * fr),
+            condition_tensors=condition_tensors,
+            say=say,
+        )
 
     def one_window(self, conditioned: Conditioned) -> bool:
         """Whether the request fits in the model's window (no extension): what a batch row can be."""
         frames = conditioned.prompt_frames + conditioned.new_frames
-        return frames + 1 <= int(self.model.max_duration * self.model.frame_rate) and \
-            (conditioned.head is None or conditioned.head.shape[-1] == 0)
+        return frames + 1 <= int(self.model.max_duration * self.model.frame_rate) and (
+            conditioned.head is None or conditioned.head.shape[-1] == 0
+        )
 
-    def tokens(self, conditioned: Conditioned, cancelled: tp.Optional[tp.Callable[[], bool]] = None,
-               stream: tp.Any = None) -> "torch.Tensor":
+    def tokens(
+        self, conditioned: Conditioned, cancelled: tp.Optional[tp.Callable[[], bool]] = None, stream: tp.Any = None
+    ) -> "torch.Tensor":
         """The LM's tokens for one request, alone, through audiocraft's generation (windowed
         extension past the model's window) with this generator's decoder. ``stream``: a
         :class:`~..serving.streaming.ChunkStream` that follows each window as it decodes. Not
@@ -164,11 +195,19 @@ class Generator:
         with torch.inference_mode():
             # +0.5 frame: audiocraft truncates duration * frame_rate to an int
             self._set_params(req, duration=(conditioned.prompt_frames + conditioned.new_frames + 0.5) / fr)
-            progress = Progress(conditioned.new_frames, conditioned.prompt_frames, fr, int(EXTEND_STRIDE * fr),
-                                say=conditioned.say, cancelled=cancelled)
+            progress = Progress(
+                conditioned.new_frames,
+                conditioned.prompt_frames,
+                fr,
+                int(EXTEND_STRIDE * fr),
+                say=conditioned.say,
+                cancelled=cancelled,
+            )
             # every window's chroma: demucs draws what it would after stock's random.seed(seed)
-            with windows_through(model.lm, progress, self.decoder.generate, stream), \
-                    request_random(random.Random(conditioned.seed)):
+            with (
+                windows_through(model.lm, progress, self.decoder.generate, stream),
+                request_random(random.Random(conditioned.seed)),
+            ):
                 tokens = model._generate_tokens(conditioned.attributes, conditioned.context)
             if conditioned.head is not None and conditioned.head.shape[-1]:
                 tokens = torch.cat([conditioned.head, tokens], dim=-1)
@@ -176,8 +215,10 @@ class Generator:
         return tokens
 
     def report(self, conditioned: Conditioned, seconds: float) -> None:
-        conditioned.say("generated %d s in %.2f s (%.2fx real time)" % (
-            conditioned.req.duration, seconds, conditioned.req.duration / max(seconds, 1e-9)))
+        conditioned.say(
+            "generated %d s in %.2f s (%.2fx real time)"
+            % (conditioned.req.duration, seconds, conditioned.req.duration / max(seconds, 1e-9))
+        )
 
     def to_audio(self, tokens: "torch.Tensor", mbd: tp.Optional["MultiBandDiffusion"] = None) -> "torch.Tensor":
         """[1, K, T] tokens -> [1, C, samples] float32 audio on the CPU, by EnCodec (in chunks:
@@ -198,19 +239,27 @@ class Generator:
 
     def _set_params(self, req: Request, duration: float) -> None:
         self.model.set_generation_params(
-            use_sampling=not req.greedy, top_k=req.top_k, top_p=req.top_p, temperature=req.temperature,
-            duration=duration, cfg_coef=float(req.classifier_free_guidance), extend_stride=EXTEND_STRIDE)
+            use_sampling=not req.greedy,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            temperature=req.temperature,
+            duration=duration,
+            cfg_coef=float(req.classifier_free_guidance),
+            extend_stride=EXTEND_STRIDE,
+        )
 
 
 @contextlib.contextmanager
-def windows_through(lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any],
-                    stream: tp.Any = None) -> tp.Iterator[None]:
+def windows_through(
+    lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any], stream: tp.Any = None
+) -> tp.Iterator[None]:
     """Within the block, each window's ``lm.generate`` call (audiocraft calls it once per extension
     window) goes to ``generate_fn`` (the chosen decoder), with a progress callback that knows where the
     window starts; ``stream`` (a chunk stream) sees each window and every step."""
 
-    def generate(prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any,
-                 callback: tp.Any = None, **kwargs: tp.Any) -> tp.Any:
+    def generate(
+        prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any, callback: tp.Any = None, **kwargs: tp.Any
+    ) -> tp.Any:
         window_prompt = 0 if prompt is None else prompt.shape[-1]
         step = progress.new_window(window_prompt)
         if stream is not None:  # the stream sees the window (our decoders) and every step
@@ -220,6 +269,7 @@ def windows_through(lm: tp.Any, progress: Progress, generate_fn: tp.Callable[...
             def step(generated: int, total: int) -> None:
                 follow(generated, total)
                 stream.step(generated)
+
         return generate_fn(prompt, conditions, *args, callback=step, **kwargs)
 
     lm.generate = generate

@@ -1,4 +1,5 @@
 """What a request logs as it generates: how much new audio there is, about every tenth of it."""
+
 from __future__ import annotations
 
 import time
@@ -14,9 +15,16 @@ class Progress:
     """Logs how much new audio has been generated, about every tenth of the request, whatever
     the number of extension windows; positions are in seconds of new audio."""
 
-    def __init__(self, new_frames: int, prompt_frames: int, frame_rate: float, stride_frames: int,
-                 step: float = 0.1, say: tp.Optional[tp.Callable[[str], None]] = None,
-                 cancelled: tp.Optional[tp.Callable[[], bool]] = None):
+    def __init__(
+        self,
+        new_frames: int,
+        prompt_frames: int,
+        frame_rate: float,
+        stride_frames: int,
+        step: float = 0.1,
+        say: tp.Optional[tp.Callable[[str], None]] = None,
+        cancelled: tp.Optional[tp.Callable[[], bool]] = None,
+    ):
         """``say``: where the lines go (default: the log); ``cancelled``: checked at every step, it
         stops the generation by raising :class:`~..core.errors.Cancelled`."""
         self.say = say or log.info
@@ -48,6 +56,12 @@ class Progress:
             return
         while self.next_report <= fraction + 1e-9:
             self.next_report += self.step
-        self.say("generated %.1f s / %.1f s of audio (%d%%), %.1f s elapsed" % (
-            min(done_frames, self.new_frames) / self.frame_rate, self.new_frames / self.frame_rate,
-            round(100 * fraction), time.perf_counter() - self.start))
+        self.say(
+            "generated %.1f s / %.1f s of audio (%d%%), %.1f s elapsed"
+            % (
+                min(done_frames, self.new_frames) / self.frame_rate,
+                self.new_frames / self.frame_rate,
+                round(100 * fraction),
+                time.perf_counter() - self.start,
+            )
+        )

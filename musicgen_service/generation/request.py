@@ -6,6 +6,7 @@ every cross-field rule, and either returns a :class:`Request` or raises one
 :class:`~musicgen_service.core.errors.InputError` naming each offending field and
 its rule. Nothing here touches a model, so a bad request fails in microseconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,6 @@ GREEDY_BELOW = 0.01
 # Guidance weights past a few tens give noise; past ~1e37, (cond - uncond) * cfg overflows float32 and
 # an integer beyond float range cannot even be converted. The rule keeps every value finite.
 MAX_GUIDANCE = 1000
-
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,24 @@ def _shown(value: tp.Any) -> str:
     return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
 
 
-def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
-                  input_audio: tp.Optional[tp.Union[str, Path]] = None, duration: int = 8,
-                  continuation: bool = False, continuation_start: int = 0,
-                  continuation_end: tp.Optional[int] = None, multi_band_diffusion: bool = False,
-                  normalization_strategy: str = "loudness", top_k: int = 250, top_p: float = 0.0,
-                  temperature: float = 1.0, classifier_free_guidance: int = 3,
-                  output_format: str = "wav", seed: tp.Optional[int] = None) -> Request:
+def parse_request(
+    caps: Capabilities,
+    *,
+    prompt: tp.Optional[str] = None,
+    input_audio: tp.Optional[tp.Union[str, Path]] = None,
+    duration: int = 8,
+    continuation: bool = False,
+    continuation_start: int = 0,
+    continuation_end: tp.Optional[int] = None,
+    multi_band_diffusion: bool = False,
+    normalization_strategy: str = "loudness",
+    top_k: int = 250,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    classifier_free_guidance: int = 3,
+    output_format: str = "wav",
+    seed: tp.Optional[int] = None,
+) -> Request:
     """Check every input; raise one InputError listing all the problems found."""
     problems: tp.List[tp.Tuple[str, str]] = []
 
@@ -103,24 +114,34 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
     if continuation_start < 0:
         bad("continuation_start", f"must be >= 0 seconds (got {_shown(continuation_start)})")
     elif continuation_start > MAX_INPUT_AUDIO_SECONDS:  # (it selects seconds of input_audio)
-        bad("continuation_start", f"must be at most {MAX_INPUT_AUDIO_SECONDS:g} seconds, the longest input_audio "
-                                  f"(got {_shown(continuation_start)})")
+        bad(
+            "continuation_start",
+            f"must be at most {MAX_INPUT_AUDIO_SECONDS:g} seconds, the longest input_audio "
+            f"(got {_shown(continuation_start)})",
+        )
     end = None if continuation_end in (None, -1) else continuation_end
     if end is not None and end < 0:
         bad("continuation_end", f"must be -1 or None (the end of the clip) or >= 0 seconds (got {_shown(end)})")
     elif end is not None and end <= continuation_start:
-        bad("continuation_end", f"must be greater than continuation_start ({_shown(continuation_start)}); "
-                                f"got {_shown(end)}. Use -1 or leave it empty for the end of the clip")
+        bad(
+            "continuation_end",
+            f"must be greater than continuation_start ({_shown(continuation_start)}); "
+            f"got {_shown(end)}. Use -1 or leave it empty for the end of the clip",
+        )
     if audio is None:
         if continuation:
             bad("continuation", "needs input_audio: the music to continue")
         if continuation_start != 0 or end is not None:
-            bad("continuation_start" if continuation_start != 0 else "continuation_end",
-                "selects part of input_audio, but no input_audio was given")
+            bad(
+                "continuation_start" if continuation_start != 0 else "continuation_end",
+                "selects part of input_audio, but no input_audio was given",
+            )
 
     if normalization_strategy not in NORMALIZATION_STRATEGIES:
-        bad("normalization_strategy",
-            f"must be one of {', '.join(NORMALIZATION_STRATEGIES)} (got {normalization_strategy!r})")
+        bad(
+            "normalization_strategy",
+            f"must be one of {', '.join(NORMALIZATION_STRATEGIES)} (got {normalization_strategy!r})",
+        )
     if output_format not in OUTPUT_FORMATS:
         bad("output_format", f"must be one of {', '.join(OUTPUT_FORMATS)} (got {output_format!r})")
 
@@ -140,8 +161,11 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
         bad("seed", f"must be -1 or None (random) or between 0 and {MAX_SEED} (got {_shown(seed)})")
 
     if audio is not None and not continuation and not caps.melody:
-        bad("input_audio", f"{caps.name} has no melody conditioning: set continuation to true to "
-                           "continue the audio instead, or serve a melody model")
+        bad(
+            "input_audio",
+            f"{caps.name} has no melody conditioning: set continuation to true to "
+            "continue the audio instead, or serve a melody model",
+        )
 
     if multi_band_diffusion and caps.mbd_unavailable:
         bad("multi_band_diffusion", caps.mbd_unavailable)
@@ -149,9 +173,18 @@ def parse_request(caps: Capabilities, *, prompt: tp.Optional[str] = None,
     if problems:
         raise InputError(problems)
     return Request(
-        prompt=text or None, input_audio=audio, duration=int(duration), continuation=bool(continuation),
-        continuation_start=int(continuation_start), continuation_end=end,
-        multi_band_diffusion=bool(multi_band_diffusion), normalization_strategy=normalization_strategy,
-        top_k=int(top_k), top_p=float(top_p), temperature=float(temperature),
-        classifier_free_guidance=int(classifier_free_guidance), output_format=output_format,
-        seed=seed_value)
+        prompt=text or None,
+        input_audio=audio,
+        duration=int(duration),
+        continuation=bool(continuation),
+        continuation_start=int(continuation_start),
+        continuation_end=end,
+        multi_band_diffusion=bool(multi_band_diffusion),
+        normalization_strategy=normalization_strategy,
+        top_k=int(top_k),
+        top_p=float(top_p),
+        temperature=float(temperature),
+        classifier_free_guidance=int(classifier_free_guidance),
+        output_format=output_format,
+        seed=seed_value,
+    )

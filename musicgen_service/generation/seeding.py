@@ -9,6 +9,7 @@
   :func:`install_demucs_random`) through which each thread draws from the generator of the request
   it works on (:func:`request_random`), seeded like stock's; else from ``random``.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -22,6 +22,7 @@ Other work that belongs to this thread runs between tasks: the batch scheduler
 There is one such thread per process (:func:`shared`), whatever the number of
 services in it (tests and benchmarks make several).
 """
+
 from __future__ import annotations
 
 import functools
@@ -74,8 +75,13 @@ class ComputeThread:
         self.queue.put(_Task(fn, say, future))
         return future
 
-    def call(self, fn: tp.Callable[..., tp.Any], *args: tp.Any,
-             lines: tp.Optional["queue.SimpleQueue[str]"] = None, **kwargs: tp.Any) -> tp.Any:
+    def call(
+        self,
+        fn: tp.Callable[..., tp.Any],
+        *args: tp.Any,
+        lines: tp.Optional["queue.SimpleQueue[str]"] = None,
+        **kwargs: tp.Any,
+    ) -> tp.Any:
         """Run ``fn(*args, **kwargs)`` in the thread and return its result (or raise its exception),
         logging its lines in the calling thread. From the thread itself: run at once."""
         if self.inside():

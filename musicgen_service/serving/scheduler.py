@@ -22,6 +22,7 @@ decoder shares steps at all (:attr:`..decoding.Decoder.shares_steps`: which
 precisions and devices, and why). The rest run alone, in arrival order, between
 batches. Either way a request's tokens depend only on its own inputs and seed.
 """
+
 from __future__ import annotations
 
 import threading
@@ -57,8 +58,9 @@ class Scheduler:
     """Runs in the compute thread (:mod:`.compute`), between its tasks: each turn admits what
     arrived and takes one decoding step for every active row."""
 
-    def __init__(self, generator: "Generator", slots: int, compute: "ComputeThread",
-                 gather_seconds: float = GATHER_SECONDS):
+    def __init__(
+        self, generator: "Generator", slots: int, compute: "ComputeThread", gather_seconds: float = GATHER_SECONDS
+    ):
         self.generator = generator
         self.slots = max(1, slots)
         self.compute = compute
@@ -144,11 +146,18 @@ class Scheduler:
         req = conditioned.req
         progress = self._progress(conditioned)
         try:
-            job.row = Row(condition_tensors=conditioned.condition_tensors, prompt=conditioned.context,
-                          max_gen_len=conditioned.prompt_frames + conditioned.new_frames, seed=conditioned.seed,
-                          temp=req.temperature, top_k=req.top_k, top_p=req.top_p, use_sampling=not req.greedy,
-                          cfg_coef=float(req.classifier_free_guidance),
-                          progress=lambda done, total: progress.update(done))
+            job.row = Row(
+                condition_tensors=conditioned.condition_tensors,
+                prompt=conditioned.context,
+                max_gen_len=conditioned.prompt_frames + conditioned.new_frames,
+                seed=conditioned.seed,
+                temp=req.temperature,
+                top_k=req.top_k,
+                top_p=req.top_p,
+                use_sampling=not req.greedy,
+                cfg_coef=float(req.classifier_free_guidance),
+                progress=lambda done, total: progress.update(done),
+            )
             job.started = time.perf_counter()
             self.rows.admit(job.row)
         except Exception as exc:  # this request fails alone

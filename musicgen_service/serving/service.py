@@ -14,6 +14,7 @@ each defined once and run in the compute thread (:mod:`.compute`: why):
 
 The request's own thread waits and logs. Usable without Cog (tests, benchmarks, the command line).
 """
+
 from __future__ import annotations
 
 import queue
@@ -65,9 +66,14 @@ class Service:
         if removed:
             log.info("removed %d output folder(s) left by a process that no longer runs", removed)
         folders.remove_all_at_exit()
-        log.info("ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
-                 settings.model, self.model.audio_channels, self.model.sample_rate,
-                 self.model.max_duration, time.perf_counter() - start)
+        log.info(
+            "ready: %s, %d channel(s), %d Hz, %.0f s window; setup took %.2f s",
+            settings.model,
+            self.model.audio_channels,
+            self.model.sample_rate,
+            self.model.max_duration,
+            time.perf_counter() - start,
+        )
 
     def _warm_up(self) -> None:
         """One short request at setup, on GPUs: the first use of each CUDA kernel (module loading,
@@ -90,9 +96,16 @@ class Service:
         each call is one prediction; ``cancel`` (set from elsewhere) stops it at the next step with
         :class:`~..core.errors.Cancelled`."""
         folders.remove_expired()
-        log.info("model: %s; mode: %s; duration: %d s; top_k=%d top_p=%g temperature=%g "
-                 "classifier_free_guidance=%d", self.settings.model, request.mode, request.duration,
-                 request.top_k, request.top_p, request.temperature, request.classifier_free_guidance)
+        log.info(
+            "model: %s; mode: %s; duration: %d s; top_k=%d top_p=%g temperature=%g classifier_free_guidance=%d",
+            self.settings.model,
+            request.mode,
+            request.duration,
+            request.top_k,
+            request.top_p,
+            request.temperature,
+            request.classifier_free_guidance,
+        )
         lines: "queue.SimpleQueue[str]" = queue.SimpleQueue()  # this request's lines from the compute thread
         if not self.scheduler.batching:  # GPUs, and precisions that do not batch: the steps as one task
             return self.compute.call(self._alone, request, cancel, lines=lines)
@@ -106,8 +119,15 @@ class Service:
         (:mod:`.streaming`), then the whole file, which is what :meth:`run` returns for the same
         request. A failure after some chunks raises (no final file); a cancel stops at the next step."""
         if request.multi_band_diffusion:
-            raise InputError([("multi_band_diffusion", "the streaming model decodes with EnCodec as it generates; "
-                               "MultiBand Diffusion renders whole 30 s windows at the end: use the main model")])
+            raise InputError(
+                [
+                    (
+                        "multi_band_diffusion",
+                        "the streaming model decodes with EnCodec as it generates; "
+                        "MultiBand Diffusion renders whole 30 s windows at the end: use the main model",
+                    )
+                ]
+            )
         folders.remove_expired()
         log.info("model: %s; mode: %s; duration: %d s; streaming", self.settings.model, request.mode, request.duration)
         cancel = cancel or threading.Event()
@@ -169,13 +189,18 @@ class Service:
         try:
             with folders.held(folder):
                 # a unique name: uploads (`--upload-url`) of different predictions never collide
-                path = output_audio.write(wav, sample_rate, request.output_format, folder,
-                                          stem=f"musicgen-{uuid.uuid4().hex[:12]}")
+                path = output_audio.write(
+                    wav, sample_rate, request.output_format, folder, stem=f"musicgen-{uuid.uuid4().hex[:12]}"
+                )
         except BaseException:
             folders.remove_folder(folder)
             raise
-        log.info("normalized (%s) and wrote %s in %.2f s", request.normalization_strategy,
-                 path.name, time.perf_counter() - start)
+        log.info(
+            "normalized (%s) and wrote %s in %.2f s",
+            request.normalization_strategy,
+            path.name,
+            time.perf_counter() - start,
+        )
         return path
 
     # ------------------------------------------------------------ what the steps use
@@ -199,13 +224,28 @@ class Service:
             # the rest of a long song would only cost stem separation time.
             needed = request.continuation_start + request.duration + self.model.max_duration
             end = needed if end is None else min(end, needed)
-        clip = input_audio.load(request.input_audio, self.model.sample_rate, self.model.audio_channels,
-                                start=request.continuation_start, end=end)
-        log.info("input_audio: using %.1f s to %.1f s (%s), decoded in %.2f s", clip.start,
-                 clip.start + clip.seconds, "melody" if request.mode == "melody" else "continued",
-                 time.perf_counter() - start)
-        if request.continuation_end is not None and clip.file_seconds is not None \
-                and request.continuation_end > clip.file_seconds:
-            log.info("continuation_end (%d s) is past the end of input_audio (%.1f s long): "
-                     "using the audio up to its end", request.continuation_end, clip.file_seconds)
+        clip = input_audio.load(
+            request.input_audio,
+            self.model.sample_rate,
+            self.model.audio_channels,
+            start=request.continuation_start,
+            end=end,
+        )
+        log.info(
+            "input_audio: using %.1f s to %.1f s (%s), decoded in %.2f s",
+            clip.start,
+            clip.start + clip.seconds,
+            "melody" if request.mode == "melody" else "continued",
+            time.perf_counter() - start,
+        )
+        if (
+            request.continuation_end is not None
+            and clip.file_seconds is not None
+            and request.continuation_end > clip.file_seconds
+        ):
+            log.info(
+                "continuation_end (%d s) is past the end of input_audio (%.1f s long): using the audio up to its end",
+                request.continuation_end,
+                clip.file_seconds,
+            )
         return clip

@@ -12,6 +12,7 @@ decoder -> scheduler. Runs in the compute thread (:mod:`.compute`), once per ser
 6. what requests may ask of this model (:class:`..generation.request.Capabilities`) and the scheduler
    that lets concurrent requests share decoding steps (:mod:`.scheduler`).
 """
+
 from __future__ import annotations
 
 import threading
@@ -40,6 +41,7 @@ log = get_logger()
 @dataclass
 class Loaded:
     """What setup made: everything a request runs on."""
+
     device: str
     model: "MusicGen"
     trained: tp.Optional[trained_files.Trained]
@@ -61,9 +63,8 @@ def setup(settings: Settings, trained_source: tp.Optional[str], compute: "Comput
     cache, key = decoder_cache(settings, device, rows, trained)
     # a prepared decoder's files are read and hashed in the background while audiocraft imports;
     # loading then leaves the LM matrices it holds unread
-    pending = cache.start(key) if cache is not None else None
-    model = loading.load_musicgen(settings.weights_dir, settings.model, device,
-                                  skip=pending.skips if pending else None)
+    pending = cache.start(key) if cache is not None and key is not None else None
+    model = loading.load_musicgen(settings.weights_dir, settings.model, device, skip=pending.skips if pending else None)
     entry = pending.entry() if pending else None
     if trained is not None:
         trained_files.apply(trained, model.lm)
@@ -73,13 +74,24 @@ def setup(settings: Settings, trained_source: tp.Optional[str], compute: "Comput
         cache.store(key, generator.decoder)
     freed = generator.decoder.release_stock_weights()
     if freed:
-        log.info("released the LM's %s weights kept in %s instead: %.0f MB", model.lm.emb[0].weight.dtype,
-                 generator.decoder.mode, freed / 1e6)
+        log.info(
+            "released the LM's %s weights kept in %s instead: %.0f MB",
+            model.lm.emb[0].weight.dtype,
+            generator.decoder.mode,
+            freed / 1e6,
+        )
     capabilities = generator.capabilities(settings.max_duration, mbd.unavailable())
     scheduler = Scheduler(generator, settings.concurrency, compute)
     log.info("concurrency: %d; %s", settings.concurrency, scheduler.describe())
-    return Loaded(device=device, model=model, trained=trained, mbd=mbd, generator=generator,
-                  capabilities=capabilities, scheduler=scheduler)
+    return Loaded(
+        device=device,
+        model=model,
+        trained=trained,
+        mbd=mbd,
+        generator=generator,
+        capabilities=capabilities,
+        scheduler=scheduler,
+    )
 
 
 def trained_file(settings: Settings, source: tp.Optional[str]) -> tp.Optional[trained_files.Trained]:
@@ -98,20 +110,23 @@ def trained_file(settings: Settings, source: tp.Optional[str]) -> tp.Optional[tr
         except OSError as exc:
             log.info("trained weights: cannot use %s (%s)", folder, exc.strerror or exc)
     if path is None:
-        raise TrainedError(f"trained weights: no writable folder to download into "
-                           f"({', '.join(map(str, settings.trained_dirs))})")
+        raise TrainedError(
+            f"trained weights: no writable folder to download into ({', '.join(map(str, settings.trained_dirs))})"
+        )
     t = trained_files.Trained(path)
     checkpoint = hub.musicgen_folder(settings.weights_dir, settings.model) / hub.LM_FILE
     trained_files.check_base(t, settings.model, hub.checkpoint_identity(checkpoint))
     # the whole file against the checkpoint's shapes (read from its header, not its weights)
-    trained_files.validate(t, {name: tuple(v.shape) for name, v in hub.map_checkpoint(checkpoint)["best_state"].items()})
+    trained_files.validate(
+        t, {name: tuple(v.shape) for name, v in hub.map_checkpoint(checkpoint)["best_state"].items()}
+    )
     log.info("trained weights: %s", t.describe())
     return t
 
 
-def decoder_cache(settings: Settings, device: str, rows: int,
-                  trained: tp.Optional[trained_files.Trained] = None
-                  ) -> tp.Tuple[tp.Optional["prepared.Cache"], tp.Optional[tp.Dict[str, tp.Any]]]:
+def decoder_cache(
+    settings: Settings, device: str, rows: int, trained: tp.Optional[trained_files.Trained] = None
+) -> tp.Tuple[tp.Optional["prepared.Cache"], tp.Optional[tp.Dict[str, tp.Any]]]:
     """The prepared-decoder cache for this setup and its key (None, None where setups do not use
     one: GPUs, exact, stock, MUSICGEN_PREPARED=off); a trained file's identity is part of the key."""
     from ..decoding import ALIASES, prepared
@@ -121,8 +136,10 @@ def decoder_cache(settings: Settings, device: str, rows: int,
         return None, None
     checkpoint = hub.musicgen_folder(settings.weights_dir, settings.model) / hub.LM_FILE
     adapter = None if trained is None else hub.checkpoint_identity(trained.path)
-    return (prepared.Cache(settings.prepared_dirs, int(settings.prepared_max_gb * 1e9)),
-            prepared.key(hub.checkpoint_identity(checkpoint), decoder, rows, adapter))
+    return (
+        prepared.Cache(settings.prepared_dirs, int(settings.prepared_max_gb * 1e9)),
+        prepared.key(hub.checkpoint_identity(checkpoint), decoder, rows, adapter),
+    )
 
 
 class MBDSource:
@@ -143,8 +160,10 @@ class MBDSource:
             return "MultiBand Diffusion is turned off on this deployment (MUSICGEN_MBD=off)"
         missing = [f for f in hub.mbd_files() if hub.cached_file(self._weights_dir, f) is None]
         if missing:
-            return (f"MultiBand Diffusion is not installed here: {', '.join(map(str, missing))} is missing "
-                    f"from the weights folder (`{hub.DOWNLOAD_COMMAND}` fetches it)")
+            return (
+                f"MultiBand Diffusion is not installed here: {', '.join(map(str, missing))} is missing "
+                f"from the weights folder (`{hub.DOWNLOAD_COMMAND}` fetches it)"
+            )
         return None
 
     def get(self) -> "MultiBandDiffusion":

@@ -22,6 +22,7 @@ order, or concatenated, they are one mp3; each file on its own starts without th
 The final item is the whole file, made as the main model makes it (:meth:`.service.Service.run`'s
 own steps), so it is exactly what the main model returns for the same inputs and seed.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,8 +46,15 @@ LAG_FRAMES = 10
 class ChunkStream:
     """Cuts one prediction's audio into chunk files as its frames complete; ``emit(path)`` gets each."""
 
-    def __init__(self, model: tp.Any, strategy: str, output_format: str, folder: Path,
-                 emit: tp.Callable[[Path], None], head: tp.Any = None):
+    def __init__(
+        self,
+        model: tp.Any,
+        strategy: str,
+        output_format: str,
+        folder: Path,
+        emit: tp.Callable[[Path], None],
+        head: tp.Any = None,
+    ):
         """``head``: codes the output starts with before the LM's first window (a continuation's
         audio kept as it is, then its window prompt comes from the first window)."""
         self.model, self.strategy, self.format = model, strategy, output_format
@@ -106,13 +114,13 @@ class ChunkStream:
         if self.out is None:
             self.out = completed
         elif self.base + completed.shape[-1] > self.out.shape[-1]:
-            self.out = torch.cat([self.out[..., :self.base], completed], dim=-1)
+            self.out = torch.cat([self.out[..., : self.base], completed], dim=-1)
 
     def _decode_and_cut(self, final: bool) -> None:
         import torch
 
         if self.out is not None and self.out.shape[-1] > self.decoded_frames:
-            new = self.out[..., self.decoded_frames:]
+            new = self.out[..., self.decoded_frames :]
             self.decoded_frames = self.out.shape[-1]
             samples = self.decoder.push(new.to(self.model.device), last=final)
         elif final:
@@ -128,15 +136,19 @@ class ChunkStream:
                 return
             audio = torch.cat(self.pending, dim=-1)
             take = audio if (final and self.pending_samples <= want) else audio[:, :want]
-            rest = audio[:, take.shape[-1]:]
+            rest = audio[:, take.shape[-1] :]
             self.pending, self.pending_samples = ([rest] if rest.shape[-1] else []), rest.shape[-1]
             self._write(take, last=final and not self.pending_samples)
 
     def _write(self, audio: tp.Any, last: bool) -> None:
         if self.level is None:
             self.level = output_audio.fixed_levelling(audio, self.rate, self.strategy)
-            log.info("streaming: chunks levelled (%s) with a gain of %+.1f dB fixed on the first %.1f s",
-                     self.strategy, self.level.gain_db, audio.shape[-1] / self.rate)
+            log.info(
+                "streaming: chunks levelled (%s) with a gain of %+.1f dB fixed on the first %.1f s",
+                self.strategy,
+                self.level.gain_db,
+                audio.shape[-1] / self.rate,
+            )
         levelled = self.level(audio)
         name = f"chunk-{self.index:04d}.{self.format}"
         path = self.folder / name

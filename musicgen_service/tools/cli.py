@@ -12,6 +12,7 @@ does; a training's files (the trained weights, the loss curve, the samples) are 
 folder ``-o`` (default ``trained/``). Both are loaded the way Cog loads them, from cog.yaml's
 ``predict`` / ``train``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,12 +92,24 @@ def parse_inputs(pairs: tp.Sequence[str], predict: tp.Callable[..., tp.Any]) -> 
 
 def train_main(argv: tp.Sequence[str]) -> int:
     """``script/train``."""
-    parser = argparse.ArgumentParser(prog="script/train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
-                        help="an input of train(); @path for a file; repeat for each input")
-    parser.add_argument("-o", "--output", type=Path, default=Path.cwd() / "trained",
-                        help="the folder the trained files are copied into (default: ./trained)")
+    parser = argparse.ArgumentParser(
+        prog="script/train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input of train(); @path for a file; repeat for each input",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path.cwd() / "trained",
+        help="the folder the trained files are copied into (default: ./trained)",
+    )
     args = parser.parse_args(argv)
 
     from ..core.errors import InputError, SetupError
@@ -121,14 +134,29 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
         return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="script/predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-i", "--input", action="append", default=[], metavar="NAME=VALUE",
-                        help="an input of predict(); @path for a file; repeat for each input")
-    parser.add_argument("-o", "--output", type=Path, help="where to write the result "
-                        "(default: output.<ext> in the current folder; --stream: a folder, default ./stream)")
-    parser.add_argument("--stream", action="store_true",
-                        help="the streaming model (cog.stream.yaml): each chunk is written as it arrives")
+    parser = argparse.ArgumentParser(
+        prog="script/predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "-i",
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an input of predict(); @path for a file; repeat for each input",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        help="where to write the result "
+        "(default: output.<ext> in the current folder; --stream: a folder, default ./stream)",
+    )
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="the streaming model (cog.stream.yaml): each chunk is written as it arrives",
+    )
     args = parser.parse_args(argv)
 
     from ..core.errors import InputError, SetupError

@@ -1,6 +1,7 @@
 """``script/prepare``: run setup once, so that the prepared decoder it measures and converts is on disk
 before the server's first boot (:mod:`..decoding.prepared`). Setup problems end in one line and a
 non-zero exit, as ``script/predict``'s do."""
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         device = settings.resolved_device()
         cache, _ = decoder_cache(settings, device, 2 * settings.concurrency)
         if cache is None:
-            print(f"prepare: nothing to prepare for MUSICGEN_DECODER={settings.decoder} on {device} "
-                  "(only CPU setups with auto or a reduced precision use prepared decoders)")
+            print(
+                f"prepare: nothing to prepare for MUSICGEN_DECODER={settings.decoder} on {device} "
+                "(only CPU setups with auto or a reduced precision use prepared decoders)"
+            )
             return 0
         from ..serving.service import Service
 
@@ -31,8 +34,10 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         print(f"prepare: {exc}", file=sys.stderr)
         return 1
     decoder_state = service.generator.decoder
-    print(f"prepare: {decoder_state.describe()}; later setups with these settings read it "
-          f"(concurrency {settings.concurrency}, folders {', '.join(map(str, settings.prepared_dirs))})")
+    print(
+        f"prepare: {decoder_state.describe()}; later setups with these settings read it "
+        f"(concurrency {settings.concurrency}, folders {', '.join(map(str, settings.prepared_dirs))})"
+    )
     return 0
 
 

@@ -1,27 +1,21 @@
-"""LoRA adapters on MusicGen's LM: which matrices, how they are attached, saved and merged.
+"""LoRA adapters on MusicGen's LM: how they are attached for training, and saved.
 
-Targets (:data:`..weights.lora.TARGETS`, the LM's weight matrices): in every transformer layer the self-attention's fused q/k/v projection
-``self_attn.in_proj_weight`` (a bare ``nn.Parameter`` that audiocraft multiplies with
-``F.linear``, not an ``nn.Linear``), its output projection, the cross-attention's (text models:
-its keys/values read the text) and the feed-forward ``linear1`` / ``linear2``; and the ``K`` output
-heads ``linears.k`` (they map the transformer's state to each codebook's distribution, where a
-style shows first). Embeddings, norms and the conditioners' projections stay frozen.
+Targets (:data:`..weights.lora.TARGETS`, the LM's weight matrices): in every transformer layer the
+self-attention's fused q/k/v projection ``self_attn.in_proj_weight`` (a bare ``nn.Parameter`` that
+audiocraft multiplies with ``F.linear``, not an ``nn.Linear``), its output projection, the
+cross-attention's (text models: its keys/values read the text) and the feed-forward ``linear1`` /
+``linear2``; and the ``K`` output heads ``linears.k`` (they map the transformer's state to each
+codebook's distribution, where a style shows first). Embeddings, norms and the conditioners'
+projections stay frozen.
 
-Mechanism: a :class:`LoRA` parametrization (``torch.nn.utils.parametrize``) on each target weight,
-so that reading the weight gives ``W + scale * B @ A`` (:func:`..weights.lora.delta`) with ``B`` starting at zero (the adapted model
-starts as the base) and ``scale = alpha / rank``; the training loop computes each adapted weight once
-per forward (``parametrize.cached()``). One mechanism for ``nn.Linear`` weights and bare Parameters
-alike, with audiocraft's modules left as they are.
-
-Measured on musicgen-small at real size, batch 1 x 30 s, on the 2-core AVX2 CPU (bench/train.py, peak
-RSS of the process, glibc's default allocator): 18.3 GB with every adapted weight recomputed at each
-read, 14.1 GB computed once per forward. Forward hooks on the ``nn.Linear`` targets instead (the usual
-``x @ A.T @ B.T`` arithmetic, no full-size matrix) peaked at 14.6 GB at batch 1 and ran out of the
-machine's 23 GB at batch 2, so they were not kept. Most of those peaks were not tensors: glibc's heap
-fragmenting from one update to the next (the process grew ~2 GB per update); training now fixes the
-allocator's mmap threshold (:mod:`.allocator`), and the same LoRA run peaks at 8.8 GB. What remains
-above the activations is the adapted weights computed once per forward (~1.6 GB in fp32 for
-musicgen-small's 24 layers).
+Mechanism: a :class:`LoRA` parametrization (``torch.nn.utils.parametrize``) on each target weight, so
+that reading the weight gives ``W + scale * B @ A`` (:func:`..weights.lora.delta`) with ``B`` starting at
+zero (the adapted model starts as the base) and ``scale = alpha / rank``; the training loop computes
+each adapted weight once per forward (``parametrize.cached()``). One mechanism for ``nn.Linear`` weights
+and bare Parameters alike, with audiocraft's modules left as they are. Measured against recomputing at
+every read and against forward hooks on the ``nn.Linear`` targets (the usual ``x @ A.T @ B.T``, which
+ran out of memory at batch 2 on a 23 GB CPU machine): bench/results/train.md. What remains above the
+activations is each adapted weight computed once per forward (~1.6 GB in fp32 for musicgen-small).
 
 ``peft`` was considered: its LoRA layers replace ``nn.Linear`` modules with its own, and a bare
 Parameter needs its ``target_parameters`` (0.17+), itself a parametrization; one small class does
@@ -30,6 +24,7 @@ both here, without another dependency pinned against this torch and transformers
 Saved as ``<parameter>.lora_A`` [rank, in] / ``<parameter>.lora_B`` [out, rank] in fp16
 (:mod:`..weights.trained`); merged into the weights when served (:func:`..weights.lora.merge`).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,13 +37,19 @@ from torch.nn.utils import parametrize
 from ..weights import lora
 
 
-
 class LoRA(nn.Module):
     """``W -> W + scale * B @ A``; ``A`` [rank, in] Kaiming-uniform (as ``nn.Linear``'s init), ``B``
     [out, rank] zero. Kept in fp32 whatever the base weight's dtype (the update is cast to it)."""
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float,
-                 generator: torch.Generator, device: tp.Any = None):
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        alpha: float,
+        generator: torch.Generator,
+        device: tp.Any = None,
+    ):
         super().__init__()
         a = torch.empty(rank, in_features)
         bound = 1 / math.sqrt(in_features)  # kaiming_uniform_(a=sqrt(5)), as nn.Linear initialises

@@ -18,6 +18,7 @@ block are faulted in again).
 Only on Linux with glibc (elsewhere, and on GPUs where the tensors are not in this heap, nothing to
 do); the setting is process-wide and kept, as a training process does nothing else.
 """
+
 from __future__ import annotations
 
 import ctypes

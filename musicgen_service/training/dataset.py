@@ -29,6 +29,7 @@ The run (:mod:`.run`) goes through the segments twice: once to check them and co
 before the model loads: a dataset without usable audio is refused before any model work), and once
 to tokenize them as they are decoded (:mod:`.tokens`), never holding the dataset's audio.
 """
+
 from __future__ import annotations
 
 import errno
@@ -49,8 +50,21 @@ from . import tar_stream
 log = get_logger()
 
 FIELD = "dataset"
-AUDIO_EXTENSIONS = {".wav", ".wave", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4",
-                    ".aif", ".aiff", ".webm"}
+AUDIO_EXTENSIONS = {
+    ".wav",
+    ".wave",
+    ".mp3",
+    ".flac",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".m4a",
+    ".aac",
+    ".mp4",
+    ".aif",
+    ".aiff",
+    ".webm",
+}
 CAPTION_EXTENSION = ".txt"
 CAPTION_MAX_BYTES = 16 << 10  # more than a caption's 512 tokens take (tokens.fit_caption cuts to those)
 MAX_FILES = 10_000
@@ -88,6 +102,7 @@ class Collected:
 
 
 # ------------------------------------------------------------------------------------------ unpacking
+
 
 def unpack(dataset: Path, folder: Path, cancelled: tp.Callable[[], bool] = lambda: False) -> Path:
     """Unpack ``dataset`` into ``folder`` (which must be empty or absent); returns the folder holding
@@ -171,8 +186,10 @@ class _Writer:
         if len(self.files) > MAX_FILES:
             _fail(f"the archive holds more than {MAX_FILES} files; the limit is {MAX_FILES}")
         if self.written + size > MAX_UNPACKED_BYTES:
-            _fail(f"the archive unpacks to more than {MAX_UNPACKED_BYTES / 1024**3:.0f} GB, the limit "
-                  f"(its member {name!r} alone declares {size / 1024**3:.1f} GB)")
+            _fail(
+                f"the archive unpacks to more than {MAX_UNPACKED_BYTES / 1024**3:.0f} GB, the limit "
+                f"(its member {name!r} alone declares {size / 1024**3:.1f} GB)"
+            )
         target = self.folder / path
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,26 +220,35 @@ def _unzip(path: Path, writer: _Writer) -> None:
         if count > MAX_MEMBERS:
             _fail(f"the archive holds {count} files; the limit is {MAX_FILES}")
         if directory > MAX_ZIP_DIRECTORY:  # zipfile parses entries by the directory's size, not the count
-            _fail(f"the archive's directory is {directory / 2**20:.0f} MB: more than {MAX_MEMBERS} members; "
-                  f"the limit is {MAX_FILES} files")
+            _fail(
+                f"the archive's directory is {directory / 2**20:.0f} MB: more than {MAX_MEMBERS} members; "
+                f"the limit is {MAX_FILES} files"
+            )
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
             if sum(1 for i in infos if not i.is_dir()) > MAX_FILES:
                 _fail(f"the archive holds {sum(1 for i in infos if not i.is_dir())} files; the limit is {MAX_FILES}")
             if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
-                _fail(f"the archive unpacks to {sum(i.file_size for i in infos) / 1024**3:.1f} GB; the limit is "
-                      f"{MAX_UNPACKED_BYTES / 1024**3:.0f} GB")
+                _fail(
+                    f"the archive unpacks to {sum(i.file_size for i in infos) / 1024**3:.1f} GB; the limit is "
+                    f"{MAX_UNPACKED_BYTES / 1024**3:.0f} GB"
+                )
             for i in infos:
                 if i.flag_bits & 0x1:
                     _fail(f"the archive member {i.filename!r} is encrypted: refused (unpack it without a password)")
-                if i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2,
-                                           zipfile.ZIP_LZMA):
-                    _fail(f"the archive member {i.filename!r} uses a compression this service does not read "
-                          f"(method {i.compress_type}): refused")
+                if i.compress_type not in (
+                    zipfile.ZIP_STORED,
+                    zipfile.ZIP_DEFLATED,
+                    zipfile.ZIP_BZIP2,
+                    zipfile.ZIP_LZMA,
+                ):
+                    _fail(
+                        f"the archive member {i.filename!r} uses a compression this service does not read "
+                        f"(method {i.compress_type}): refused"
+                    )
                 kind = "link" if stat.S_ISLNK(i.external_attr >> 16) else "dir" if i.is_dir() else "file"
                 writer.member(i.filename, kind, i.file_size, lambda i=i: z.open(i))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError,
-            ValueError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
         _fail(f"{path.name} is a damaged zip archive ({exc})")
     except OSError as exc:  # (raised while reading members: a zip whose data is cut short)
         _fail(f"{path.name} is a damaged zip archive ({exc.strerror or exc})")
@@ -232,14 +258,14 @@ def _untar(path: Path, writer: _Writer) -> None:
     try:
         with tar_stream.bounded(path) as stream, tarfile.open(fileobj=stream, mode="r:") as t:
             for m in t:  # one header at a time (getmembers() would read every header first)
-                kind = ("link" if m.issym() or m.islnk() else "dir" if m.isdir() else
-                        "file" if m.isfile() else "special")
+                kind = "link" if m.issym() or m.islnk() else "dir" if m.isdir() else "file" if m.isfile() else "special"
                 writer.member(m.name, kind, m.size, lambda m=m: t.extractfile(m))
     except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
         _fail(f"{path.name} is a damaged tar archive ({exc})")
 
 
 # ------------------------------------------------------------------------------------------ finding audio
+
 
 def collect(folder: Path) -> Collected:
     """Audio files and captions under ``folder`` (sorted, so the order is the same every run)."""
@@ -270,16 +296,24 @@ def read_caption(path: Path) -> str:
     with open(path, "rb") as f:
         data = f.read(CAPTION_MAX_BYTES + 1)
     if len(data) > CAPTION_MAX_BYTES:
-        log.info("dataset: the caption %s is longer than %d KB: its beginning is used", path.name,
-                 CAPTION_MAX_BYTES >> 10)
+        log.info(
+            "dataset: the caption %s is longer than %d KB: its beginning is used", path.name, CAPTION_MAX_BYTES >> 10
+        )
         data = data[:CAPTION_MAX_BYTES]
     return data.decode(errors="replace").strip()
 
 
 # ------------------------------------------------------------------------------------------ segments
 
-def segments(folder: Path, found: Collected, sample_rate: int, channels: int, window_seconds: float,
-             cancelled: tp.Callable[[], bool] = lambda: False) -> tp.Iterator[Segment]:
+
+def segments(
+    folder: Path,
+    found: Collected,
+    sample_rate: int,
+    channels: int,
+    window_seconds: float,
+    cancelled: tp.Callable[[], bool] = lambda: False,
+) -> tp.Iterator[Segment]:
     """Decode every audio file and cut it into segments as it decodes (see the module docstring),
     yielding each. Files that do not decode are skipped and added to ``found.skipped`` (one that fails
     part way has given the segments before the failure: :func:`plan` leaves such files out)."""
@@ -299,8 +333,9 @@ def segments(folder: Path, found: Collected, sample_rate: int, channels: int, wi
             found.skipped.append((rel, f"shorter than {MIN_SEGMENT_SECONDS:g} s"))
 
 
-def _file_segments(path: Path, rel: str, caption: tp.Optional[str], sample_rate: int, channels: int,
-                   window_seconds: float) -> tp.Iterator[Segment]:
+def _file_segments(
+    path: Path, rel: str, caption: tp.Optional[str], sample_rate: int, channels: int, window_seconds: float
+) -> tp.Iterator[Segment]:
     """One file's segments as its pieces are decoded; InputError (``dataset``) when it does not decode."""
     import torch
 
@@ -308,8 +343,9 @@ def _file_segments(path: Path, rel: str, caption: tp.Optional[str], sample_rate:
 
     window = int(round(window_seconds * sample_rate))
     minimum = int(round(MIN_SEGMENT_SECONDS * sample_rate))
-    decoding = input_audio.Decoding(path, sample_rate, channels, max_bytes=MAX_FILE_BYTES,
-                                 max_seconds=MAX_FILE_SECONDS, field=FIELD)
+    decoding = input_audio.Decoding(
+        path, sample_rate, channels, max_bytes=MAX_FILE_BYTES, max_seconds=MAX_FILE_SECONDS, field=FIELD
+    )
     pending: tp.List[tp.Any] = []
     held = start = 0
     for piece in decoding:
@@ -326,12 +362,19 @@ def _file_segments(path: Path, rel: str, caption: tp.Optional[str], sample_rate:
 @dataclass
 class Plan:
     """What :func:`plan` found: the files that give segments, and what the run reports of them."""
+
     usable: Collected
     summary: tp.Dict[str, tp.Any]
 
 
-def plan(folder: Path, found: Collected, sample_rate: int, channels: int, window_seconds: float,
-         cancelled: tp.Callable[[], bool] = lambda: False) -> Plan:
+def plan(
+    folder: Path,
+    found: Collected,
+    sample_rate: int,
+    channels: int,
+    window_seconds: float,
+    cancelled: tp.Callable[[], bool] = lambda: False,
+) -> Plan:
     """Go through every file's segments once, keeping none of their audio: which files give segments
     (the ones the run then tokenizes, a second time through :func:`segments`), how many and how long.
     A file that does not decode to its end is skipped whole; a dataset longer than
@@ -365,9 +408,13 @@ def plan(folder: Path, found: Collected, sample_rate: int, channels: int, window
         count += file_count
         captioned += file_count if caption is not None else 0
         seconds += file_seconds
-    summary = {"audio_files": len(usable.audio), "segments": count, "seconds": round(seconds, 1),
-               "captioned_segments": captioned,
-               "skipped": [f"{name} ({why})" for name, why in found.skipped][:50]}
+    summary = {
+        "audio_files": len(usable.audio),
+        "segments": count,
+        "seconds": round(seconds, 1),
+        "captioned_segments": captioned,
+        "skipped": [f"{name} ({why})" for name, why in found.skipped][:50],
+    }
     return Plan(usable=usable, summary=summary)
 
 

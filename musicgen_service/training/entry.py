@@ -1,6 +1,7 @@
 """A training as ``train.py`` (Cog) and ``script/train`` start it: settings from the environment,
 inputs checked, a fresh output folder, the run; nothing is returned unless it all succeeded. One
 training runs at a time in a process (a server may accept several: the others wait)."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,17 +15,29 @@ log = get_logger()
 _ONE_AT_A_TIME = threading.Lock()
 
 
-def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, sample_seconds: tp.Optional[int] = None,
-          cancelled: tp.Callable[[], bool] = lambda: False, **inputs: tp.Any) -> tp.Any:
+def train(
+    *,
+    dataset: tp.Union[str, Path],
+    base_model: tp.Optional[str] = None,
+    sample_seconds: tp.Optional[int] = None,
+    cancelled: tp.Callable[[], bool] = lambda: False,
+    **inputs: tp.Any,
+) -> tp.Any:
     from ..core import folders
     from ..core.settings import Settings
     from . import options, run
 
     settings = Settings.from_env()
-    o = options.parse(base_model=base_model, default_model=settings.model,
-                      model_width=run.model_width(settings), **inputs)
-    log.info("training %s (%s) with seed %d: %s", o.base_model, o.method, o.seed,
-             ", ".join(f"{k}={v}" for k, v in o.asdict().items() if k not in ("base_model", "method", "seed")))
+    o = options.parse(
+        base_model=base_model, default_model=settings.model, model_width=run.model_width(settings), **inputs
+    )
+    log.info(
+        "training %s (%s) with seed %d: %s",
+        o.base_model,
+        o.method,
+        o.seed,
+        ", ".join(f"{k}={v}" for k, v in o.asdict().items() if k not in ("base_model", "method", "seed")),
+    )
     folders.remove_expired()
     folders.remove_all_at_exit()
     if not _ONE_AT_A_TIME.acquire(blocking=False):
@@ -37,8 +50,14 @@ def train(*, dataset: tp.Union[str, Path], base_model: tp.Optional[str] = None, 
     folder = folders.fresh_folder()  # (kept after the run, until Cog has uploaded its files)
     try:
         with folders.held(folder):  # never cleaned while the run writes into it (for longer than the keep period)
-            return run.run(Path(dataset), o, settings, folder, cancelled=cancelled,
-                           sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds)
+            return run.run(
+                Path(dataset),
+                o,
+                settings,
+                folder,
+                cancelled=cancelled,
+                sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds,
+            )
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # no partial weights
         raise

@@ -21,6 +21,7 @@
 - **progress**: step, loss, learning rate, tokens per second and time left, about every 5% of the
   run (and every 30 s); ``cancelled`` is checked before every micro-batch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,8 @@ from torch.nn.utils import parametrize
 
 from ..core.errors import Cancelled
 from ..core.logs import get_logger
-from . import allocator, options as opts
+from . import allocator
+from . import options as opts
 from .tokens import Example, Features, conditions, dropout_probabilities
 
 log = get_logger()
@@ -52,7 +54,9 @@ class History:
     @property
     def final_loss(self) -> float:
         """The mean loss of the last epoch's worth of updates (at least one)."""
-        return float(sum(self.losses[-self.last:]) / max(1, len(self.losses[-self.last:]))) if self.losses else math.nan
+        return (
+            float(sum(self.losses[-self.last :]) / max(1, len(self.losses[-self.last :]))) if self.losses else math.nan
+        )
 
     last: int = 1
 
@@ -99,15 +103,24 @@ def _valid_alone(lm: nn.Module, K: int, length: int) -> torch.Tensor:
     """[K, length]: the positions ``compute_predictions`` predicts from real context for a sequence
     of that length (the pattern's own mask)."""
     pattern = lm.pattern_provider.get_pattern(length)
-    seq, _, _ = pattern.build_pattern_sequence(torch.zeros(1, K, length, dtype=torch.long), lm.special_token_id,
-                                               keep_only_valid_steps=True)
-    _, _, mask = pattern.revert_pattern_logits(torch.zeros(1, 1, K, seq.shape[-1]), float("nan"),
-                                               keep_only_valid_steps=True)
+    seq, _, _ = pattern.build_pattern_sequence(
+        torch.zeros(1, K, length, dtype=torch.long), lm.special_token_id, keep_only_valid_steps=True
+    )
+    _, _, mask = pattern.revert_pattern_logits(
+        torch.zeros(1, 1, K, seq.shape[-1]), float("nan"), keep_only_valid_steps=True
+    )
     return mask.bool()
 
 
-def loss_of(predict: nn.Module, lm: nn.Module, features: Features, batch: tp.Sequence[Example],
-            drop_all: torch.Tensor, drop_melody: torch.Tensor, autocast: tp.Any) -> torch.Tensor:
+def loss_of(
+    predict: nn.Module,
+    lm: nn.Module,
+    features: Features,
+    batch: tp.Sequence[Example],
+    drop_all: torch.Tensor,
+    drop_melody: torch.Tensor,
+    autocast: tp.Any,
+) -> torch.Tensor:
     device = next(lm.parameters()).device
     codes, real = batch_codes(lm, batch, device)
     cond = conditions(lm, features, batch, drop_all, drop_melody)
@@ -126,9 +139,10 @@ def teacher_forced_loss(lm: nn.Module, features: Features, batch_size: int = 4) 
     none = torch.zeros(len(features.examples), dtype=torch.bool)
     predict = _Predictions(lm)
     for i in range(0, len(features.examples), batch_size):
-        batch = features.examples[i:i + batch_size]
-        total += loss_of(predict, lm, features, batch, none[:len(batch)], none[:len(batch)],
-                         contextlib.nullcontext()).item() * len(batch)
+        batch = features.examples[i : i + batch_size]
+        total += loss_of(
+            predict, lm, features, batch, none[: len(batch)], none[: len(batch)], contextlib.nullcontext()
+        ).item() * len(batch)
         n += len(batch)
     lm.train(was_training)
     return total / max(n, 1)
@@ -139,7 +153,10 @@ def schedule(total: int, warmup: int) -> tp.Callable[[int], float]:
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total - warmup)
-        return opts.FINAL_LR_FRACTION + (1 - opts.FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return opts.FINAL_LR_FRACTION + (1 - opts.FINAL_LR_FRACTION) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, progress))
+        )
+
     return factor
 
 
@@ -153,8 +170,15 @@ def plan(n_examples: int, o: opts.Options) -> tp.Tuple[int, int, int]:
     return batch, per_epoch, total
 
 
-def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequence[nn.Parameter],
-          rank: int = 0, world: int = 1, cancelled: tp.Callable[[], bool] = lambda: False) -> History:
+def train(
+    lm: nn.Module,
+    features: Features,
+    o: opts.Options,
+    trainable: tp.Sequence[nn.Parameter],
+    rank: int = 0,
+    world: int = 1,
+    cancelled: tp.Callable[[], bool] = lambda: False,
+) -> History:
     """Run the updates of ``o`` on ``lm`` (its ``trainable`` parameters), this process being ``rank``
     of ``world`` (the process group is set up by the caller when ``world`` > 1)."""
     device = next(lm.parameters()).device
@@ -163,15 +187,21 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
     if batch != o.batch_size and rank == 0:
         log.info("batch_size %d is more than the %d segments: using %d", o.batch_size, len(examples), batch)
     if batch % (o.gradient_accumulation * world):
-        raise ValueError(f"a batch of {batch} cannot be split into {o.gradient_accumulation} micro-batches "
-                         f"on each of {world} processes")
+        raise ValueError(
+            f"a batch of {batch} cannot be split into {o.gradient_accumulation} micro-batches "
+            f"on each of {world} processes"
+        )
     micro = batch // (o.gradient_accumulation * world)
     if device.type == "cpu" and allocator.map_large_blocks() and rank == 0:
-        log.info("allocator: blocks from %d KiB up mapped, and returned when freed (glibc's mmap threshold "
-                 "fixed: training.allocator)", allocator.THRESHOLD // 1024)
+        log.info(
+            "allocator: blocks from %d KiB up mapped, and returned when freed (glibc's mmap threshold "
+            "fixed: training.allocator)",
+            allocator.THRESHOLD // 1024,
+        )
     warmup = max(1, round(opts.WARMUP_FRACTION * total))
-    optimizer = torch.optim.AdamW(trainable, lr=o.learning_rate, betas=opts.BETAS,
-                                  weight_decay=opts.WEIGHT_DECAY[o.method])
+    optimizer = torch.optim.AdamW(
+        trainable, lr=o.learning_rate, betas=opts.BETAS, weight_decay=opts.WEIGHT_DECAY[o.method]
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(total, warmup))
     if o.gradient_checkpointing:
         lm.transformer.checkpointing = "torch"  # audiocraft's own option: layers recomputed in backward
@@ -179,7 +209,9 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     predict: nn.Module = _Predictions(lm)
     if world > 1:
-        predict = nn.parallel.DistributedDataParallel(predict, device_ids=[device.index] if device.type == "cuda" else None)
+        predict = nn.parallel.DistributedDataParallel(
+            predict, device_ids=[device.index] if device.type == "cuda" else None
+        )
     p_all, p_melody = dropout_probabilities(lm)
     history = History(last=max(1, per_epoch))
     lm.train()
@@ -188,17 +220,27 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
     report_every = max(1, total // 20)
     step = 0
     if rank == 0:
-        log.info("training: %d updates (%d per epoch) of %d segments each (%d per micro-batch, %d micro-batches, "
-                 "%d process(es)), lr %.1e with %d warmup updates, %s%s", total, per_epoch, batch, micro,
-                 o.gradient_accumulation, world, o.learning_rate, warmup, "bf16 autocast" if bf16 else "fp32",
-                 ", gradient checkpointing" if o.gradient_checkpointing else "")
+        log.info(
+            "training: %d updates (%d per epoch) of %d segments each (%d per micro-batch, %d micro-batches, "
+            "%d process(es)), lr %.1e with %d warmup updates, %s%s",
+            total,
+            per_epoch,
+            batch,
+            micro,
+            o.gradient_accumulation,
+            world,
+            o.learning_rate,
+            warmup,
+            "bf16 autocast" if bf16 else "fp32",
+            ", gradient checkpointing" if o.gradient_checkpointing else "",
+        )
     while step < total:
         epoch = step // max(per_epoch, 1)
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(o.seed * 1000 + epoch)).tolist()
         for j in range(per_epoch):
             if step >= total:
                 break
-            chosen = [examples[i] for i in order[j * batch:(j + 1) * batch]]
+            chosen = [examples[i] for i in order[j * batch : (j + 1) * batch]]
             rng = torch.Generator().manual_seed(o.seed * 1_000_003 + step)  # the same on every process
             drop_all = torch.rand(batch, generator=rng) < p_all
             drop_melody = torch.rand(batch, generator=rng) < p_melody
@@ -207,13 +249,14 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
             for m in range(o.gradient_accumulation):
                 if cancelled():
                     raise Cancelled("training cancelled")
-                idx = list(mine)[m * micro:(m + 1) * micro]
+                idx = list(mine)[m * micro : (m + 1) * micro]
                 sync = m == o.gradient_accumulation - 1 or world == 1
                 ctx = predict.no_sync() if not sync and world > 1 else contextlib.nullcontext()
                 # (each adapted weight, W + B @ A, computed once per forward however often it is read)
                 with ctx, parametrize.cached():
-                    loss = loss_of(predict, lm, features, [chosen[i] for i in idx], drop_all[idx],
-                                   drop_melody[idx], autocast)
+                    loss = loss_of(
+                        predict, lm, features, [chosen[i] for i in idx], drop_all[idx], drop_melody[idx], autocast
+                    )
                     (loss / o.gradient_accumulation).backward()
                 loss_sum += loss.item() / o.gradient_accumulation
                 history.tokens += sum(chosen[i].codes.numel() for i in idx)
@@ -234,8 +277,16 @@ def train(lm: nn.Module, features: Features, o: opts.Options, trainable: tp.Sequ
             if rank == 0 and (step % report_every == 0 or step == total or now - last_report > 30):
                 elapsed = now - start
                 rate = history.tokens * world / elapsed
-                log.info("step %d/%d (epoch %d): loss %.4f, lr %.2e, %.0f tokens/s, %s left", step, total, epoch + 1,
-                         loss_sum, history.learning_rates[-1], rate, _duration(elapsed / step * (total - step)))
+                log.info(
+                    "step %d/%d (epoch %d): loss %.4f, lr %.2e, %.0f tokens/s, %s left",
+                    step,
+                    total,
+                    epoch + 1,
+                    loss_sum,
+                    history.learning_rates[-1],
+                    rate,
+                    _duration(elapsed / step * (total - step)),
+                )
                 last_report = now
     lm.eval()
     lm.transformer.checkpointing = "none"

@@ -20,6 +20,7 @@ Defaults, for ~10-30 minutes of music (20-60 segments of 30 s):
   (audiocraft's ``optim.max_norm``); AdamW with audiocraft's betas (0.9, 0.95), weight decay 0 for
   LoRA and 0.01 for full.
 """
+
 from __future__ import annotations
 
 import typing as tp
@@ -61,11 +62,23 @@ class Options:
         return asdict(self)
 
 
-def parse(*, base_model: tp.Optional[str], default_model: str, method: str = "lora", lora_rank: int = 16,
-          epochs: int = 4, max_steps: int = 0, batch_size: int = 4, gradient_accumulation: int = 1,
-          learning_rate: tp.Optional[float] = None, caption: tp.Optional[str] = "", drop_vocals: bool = False,
-          gradient_checkpointing: bool = False, seed: tp.Optional[int] = None,
-          model_width: tp.Optional[tp.Callable[[str], int]] = None) -> Options:
+def parse(
+    *,
+    base_model: tp.Optional[str],
+    default_model: str,
+    method: str = "lora",
+    lora_rank: int = 16,
+    epochs: int = 4,
+    max_steps: int = 0,
+    batch_size: int = 4,
+    gradient_accumulation: int = 1,
+    learning_rate: tp.Optional[float] = None,
+    caption: tp.Optional[str] = "",
+    drop_vocals: bool = False,
+    gradient_checkpointing: bool = False,
+    seed: tp.Optional[int] = None,
+    model_width: tp.Optional[tp.Callable[[str], int]] = None,
+) -> Options:
     """Check every setting; one InputError listing all the problems. ``model_width(base)``: the
     smallest side of the base model's adapted matrices (raises InputError if the model is not in the
     weights folder); ``seed`` None or -1: a random one."""
@@ -82,8 +95,10 @@ def parse(*, base_model: tp.Optional[str], default_model: str, method: str = "lo
     if gradient_accumulation < 1:
         bad("gradient_accumulation", f"must be at least 1 (got {gradient_accumulation})")
     elif batch_size >= 1 and batch_size % gradient_accumulation:
-        bad("gradient_accumulation", f"must divide batch_size ({batch_size}) into equal micro-batches "
-                                     f"(got {gradient_accumulation})")
+        bad(
+            "gradient_accumulation",
+            f"must divide batch_size ({batch_size}) into equal micro-batches (got {gradient_accumulation})",
+        )
     if epochs < 1 and max_steps < 1:
         bad("epochs", f"must be at least 1, or max_steps set (got epochs={epochs}, max_steps={max_steps})")
     if epochs < 0:
@@ -107,12 +122,20 @@ def parse(*, base_model: tp.Optional[str], default_model: str, method: str = "lo
             problems.extend(exc.problems)
         else:
             if method == "lora" and lora_rank > width:
-                bad("lora_rank", f"must be at most {width}, the narrowest adapted matrix of {base} "
-                                 f"(got {lora_rank})")
+                bad("lora_rank", f"must be at most {width}, the narrowest adapted matrix of {base} (got {lora_rank})")
     if problems:
         raise InputError(problems)
-    return Options(base_model=base, method=method, lora_rank=int(lora_rank), epochs=int(epochs),
-                   max_steps=int(max_steps), batch_size=int(batch_size),
-                   gradient_accumulation=int(gradient_accumulation), learning_rate=lr, caption=text,
-                   drop_vocals=bool(drop_vocals), gradient_checkpointing=bool(gradient_checkpointing),
-                   seed=random_seed() if seed in (None, -1) else int(seed))
+    return Options(
+        base_model=base,
+        method=method,
+        lora_rank=int(lora_rank),
+        epochs=int(epochs),
+        max_steps=int(max_steps),
+        batch_size=int(batch_size),
+        gradient_accumulation=int(gradient_accumulation),
+        learning_rate=lr,
+        caption=text,
+        drop_vocals=bool(drop_vocals),
+        gradient_checkpointing=bool(gradient_checkpointing),
+        seed=random_seed() if seed in (None, -1) else int(seed),
+    )

@@ -12,6 +12,7 @@ unless the whole run succeeded):
    this process, or in one process per GPU when several are visible;
 6. the trained file (:mod:`..weights.trained`), the loss curve, and the same sample from the trained model.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,6 +45,7 @@ SAMPLE_SECONDS = 8
 @dataclass
 class TrainingResult:
     """What a training returns (train.py's TrainingOutput): the files, and the manifest written."""
+
     weights: Path
     loss_curve: Path
     sample_before: tp.Optional[Path]
@@ -55,28 +57,33 @@ def model_width(settings: Settings) -> tp.Callable[[str], int]:
     """For :func:`.options.parse`: the narrowest adapted matrix of a base model, read from its
     checkpoint's config; InputError (``base_model``) when the model or its conditioners are not in
     the weights folder."""
+
     def width(base: str) -> int:
         try:
             folder = weights.musicgen_folder(settings.weights_dir, base)
             cfg = weights.read_lm_config(folder / weights.LM_FILE)
             weights.require(settings.weights_dir, weights.conditioner_files(cfg), f"the model {base}")
         except weights.WeightsMissingError as exc:
-            raise InputError([("base_model", f"{base} is not in the weights folder; training never downloads: "
-                                             f"{exc}")]) from None
+            raise InputError(
+                [("base_model", f"{base} is not in the weights folder; training never downloads: {exc}")]
+            ) from None
         return lora.max_rank(int(cfg.transformer_lm.dim), int(cfg.transformer_lm.card))
+
     return width
 
 
 def require_demucs(settings: Settings) -> None:
     try:
-        weights.require(settings.weights_dir, [weights.HubFile(weights.DEMUCS_REPO, f) for f in weights.DEMUCS_FILES],
-                        "drop_vocals")
+        weights.require(
+            settings.weights_dir, [weights.HubFile(weights.DEMUCS_REPO, f) for f in weights.DEMUCS_FILES], "drop_vocals"
+        )
     except weights.WeightsMissingError as exc:
         raise InputError([("drop_vocals", f"needs HTDemucs in the weights folder: {exc}")]) from None
 
 
-def prepare_dataset(path: Path, folder: Path, sample_rate: int, channels: int, window: float,
-                    cancelled: tp.Callable[[], bool]) -> tp.Tuple[Path, dataset.Plan]:
+def prepare_dataset(
+    path: Path, folder: Path, sample_rate: int, channels: int, window: float, cancelled: tp.Callable[[], bool]
+) -> tp.Tuple[Path, dataset.Plan]:
     """The dataset unpacked into ``folder`` and gone through once (:func:`.dataset.plan`): every
     refusal happens here, before the model loads; the audio is decoded again as it is tokenized."""
     start = time.perf_counter()
@@ -88,13 +95,26 @@ def prepare_dataset(path: Path, folder: Path, sample_rate: int, channels: int, w
     plan = dataset.plan(root, found, sample_rate, channels, window, cancelled)
     dataset.describe_skipped(found)
     if not plan.summary["segments"]:
-        raise InputError([(dataset.FIELD, f"no usable audio: every file is shorter than "
-                                          f"{dataset.MIN_SEGMENT_SECONDS:g} s or could not be decoded "
-                                          f"({'; '.join(f'{n}: {w}' for n, w in found.skipped[:5])})")])
+        raise InputError(
+            [
+                (
+                    dataset.FIELD,
+                    f"no usable audio: every file is shorter than "
+                    f"{dataset.MIN_SEGMENT_SECONDS:g} s or could not be decoded "
+                    f"({'; '.join(f'{n}: {w}' for n, w in found.skipped[:5])})",
+                )
+            ]
+        )
     summary = plan.summary
-    log.info("dataset: %d segments (%.0f s) from %d file(s), %d captioned, %d file(s) skipped; checked in %.1f s",
-             summary["segments"], summary["seconds"], summary["audio_files"], summary["captioned_segments"],
-             len(found.skipped), time.perf_counter() - start)
+    log.info(
+        "dataset: %d segments (%.0f s) from %d file(s), %d captioned, %d file(s) skipped; checked in %.1f s",
+        summary["segments"],
+        summary["seconds"],
+        summary["audio_files"],
+        summary["captioned_segments"],
+        len(found.skipped),
+        time.perf_counter() - start,
+    )
     return root, plan
 
 
@@ -150,8 +170,10 @@ def loss_curve(history: loop.History, path: Path, title: str) -> Path:
     ax.plot(steps, history.losses, lw=1, color="#1f77b4", label="loss per update")
     if len(history.losses) >= 5:
         k = max(2, len(history.losses) // 10)
-        smooth = [sum(history.losses[max(0, i - k + 1):i + 1]) / len(history.losses[max(0, i - k + 1):i + 1])
-                  for i in range(len(history.losses))]
+        smooth = [
+            sum(history.losses[max(0, i - k + 1) : i + 1]) / len(history.losses[max(0, i - k + 1) : i + 1])
+            for i in range(len(history.losses))
+        ]
         ax.plot(steps, smooth, lw=2, color="#d62728", label=f"mean of {k}")
     ax.set_xlabel("update")
     ax.set_ylabel("cross-entropy (nats, mean over codebooks)")
@@ -177,7 +199,9 @@ def _load(settings: Settings, base: str, device: str) -> "MusicGen":
     return loading.load_musicgen(settings.weights_dir, base, device)
 
 
-def _prepare_for_training(model: tp.Any, o: Options, seed: int) -> tp.Tuple[tp.List[torch.nn.Parameter], tp.Dict[str, adapters.LoRA]]:
+def _prepare_for_training(
+    model: tp.Any, o: Options, seed: int
+) -> tp.Tuple[tp.List[torch.nn.Parameter], tp.Dict[str, adapters.LoRA]]:
     """LoRA attached (frozen base) or every LM weight trainable; the trainable parameters."""
     lm = model.lm
     cuda = str(model.device).startswith("cuda")
@@ -193,8 +217,9 @@ def _prepare_for_training(model: tp.Any, o: Options, seed: int) -> tp.Tuple[tp.L
     return list(lm.parameters()), {}
 
 
-def train_worker(rank: int, world: int, backend: str, port: int, settings: Settings, o: Options,
-                 features_path: str, result_path: str) -> None:
+def train_worker(
+    rank: int, world: int, backend: str, port: int, settings: Settings, o: Options, features_path: str, result_path: str
+) -> None:
     """One process of a data-parallel run (``torch.multiprocessing.spawn``)."""
     import torch.distributed as dist
 
@@ -212,32 +237,59 @@ def train_worker(rank: int, world: int, backend: str, port: int, settings: Setti
         history = loop.train(model.lm, features, o, params, rank=rank, world=world)
         if rank == 0:
             state = adapters.state(loras) if loras else {n: p.detach().cpu() for n, p in model.lm.named_parameters()}
-            torch.save({"state": state, "losses": history.losses, "lrs": history.learning_rates,
-                        "grad_norms": history.grad_norms,
-                        "seconds": history.seconds, "tokens": history.tokens * world, "last": history.last}, result_path)
+            torch.save(
+                {
+                    "state": state,
+                    "losses": history.losses,
+                    "lrs": history.learning_rates,
+                    "grad_norms": history.grad_norms,
+                    "seconds": history.seconds,
+                    "tokens": history.tokens * world,
+                    "last": history.last,
+                },
+                result_path,
+            )
     finally:
         dist.destroy_process_group()
 
 
-def train_processes(settings: Settings, o: Options, features: tokens.Features, world: int, backend: str,
-                    work: Path) -> tp.Tuple[tp.Dict[str, torch.Tensor], loop.History]:
+def train_processes(
+    settings: Settings, o: Options, features: tokens.Features, world: int, backend: str, work: Path
+) -> tp.Tuple[tp.Dict[str, torch.Tensor], loop.History]:
     """The run in ``world`` processes (data parallel); returns what rank 0 kept and its history."""
     import torch.multiprocessing as mp
 
     features_path, result_path = work / "features.pt", work / "result.pt"
     features.save(features_path)
-    mp.spawn(train_worker, args=(world, backend, _free_port(), settings, o, str(features_path), str(result_path)),
-             nprocs=world, join=True)
+    mp.spawn(
+        train_worker,
+        args=(world, backend, _free_port(), settings, o, str(features_path), str(result_path)),
+        nprocs=world,
+        join=True,
+    )
     out = torch.load(result_path, weights_only=True)
-    history = loop.History(losses=out["losses"], learning_rates=out["lrs"], grad_norms=out["grad_norms"],
-                           seconds=out["seconds"],
-                           tokens=out["tokens"], last=out["last"])
+    history = loop.History(
+        losses=out["losses"],
+        learning_rates=out["lrs"],
+        grad_norms=out["grad_norms"],
+        seconds=out["seconds"],
+        tokens=out["tokens"],
+        last=out["last"],
+    )
     return out["state"], history
 
 
-def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, device: tp.Optional[str] = None,
-        sample_seconds: int = SAMPLE_SECONDS, world: tp.Optional[int] = None, backend: tp.Optional[str] = None,
-        cancelled: tp.Callable[[], bool] = lambda: False) -> TrainingResult:
+def run(
+    dataset_path: Path,
+    o: Options,
+    settings: Settings,
+    out_dir: Path,
+    device: tp.Optional[str] = None,
+    sample_seconds: int = SAMPLE_SECONDS,
+    world: tp.Optional[int] = None,
+    backend: tp.Optional[str] = None,
+    cancelled: tp.Callable[[], bool] = lambda: False,
+) -> TrainingResult:
     """The whole run (see the module docstring). ``world``: processes (default: the visible GPUs,
     else 1); ``backend``: their process group's (nccl on GPUs, gloo on CPUs)."""
     start = time.perf_counter()
@@ -251,7 +303,8 @@ def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devic
     work = Path(tempfile.mkdtemp(prefix="musicgen-train-", dir=out_dir))
     try:
         return _Run(o, settings, out_dir, device, sample_seconds, cancelled, work, cfg, start).execute(
-            Path(dataset_path), world, backend)
+            Path(dataset_path), world, backend
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -259,6 +312,7 @@ def run(dataset_path: Path, o: Options, settings: Settings, out_dir: Path, devic
 @dataclass
 class _Run:
     """One run's settings and places, and its steps (:meth:`execute`)."""
+
     o: Options
     settings: Settings
     out_dir: Path  # what is returned goes here
@@ -274,15 +328,20 @@ class _Run:
         sample_rate, channels = int(cfg.sample_rate), int(cfg.get("channels", 1))
         window = float(cfg.dataset.segment_duration)
         root, plan = prepare_dataset(dataset_path, self.work / "dataset", sample_rate, channels, window, self.cancelled)
-        log.info("base model: %s on %s (%s)", o.base_model, self.device,
-                 "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune")
+        log.info(
+            "base model: %s on %s (%s)",
+            o.base_model,
+            self.device,
+            "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune",
+        )
         model = _load(self.settings, o.base_model, self.device)
         # the audio decoded again, segment by segment, as it is tokenized: never the whole dataset in memory
         segs = dataset.segments(root, plan.usable, sample_rate, channels, window, self.cancelled)
         if o.drop_vocals:
             segs = without_vocals(model, segs)
-        features = tokens.compute(model, segs, o.caption, self.cancelled, seed=o.seed,
-                                  total_seconds=plan.summary["seconds"])
+        features = tokens.compute(
+            model, segs, o.caption, self.cancelled, seed=o.seed, total_seconds=plan.summary["seconds"]
+        )
         if self.cancelled():
             raise Cancelled("training cancelled while tokenizing")
         prompt = features.examples[0].caption
@@ -295,24 +354,34 @@ class _Run:
         manifest = self._manifest(state, history, world, plan.summary, loss_before, loss_after)
         name = f"{o.base_model.rsplit('/', 1)[-1]}-{o.method}.safetensors"
         path = trained.write(self.out_dir / name, state, manifest)
-        curve = loss_curve(history, self.out_dir / "loss-curve.png",
-                           f"{o.base_model}, {o.method}: {len(history.losses)} updates, final loss {history.final_loss:.3f}")
+        curve = loss_curve(
+            history,
+            self.out_dir / "loss-curve.png",
+            f"{o.base_model}, {o.method}: {len(history.losses)} updates, final loss {history.final_loss:.3f}",
+        )
         if self.sample_seconds and o.method == "full":
             model.lm.to(next(model.lm.parameters()).dtype)
         after = self._sample(model, prompt, "sample-after")
-        log.info("trained file: %s (%.1f MB) in %.1f s; serve it with MUSICGEN_TRAINED=<file> (and "
-                 "MUSICGEN_MODEL=%s), or as COG_WEIGHTS of a trained version", path.name, path.stat().st_size / 1e6,
-                 time.perf_counter() - self.start, o.base_model)
-        return TrainingResult(weights=path, loss_curve=curve, sample_before=before, sample_after=after,
-                              manifest=manifest.as_dict())
+        log.info(
+            "trained file: %s (%.1f MB) in %.1f s; serve it with MUSICGEN_TRAINED=<file> (and "
+            "MUSICGEN_MODEL=%s), or as COG_WEIGHTS of a trained version",
+            path.name,
+            path.stat().st_size / 1e6,
+            time.perf_counter() - self.start,
+            o.base_model,
+        )
+        return TrainingResult(
+            weights=path, loss_curve=curve, sample_before=before, sample_after=after, manifest=manifest.as_dict()
+        )
 
     def _sample(self, model: "MusicGen", prompt: str, name: str) -> tp.Optional[Path]:
         if not self.sample_seconds:
             return None
         return sample(model, prompt, self.o.seed, self.sample_seconds, self.out_dir, name)
 
-    def _train(self, model: "MusicGen", features: tokens.Features, world: int, backend: tp.Optional[str]
-               ) -> tp.Tuple["MusicGen", tp.Dict[str, torch.Tensor], loop.History]:
+    def _train(
+        self, model: "MusicGen", features: tokens.Features, world: int, backend: tp.Optional[str]
+    ) -> tp.Tuple["MusicGen", tp.Dict[str, torch.Tensor], loop.History]:
         """The updates, in this process or in ``world`` processes; the model with the trained weights
         in, what the trained file holds (fp16), and the history."""
         o = self.o
@@ -340,16 +409,36 @@ class _Run:
                 state = {n: p.detach().to("cpu", torch.float16) for n, p in model.lm.named_parameters()}
         return model, {n: t.to(torch.float16) for n, t in state.items()}, history
 
-    def _manifest(self, state: tp.Mapping[str, torch.Tensor], history: loop.History, world: int,
-                  summary: tp.Dict[str, tp.Any], loss_before: float, loss_after: float) -> trained.Manifest:
+    def _manifest(
+        self,
+        state: tp.Mapping[str, torch.Tensor],
+        history: loop.History,
+        world: int,
+        summary: tp.Dict[str, tp.Any],
+        loss_before: float,
+        loss_after: float,
+    ) -> trained.Manifest:
         o = self.o
         checkpoint = weights.musicgen_folder(self.settings.weights_dir, o.base_model) / weights.LM_FILE
         is_lora = o.method == "lora"
         return trained.Manifest(
-            base_model=o.base_model, base_checkpoint=weights.checkpoint_identity(checkpoint), method=o.method,
-            rank=o.lora_rank if is_lora else None, alpha=o.lora_alpha if is_lora else None,
+            base_model=o.base_model,
+            base_checkpoint=weights.checkpoint_identity(checkpoint),
+            method=o.method,
+            rank=o.lora_rank if is_lora else None,
+            alpha=o.lora_alpha if is_lora else None,
             targets=lora.adapted(state) if is_lora else "all LM parameters",
-            training={**o.asdict(), "steps": len(history.losses), "world": world,
-                      "seconds": round(history.seconds, 1), "tokens": history.tokens, "device": self.device},
-            dataset=summary, final_loss=history.final_loss, loss_before=loss_before, loss_after=loss_after,
-            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+            training={
+                **o.asdict(),
+                "steps": len(history.losses),
+                "world": world,
+                "seconds": round(history.seconds, 1),
+                "tokens": history.tokens,
+                "device": self.device,
+            },
+            dataset=summary,
+            final_loss=history.final_loss,
+            loss_before=loss_before,
+            loss_after=loss_after,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        )

@@ -6,6 +6,7 @@ bytes in real archives; a crafted one declares gigabytes of zeros that compress 
 here (gzip, bzip2 or xz, recognised by content) and handed to tarfile through :class:`BoundedReads`,
 and :func:`is_tar` looks at the first header block only.
 """
+
 from __future__ import annotations
 
 import bz2
@@ -46,13 +47,14 @@ class BoundedReads(io.RawIOBase):
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0 or n > MAX_SINGLE_READ:
-            raise InputError([("dataset", f"a tar header declares a record of {n} bytes (names and metadata take a "
-                                          "few): refused")])
+            raise InputError(
+                [("dataset", f"a tar header declares a record of {n} bytes (names and metadata take a few): refused")]
+            )
         return self.raw.read(n)
 
     def readinto(self, b: tp.Any) -> int:
         data = self.read(len(b))
-        b[:len(data)] = data
+        b[: len(data)] = data
         return len(data)
 
 

@@ -22,6 +22,7 @@ conditions; melody models also drop the melody alone with 0.5), drawn per segmen
 seeded generator: a dropped condition is the null condition audiocraft's guidance uses (no text:
 zeros under a zero mask; no melody: the chroma conditioner's features of a null waveform).
 """
+
 from __future__ import annotations
 
 import time
@@ -57,18 +58,32 @@ class Features:
 
     def save(self, path: tp.Any) -> None:
         examples = [{**vars(e), "start": float(e.start)} for e in self.examples]
-        torch.save({"examples": examples, "text": self.text, "null_melody": self.null_melody,
-                    "frame_rate": float(self.frame_rate), "seconds": float(self.seconds)}, path)
+        torch.save(
+            {
+                "examples": examples,
+                "text": self.text,
+                "null_melody": self.null_melody,
+                "frame_rate": float(self.frame_rate),
+                "seconds": float(self.seconds),
+            },
+            path,
+        )
 
     @classmethod
     def load(cls, path: tp.Any) -> "Features":
         data = torch.load(path, weights_only=True)
-        return cls(examples=[Example(**e) for e in data["examples"]], text=data["text"],
-                   null_melody=data["null_melody"], frame_rate=data["frame_rate"], seconds=data["seconds"])
+        return cls(
+            examples=[Example(**e) for e in data["examples"]],
+            text=data["text"],
+            null_melody=data["null_melody"],
+            frame_rate=data["frame_rate"],
+            seconds=data["seconds"],
+        )
 
 
-def _attributes(caption: tp.Optional[str], wav: tp.Optional[torch.Tensor], sample_rate: int, melody: bool,
-                device: tp.Any) -> tp.Any:
+def _attributes(
+    caption: tp.Optional[str], wav: tp.Optional[torch.Tensor], sample_rate: int, melody: bool, device: tp.Any
+) -> tp.Any:
     """audiocraft's ConditioningAttributes for one segment, as MusicGen builds them (a melody model
     without a melody gets its one-sample silent WavCondition)."""
     from audiocraft.modules.conditioners import ConditioningAttributes, WavCondition
@@ -79,14 +94,20 @@ def _attributes(caption: tp.Optional[str], wav: tp.Optional[torch.Tensor], sampl
             wav, length = torch.zeros((1, 1), device=device), 0
         else:
             length = wav.shape[-1]
-        attributes.wav[MELODY] = WavCondition(wav[None], torch.tensor([length], device=device),
-                                              sample_rate=[sample_rate], path=[None], seek_time=[0.0])
+        attributes.wav[MELODY] = WavCondition(
+            wav[None], torch.tensor([length], device=device), sample_rate=[sample_rate], path=[None], seek_time=[0.0]
+        )
     return attributes
 
 
-def compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
-            cancelled: tp.Callable[[], bool] = lambda: False, seed: int = 0,
-            total_seconds: tp.Optional[float] = None) -> Features:
+def compute(
+    model: tp.Any,
+    segments: tp.Iterable[tp.Any],
+    instance_prompt: str,
+    cancelled: tp.Callable[[], bool] = lambda: False,
+    seed: int = 0,
+    total_seconds: tp.Optional[float] = None,
+) -> Features:
     """Codes and condition features for every segment (see the module docstring), through the LM's
     condition provider's own tokenization (which, for instance, folds a stereo melody into one
     channel as MusicGen's inference does). ``segments``: any iterable, consumed once (the run's are
@@ -116,17 +137,24 @@ def fit_caption(tokenizer: tp.Any, text: str) -> str:
     while len(tokenizer(cut).input_ids) > MAX_TEXT_TOKENS and keep > 0:
         cut = tokenizer.decode(ids[:keep], skip_special_tokens=True)
         keep -= 8
-    log.info("dataset: a caption of %d tokens was cut to the text encoder's %d (%r...)", len(ids),
-             MAX_TEXT_TOKENS, cut[:60])
+    log.info(
+        "dataset: a caption of %d tokens was cut to the text encoder's %d (%r...)", len(ids), MAX_TEXT_TOKENS, cut[:60]
+    )
     return cut
 
 
-def _compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
-             cancelled: tp.Callable[[], bool], seed: int, total_seconds: tp.Optional[float]) -> Features:
-    from ..generation.seeding import demucs_random
+def _compute(
+    model: tp.Any,
+    segments: tp.Iterable[tp.Any],
+    instance_prompt: str,
+    cancelled: tp.Callable[[], bool],
+    seed: int,
+    total_seconds: tp.Optional[float],
+) -> Features:
+    from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
     from ..audio import codec
-    from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
+    from ..generation.seeding import demucs_random
 
     start = time.perf_counter()
     lm, device, rate = model.lm, model.device, model.sample_rate
@@ -162,12 +190,18 @@ def _compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
             tokenized = provider.tokenize([_attributes("", wav, rate, True, device)])[MELODY]
             with demucs_random(segment_seed(seed, i)):
                 melody = melody_cond._get_wav_embedding(tokenized)[0].float().cpu()
-        features.examples.append(Example(codes=codes.to(torch.int16).cpu(), caption=caption, melody=melody,
-                                         source=s.source, start=s.start))
+        features.examples.append(
+            Example(codes=codes.to(torch.int16).cpu(), caption=caption, melody=melody, source=s.source, start=s.start)
+        )
         done += wav.shape[-1] / rate
         if total_seconds and done / max(total_seconds, 1e-9) >= next_report:
-            log.info("tokenizing: %.0f s of %.0f s of audio (%d segments), %.1f s elapsed", done, total_seconds,
-                     len(features.examples), time.perf_counter() - start)
+            log.info(
+                "tokenizing: %.0f s of %.0f s of audio (%d segments), %.1f s elapsed",
+                done,
+                total_seconds,
+                len(features.examples),
+                time.perf_counter() - start,
+            )
             next_report += 0.1
     features.text = dict(sorted(features.text.items()))
     if melody_cond is not None and longest is not None:
@@ -178,13 +212,19 @@ def _compute(model: tp.Any, segments: tp.Iterable[tp.Any], instance_prompt: str,
             features.null_melody = melody_cond._get_wav_embedding(both)[1].float().cpu()
     features.seconds = done
     seconds = time.perf_counter() - start
-    log.info("tokenized %.0f s of audio in %.1f s (%.2f s per minute of audio)%s", done, seconds,
-             60 * seconds / max(done, 1e-9), ", with the melody's chroma" if melody_cond is not None else "")
+    log.info(
+        "tokenized %.0f s of audio in %.1f s (%.2f s per minute of audio)%s",
+        done,
+        seconds,
+        60 * seconds / max(done, 1e-9),
+        ", with the melody's chroma" if melody_cond is not None else "",
+    )
     return features
 
 
-def conditions(lm: tp.Any, features: Features, batch: tp.Sequence[Example], drop_all: torch.Tensor,
-               drop_melody: torch.Tensor) -> tp.Dict[str, tp.Tuple[torch.Tensor, torch.Tensor]]:
+def conditions(
+    lm: tp.Any, features: Features, batch: tp.Sequence[Example], drop_all: torch.Tensor, drop_melody: torch.Tensor
+) -> tp.Dict[str, tp.Tuple[torch.Tensor, torch.Tensor]]:
     """The LM's condition tensors for ``batch`` (as its condition provider would give them),
     with the dropout decisions given (bool per example): ``drop_all`` (classifier-free guidance: every
     condition null) and ``drop_melody`` (the melody alone)."""
@@ -193,8 +233,9 @@ def conditions(lm: tp.Any, features: Features, batch: tp.Sequence[Example], drop
     out: tp.Dict[str, tp.Tuple[torch.Tensor, torch.Tensor]] = {}
     # text: T5 states padded to the longest caption, zeros under a zero mask for a dropped one
     text_cond = conditioners[TEXT]
-    states = [features.text[e.caption] if not drop_all[i] else features.text[e.caption][:0]
-              for i, e in enumerate(batch)]
+    states = [
+        features.text[e.caption] if not drop_all[i] else features.text[e.caption][:0] for i, e in enumerate(batch)
+    ]
     length = max(1, max(s.shape[0] for s in states))
     dim = next(iter(features.text.values())).shape[-1]
     pre = torch.zeros(len(batch), length, dim, device=device)
@@ -204,7 +245,7 @@ def conditions(lm: tp.Any, features: Features, batch: tp.Sequence[Example], drop
         mask[i, : s.shape[0]] = 1
     embeds = text_cond.output_proj(pre.to(text_cond.output_proj.weight))  # T5Conditioner.forward, after T5
     out[TEXT] = (embeds * mask.unsqueeze(-1), mask)
-    melody_cond = (conditioners[MELODY] if MELODY in conditioners else None)
+    melody_cond = conditioners[MELODY] if MELODY in conditioners else None
     if melody_cond is not None:
         rows = [features.null_melody if drop_all[i] or drop_melody[i] else e.melody for i, e in enumerate(batch)]
         pre = torch.stack([r.to(device) for r in rows])

@@ -204,6 +204,7 @@ def validate(trained: Trained, shapes: tp.Mapping[str, tp.Tuple[int, ...]]) -> N
         raise TrainedError(f"{name} cannot be served: {problem}")
 
     expected: tp.Dict[str, tp.Tuple[int, ...]] = {}
+    want: tp.Tuple[int, ...]
     if m.method == "lora":
         bases = set()
         for tensor in trained.names:

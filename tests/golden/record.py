@@ -8,6 +8,7 @@ Run with the package to record on ``sys.path`` (the project root, or an exported
 each recorder matches the code it records). Only this file knows the service's internal API; when the
 code moves, this file follows it (its requests and what it records stay the same).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,11 +36,19 @@ CASES: tp.List[tp.Tuple[str, str, str, tp.Dict[str, tp.Any]]] = [
     ("text-int8", STEREO, "int8", dict(BASE)),
     ("text-int8dyn", STEREO, "int8dyn", dict(BASE)),
     ("text-stock", STEREO, "stock", dict(BASE)),
-    ("text-sampling-peak", STEREO, "exact", dict(BASE, top_k=0, top_p=0.9, temperature=0.7,
-                                                  classifier_free_guidance=5, normalization_strategy="peak")),
+    (
+        "text-sampling-peak",
+        STEREO,
+        "exact",
+        dict(BASE, top_k=0, top_p=0.9, temperature=0.7, classifier_free_guidance=5, normalization_strategy="peak"),
+    ),
     ("melody-auto", STEREO, "auto", dict(BASE, input_audio="@melody")),
-    ("continuation-auto", STEREO, "auto", dict(BASE, input_audio="@melody", continuation=True,
-                                               continuation_start=1, continuation_end=4)),
+    (
+        "continuation-auto",
+        STEREO,
+        "auto",
+        dict(BASE, input_audio="@melody", continuation=True, continuation_start=1, continuation_end=4),
+    ),
     ("past-window-exact", MONO_TEXT, "exact", dict(BASE, duration=35, normalization_strategy="rms")),
     ("mbd-exact", STEREO, "exact", dict(BASE, duration=2, multi_band_diffusion=True)),
     ("lora-auto", MONO_TEXT, "auto", dict(BASE, trained="@lora")),
@@ -87,12 +96,19 @@ def lora_file(folder: Path, weights_dir: Path, model: str) -> Path:
     for name in sorted(state):
         if name.endswith("self_attn.in_proj_weight") or (name.startswith("linears.") and name.endswith(".weight")):
             out, inp = state[name].shape
-            tensors[f"{name}.lora_A"] = (torch.randn(rank, inp, generator=gen) / inp ** 0.5).half()
+            tensors[f"{name}.lora_A"] = (torch.randn(rank, inp, generator=gen) / inp**0.5).half()
             tensors[f"{name}.lora_B"] = (torch.randn(out, rank, generator=gen) * 0.05).half()
-    manifest = {"format": "musicgen-cog-trained/1", "base_model": model,
-                "base_checkpoint": weights.checkpoint_identity(lm_file), "method": "lora", "rank": rank,
-                "alpha": float(rank), "targets": sorted({n.rsplit(".lora_", 1)[0] for n in tensors}),
-                "training": {"steps": 1}, "final_loss": 1.0}
+    manifest = {
+        "format": "musicgen-cog-trained/1",
+        "base_model": model,
+        "base_checkpoint": weights.checkpoint_identity(lm_file),
+        "method": "lora",
+        "rank": rank,
+        "alpha": float(rank),
+        "targets": sorted({n.rsplit(".lora_", 1)[0] for n in tensors}),
+        "training": {"steps": 1},
+        "final_loss": 1.0,
+    }
     path = folder / "golden-lora.safetensors"
     save_file(tensors, str(path), metadata={"musicgen_manifest": json.dumps(manifest)})
     return path
@@ -100,20 +116,33 @@ def lora_file(folder: Path, weights_dir: Path, model: str) -> Path:
 
 # ------------------------------------------------------------------ the service's API (follows the code)
 
-def make_service(weights_dir: Path, model: str, decoder: str, trained: tp.Optional[Path], concurrency: int = 1) -> tp.Any:
-    from musicgen_service.serving.service import Service
-    from musicgen_service.core.settings import Settings
 
-    return Service(Settings(weights_dir=weights_dir, model=model, device="cpu", decoder=decoder,
-                            concurrency=concurrency, prepared_off=True),
-                   trained=str(trained) if trained else None)
+def make_service(
+    weights_dir: Path, model: str, decoder: str, trained: tp.Optional[Path], concurrency: int = 1
+) -> tp.Any:
+    from musicgen_service.core.settings import Settings
+    from musicgen_service.serving.service import Service
+
+    return Service(
+        Settings(
+            weights_dir=weights_dir,
+            model=model,
+            device="cpu",
+            decoder=decoder,
+            concurrency=concurrency,
+            prepared_off=True,
+        ),
+        trained=str(trained) if trained else None,
+    )
 
 
 def tokens_of(service: tp.Any, request: tp.Any) -> tp.Any:
     """The LM's tokens for a request, alone (the service's own steps before decoding)."""
+
     def work() -> tp.Any:
         conditioned = service.generator.condition(request, service.input_clip(request))
         return service.generator.tokens(conditioned)
+
     return service.compute.call(work)
 
 
@@ -122,6 +151,7 @@ def output_of(service: tp.Any, request: tp.Any) -> Path:
 
 
 # ------------------------------------------------------------------ recording
+
 
 def record(weights_dir: Path) -> tp.Dict[str, tp.Any]:
     from musicgen_service.weights import hub as weights
@@ -149,9 +179,13 @@ def record(weights_dir: Path) -> tp.Dict[str, tp.Any]:
         request = service.parse(**inputs)
         tokens = tokens_of(service, request)
         path = output_of(service, request)
-        results[name] = {"tokens": sha(tokens.cpu().numpy().astype("<i8").tobytes()),
-                         "tokens_shape": list(tokens.shape), "output": sha(path.read_bytes()),
-                         "suffix": path.suffix, "bytes": path.stat().st_size}
+        results[name] = {
+            "tokens": sha(tokens.cpu().numpy().astype("<i8").tobytes()),
+            "tokens_shape": list(tokens.shape),
+            "output": sha(path.read_bytes()),
+            "suffix": path.suffix,
+            "bytes": path.stat().st_size,
+        }
         print(f"golden: {name}: {results[name]['output'][:12]} tokens {results[name]['tokens'][:12]}", flush=True)
     services.clear()
     for name, model, decoder, requests in CONCURRENT:
@@ -187,8 +221,12 @@ def machine() -> tp.Dict[str, tp.Any]:
                 flags = " ".join(sorted(line.split(":", 1)[1].split()))
     except OSError:
         pass
-    return {"cpu": model, "cpu_flags_sha256": sha(flags.encode())[:16], "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return {
+        "cpu": model,
+        "cpu_flags_sha256": sha(flags.encode())[:16],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> int:
