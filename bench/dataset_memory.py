@@ -32,10 +32,8 @@ from pathlib import Path
 weights_dir, path, way = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 from musicgen_service.weights import hub as weights; weights.use_hub_cache(weights_dir)
 from musicgen_service.weights import loading
-from musicgen_service.core.settings import Settings
 from musicgen_service.training import dataset, tokens
-model = loading.load_musicgen(Settings(weights_dir=weights_dir, model="facebook/musicgen-small", device="cpu",
-                                       decoder="exact", prepared_off=True), "cpu")
+model = loading.load_musicgen(weights_dir, "facebook/musicgen-small", "cpu")
 found = dataset.Collected(audio=[path])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

@@ -245,13 +245,13 @@ def predictor_steps(report: Report, device: str, durations: tp.Dict[str, int], t
     clip = audio_file(tmp, 10 if not dry else 2, "clip.wav")
     hashes: tp.Dict[str, str] = {}
     tokens: tp.Dict[str, tp.Any] = {}
-    decode = predictor.service.generator.decode
+    decode = predictor.service.generator.to_audio
 
     def keep_tokens(codes: tp.Any, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:  # the last prediction's tokens
         tokens["last"] = codes.cpu()
         return decode(codes, *args, **kwargs)
 
-    predictor.service.generator.decode = keep_tokens
+    predictor.service.generator.to_audio = keep_tokens
 
     def predict(name: str, expect_s: float, **inputs: tp.Any) -> tp.Callable[[], tp.Dict[str, tp.Any]]:
         def run() -> tp.Dict[str, tp.Any]:

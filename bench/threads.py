@@ -76,7 +76,7 @@ def step_ms() -> tp.Callable[[], float]:
     cache = ROOT / "bench" / "work" / "full"
     weights.use_hub_cache(cache)
     settings = Settings(weights_dir=cache, model="facebook/musicgen-small", device="cpu", mbd="off", decoder="int8")
-    model = load_musicgen(settings, "cpu")
+    model = load_musicgen(settings.weights_dir, settings.model, "cpu")
     generator = Generator(model, "int8")
     rows = RowDecoder(generator.decoder.runner, 1)
 

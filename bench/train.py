@@ -69,13 +69,13 @@ def one(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
     import torch
 
     from musicgen_service.core.settings import Settings
-    from musicgen_service.training import allocator, loop, options, run, tokens
+    from musicgen_service.training import allocator, base_model, loop, options, tokens
     from musicgen_service.weights import hub as weights
 
     allocator.THRESHOLD = args.threshold  # what loop.train sets (0: glibc's default, as stock)
     weights.use_hub_cache(args.weights)
     settings = Settings(weights_dir=args.weights, model=args.model, device=args.device, prepared_off=True)
-    model = run._load(settings, args.model, args.device)
+    model = base_model.load(settings, args.model, args.device)
     features = tokens.Features.load(args.features)
     o = options.parse(
         base_model=args.model,
@@ -87,7 +87,7 @@ def one(args: argparse.Namespace) -> tp.Dict[str, tp.Any]:
         seed=1,
         gradient_checkpointing=args.checkpointing,
     )
-    params, _ = run._prepare_for_training(model, o, o.seed)
+    params, _ = base_model.trainable(model, o, o.seed)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     times: tp.List[float] = []
@@ -162,7 +162,7 @@ def main() -> None:
     from bench.run import machine
     from musicgen_service.core.settings import Settings
     from musicgen_service.tools import tiny
-    from musicgen_service.training import allocator, run, tokens
+    from musicgen_service.training import allocator, base_model, tokens
     from musicgen_service.weights import hub as weights
 
     thresholds = [int(t) for t in args.thresholds.split(",")] if args.thresholds else [allocator.THRESHOLD]
@@ -181,7 +181,7 @@ def main() -> None:
             model_id = models.ensure_set(cache, scale, melody, mbd=False, stereo=stereo, device=args.device)
         weights.use_hub_cache(cache)
         settings = Settings(weights_dir=cache, model=model_id, device=args.device, prepared_off=True)
-        model = run._load(settings, model_id, args.device)
+        model = base_model.load(settings, model_id, args.device)
         segs = segments(args.segments, seconds, model.sample_rate, model.audio_channels)
         start = time.perf_counter()
         features = tokens.compute(model, segs, "bench")

@@ -221,10 +221,8 @@ import resource, sys
 from pathlib import Path
 from musicgen_service.weights import hub as weights; weights.use_hub_cache(Path({str(tiny_weights)!r}))
 from musicgen_service.weights import loading
-from musicgen_service.core.settings import Settings
 from musicgen_service.training import dataset, tokens
-model = loading.load_musicgen(Settings(weights_dir=Path({str(tiny_weights)!r}), model="facebook/musicgen-small",
-                                       device="cpu", decoder="exact", prepared_off=True), "cpu")
+model = loading.load_musicgen(Path({str(tiny_weights)!r}), "facebook/musicgen-small", "cpu")
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 folder = Path({str(tmp_path)!r})
 planned = dataset.plan(folder, dataset.collect(folder), 32000, 1, 30.0)

@@ -366,6 +366,7 @@ def test_a_playlist_uploaded_as_input_audio_is_refused(server, peer, tmp_path):
     assert audio_of(server.predict({"prompt": "x", "duration": 1, "seed": 1}))[0].shape == (2, RATE)  # still serving
 
 
+@pytest.mark.slow  # (test_outputs.py checks the same cleaning in-process, in the quick loop)
 def test_concurrent_predictions_with_thousands_of_expired_folders(server):
     """A busy server's cleanup runs in every prediction: four at once, three rounds, with thousands of
     expired output folders of the worker to remove each round (they used to fail each other with

@@ -15,7 +15,7 @@ from conftest import MONO_MELODY, MONO_TEXT, STEREO_MELODY, make_service
 
 from musicgen_service.core.errors import InputError
 from musicgen_service.core.settings import Settings
-from musicgen_service.training import adapters, dataset, loop, options, run, tokens
+from musicgen_service.training import adapters, base_model, dataset, loop, options, parallel, run, tokens
 from musicgen_service.weights import lora, trained
 
 RATE = 32000
@@ -354,9 +354,9 @@ def test_data_parallel_update_equals_one_process_with_the_same_global_batch(tiny
     ]
     features = tokens.compute(m, segs, "lo-fi")
     o = opts(tiny_weights, max_steps=2, batch_size=4, learning_rate=1e-3)
-    state, history = run.train_processes(settings_for(tiny_weights), o, features, 2, "gloo", tmp_path)
-    single = run._load(settings_for(tiny_weights), MONO_TEXT, "cpu")
-    params, loras = run._prepare_for_training(single, o, o.seed)
+    state, history = parallel.train_processes(settings_for(tiny_weights), o, features, 2, "gloo", tmp_path)
+    single = base_model.load(settings_for(tiny_weights), MONO_TEXT, "cpu")
+    params, loras = base_model.trainable(single, o, o.seed)
     one = loop.train(single.lm, features, o, params)
     assert history.grad_norms == pytest.approx(one.grad_norms, rel=1e-4)
     assert history.losses == pytest.approx(one.losses, rel=1e-5)

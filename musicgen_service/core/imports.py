@@ -18,9 +18,9 @@ machine (``bench/coldstart.py`` reports imports with and without). What stays is
 needs, and ``torch._dynamo`` (1.4-2.2 s, with the ``torch.distributed.tensor`` it pulls in through
 FSDP), which transformers applies as decorators at import time (``@torch._dynamo.allow_in_graph`` in
 ``modeling_utils``, ``@torch.compiler.disable`` in ``integrations.flex_attention``): a stand-in would
-have to imitate what those decorators do, so it is not deferred (tried 2026-12-02: deferring only
-``torch.distributed.tensor``, which ``model_debugging_utils`` imports, gains nothing, as dynamo
-imports it next).
+have to imitate what those decorators do, so it is not deferred (deferring only
+``torch.distributed.tensor``, which ``model_debugging_utils`` imports, gains nothing: dynamo imports
+it next).
 
 Within :func:`deferred_imports`, each of those modules is a stand-in in ``sys.modules``: importing it
 (``import spacy``, ``from xformers import ops``, ``from sklearn.metrics import roc_curve``) binds

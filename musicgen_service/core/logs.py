@@ -45,7 +45,7 @@ class _Redirect(logging.Filter):
 @contextlib.contextmanager
 def redirected(say: tp.Optional[tp.Callable[[str], None]]) -> tp.Iterator[None]:
     """Within the block, this thread's ``musicgen`` log lines go to ``say`` (None: logged as usual):
-    how work done in the compute thread (:mod:`.compute`) is logged by the request it is done for."""
+    how work done in the compute thread (:mod:`..serving.compute`) is logged by the request it is done for."""
     previous = getattr(_REDIRECT, "say", None)
     _REDIRECT.say = say
     try:

@@ -20,10 +20,9 @@ handling; only the step loop changes. Modes:
 What ``exact`` promises: on the CPU, stock's very tokens for the same seed
 (tested). On CUDA it runs under the same fp16 autocast as stock, with stock's
 operators on stock's values, and the promise is a measured agreement, reported by
-``bench/gpu_check.py`` next to stock's agreement with itself: on an H200, stock's
-tokens for musicgen-small and 99.8% of them for stereo-melody-large (stock agreed
-with itself 100%). On GPUs fp16 computes the same logits as ``exact`` (KL 0
-measured), with sampling in fp32 and whole steps replayed from CUDA graphs.
+``bench/gpu_check.py`` next to stock's agreement with itself (bench/results/gpu.json). On GPUs
+fp16 computes the same logits as ``exact``, with sampling in fp32 and whole steps replayed from
+CUDA graphs.
 
 The loop mirrors ``LMModel.generate`` step for step (codebook pattern, CFG as one
 batch-2 forward, the same sampling functions, so the random stream is consumed

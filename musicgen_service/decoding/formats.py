@@ -14,7 +14,7 @@ One class per format, all with the same face (``m(x)`` computes ``x @ w.T + b``;
 ``torch.ao.quantization`` deprecated in favour of torchao, so a later torch may drop them. Every
 format's availability is therefore checked by running it (:func:`unavailable_reason`): where an
 op is missing, ``auto`` skips that candidate with a log line and a format named in
-``MUSICGEN_DECODER`` falls back to ``exact`` (:mod:`.precision`, :class:`..Decoder`).
+``MUSICGEN_DECODER`` falls back to ``exact`` (:mod:`.precision`, :class:`.Decoder`).
 
 Which format runs on a machine, and why, is :mod:`.precision`'s business.
 """

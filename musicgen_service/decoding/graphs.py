@@ -2,9 +2,8 @@
 
 At batch 2 a MusicGen decoding step is about a thousand small kernels for the
 large models (48 layers): on a GPU the host's launch time, not the GPU, sets the
-pace (stock audiocraft: ~100 ms a step on the H200 host, for ~1.2 ms of weight
-reads). Here one step is *everything* between two tokens, on buffers that never
-move:
+pace, far above the time the weights take to read (bench/results/gpu.json). Here one step is
+*everything* between two tokens, on buffers that never move:
 
     read the previous token column (position held in a device tensor)
     -> embeddings, 24-48 layers, logits  (:meth:`.window.Window.static_step`)

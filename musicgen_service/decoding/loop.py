@@ -106,7 +106,7 @@ class Sequence:
 
 
 class WindowView:
-    """What a window has generated so far, in codebook order (for streaming: :mod:`..streaming`)."""
+    """What a window has generated so far, in codebook order (for streaming: :mod:`..serving.streaming`)."""
 
     def __init__(self, seq: Sequence, live: tp.Callable[[], torch.Tensor]):
         self.seq, self.live = seq, live

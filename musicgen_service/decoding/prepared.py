@@ -8,7 +8,7 @@ so it is written once and read back by later setups:
 
 - **key** (:func:`key`): what makes an entry valid: the LM checkpoint's identity (its content hash
   where the hub cache gives one, else its size and a hash of samples spread over it: see
-  :func:`..weights.checkpoint_identity`), the decoder asked for and the rows a step decodes at full
+  :func:`..weights.hub.checkpoint_identity`), the decoder asked for and the rows a step decodes at full
   load (``2 x concurrency``), the CPU (model name and the hash of its flags), torch's version and
   thread count, and this module's :data:`FORMAT` plus ``auto``'s rules (candidates, quality bar).
   The folder of an entry is the hash of its key, and the key is stored inside it too.
@@ -27,7 +27,7 @@ so it is written once and read back by later setups:
   cut short by a crash fails its size or hash check at the next read, which rebuilds it). Two
   processes starting together both build; the first rename wins and the second discards its copy.
   A folder that cannot be written is skipped for the next one (the image's ``weights/`` may be
-  read-only: :attr:`..settings.Settings.prepared_dirs`); a store that fails only costs the next boot
+  read-only: :attr:`..core.settings.Settings.prepared_dirs`); a store that fails only costs the next boot
   a rebuild.
 
 GPUs need none of this: ``auto`` is fp16 there without measuring, and the fp16 checkpoint is
@@ -111,7 +111,7 @@ def digest(k: tp.Mapping[str, tp.Any]) -> str:
 
 @dataclass
 class PreparedDecoder:
-    """An entry read back: what :class:`..Decoder` takes instead of measuring and converting."""
+    """An entry read back: what :class:`.Decoder` takes instead of measuring and converting."""
 
     precision: str
     trials: tp.List[precision.Trial]

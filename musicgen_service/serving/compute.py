@@ -13,11 +13,11 @@ torch (loading, conditions, decoding steps, EnCodec, normalization, encoding) to
 this thread, and the threads serving requests only wait and log.
 
 A caller's log lines: records of the ``musicgen`` logger written while this
-thread works on a task go back to the task's caller (:func:`.logs.redirected`),
+thread works on a task go back to the task's caller (:func:`..core.logs.redirected`),
 which logs them in its own thread, where Cog attributes them to its prediction.
 
 Other work that belongs to this thread runs between tasks: the batch scheduler
-(:class:`.batching.Scheduler`) takes its turns (one decoding step each) here.
+(:class:`.scheduler.Scheduler`) takes its turns (one decoding step each) here.
 
 There is one such thread per process (:func:`shared`), whatever the number of
 services in it (tests and benchmarks make several).

@@ -2,7 +2,7 @@
 
 A MusicGen step streams all the LM's weights whether it decodes one request or
 eight, so requests that overlap in time are decoded together, one row each
-(:mod:`.decoding.rows`): continuous batching. The scheduler takes its turns in the
+(:mod:`..decoding.rows`): continuous batching. The scheduler takes its turns in the
 compute thread (:mod:`.compute`), between that thread's other tasks (conditions,
 decoding audio, writing files: one request's are done while the others wait a step):
 

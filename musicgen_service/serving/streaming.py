@@ -3,7 +3,7 @@
 As the LM decodes, :class:`ChunkStream` follows the frames that are complete (with the codebook delay
 pattern a frame is complete a few steps after its first codebook: its last codebook's delay), in every
 window of audiocraft's extension and after a continuation's prompt, and decodes them as they come
-with the chunked EnCodec (:class:`.codec.StreamingDecoder`: the one-shot decode's samples). Each
+with the chunked EnCodec (:class:`..audio.codec.StreamingDecoder`: the one-shot decode's samples). Each
 stretch of :data:`CHUNK_SECONDS` (the first: :data:`FIRST_CHUNK_SECONDS`, to start sooner) is
 levelled and written as its own file, ``chunk-0000.wav``, ``chunk-0001.wav``... (the index in the
 name: uploads finish in any order), in the requested format.

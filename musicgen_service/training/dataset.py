@@ -32,24 +32,17 @@ to tokenize them as they are decoded (:mod:`.tokens`), never holding the dataset
 
 from __future__ import annotations
 
-import errno
-import lzma
-import shutil
-import stat
-import tarfile
 import typing as tp
-import zipfile
-import zlib
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..core.errors import Cancelled, InputError
 from ..core.logs import get_logger
-from . import tar_stream
+from . import archive
+from .archive import FIELD
 
 log = get_logger()
 
-FIELD = "dataset"
 AUDIO_EXTENSIONS = {
     ".wav",
     ".wave",
@@ -76,7 +69,6 @@ MAX_DATASET_SECONDS = 5 * 3600.0
 MIN_SEGMENT_SECONDS = 2.0
 MAX_NAME_BYTES = 255  # one path component (Linux's NAME_MAX)
 MAX_PATH_BYTES = 1024
-MAX_ZIP_DIRECTORY = MAX_MEMBERS * 1024  # bytes of a zip's central directory, parsed whole by zipfile
 
 
 def _fail(rule: str) -> tp.NoReturn:
@@ -105,163 +97,16 @@ class Collected:
 
 
 def unpack(dataset: Path, folder: Path, cancelled: tp.Callable[[], bool] = lambda: False) -> Path:
-    """Unpack ``dataset`` into ``folder`` (which must be empty or absent); returns the folder holding
-    the files (for a single audio file: a folder with that file)."""
-    dataset = Path(dataset)
-    if not dataset.is_file():
-        _fail(f"{dataset} is not a file")
-    if dataset.stat().st_size == 0:
-        _fail("the uploaded file is empty")
-    folder.mkdir(parents=True, exist_ok=True)
-    if zipfile.is_zipfile(dataset):
-        _unzip(dataset, _Writer(folder, cancelled))
-    elif tar_stream.is_tar(dataset):
-        _untar(dataset, _Writer(folder, cancelled))
-    elif dataset.suffix.lower() in {".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz"}:
-        _fail(f"{dataset.name} is not a readable zip or tar archive (damaged or of another format)")
-    else:  # one audio file: decoded (and refused if it is not audio) with the others
-        shutil.copyfile(dataset, folder / (dataset.name or "audio"))
-    return folder
-
-
-def _member_problem(name: str) -> tp.Optional[str]:
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or (path.parts and path.parts[0].endswith(":")):
-        return "an absolute path"
-    if ".." in path.parts:
-        return "a '..' component"
-    if not path.parts:
-        return "an empty name"
-    if "\x00" in name:
-        return "a NUL character in its name"
-    if len(name.encode(errors="surrogateescape")) > MAX_PATH_BYTES:
-        return f"a name longer than {MAX_PATH_BYTES} bytes"
-    if any(len(part.encode(errors="surrogateescape")) > MAX_NAME_BYTES for part in path.parts):
-        return f"a name part longer than {MAX_NAME_BYTES} bytes"
-    return None
-
-
-class _Writer:
-    """Writes checked members into the folder, one at a time as the archive is read; every rule is
-    applied to each member as it comes (see the module docstring)."""
-
-    def __init__(self, folder: Path, cancelled: tp.Callable[[], bool]):
-        self.folder = folder
-        self.cancelled = cancelled
-        self.members = 0
-        self.files: tp.Set[PurePosixPath] = set()
-        self.dirs: tp.Set[PurePosixPath] = set()
-        self.written = 0
-
-    def member(self, name: str, kind: str, size: int, opener: tp.Callable[[], tp.Any]) -> None:
-        """One member: ``kind`` is file, dir, link or special; ``size`` as its header declares it."""
-        if self.cancelled():
-            raise Cancelled("training cancelled while unpacking")
-        self.members += 1
-        if self.members > MAX_MEMBERS:
-            _fail(f"the archive holds more than {MAX_MEMBERS} members; the limit is {MAX_MEMBERS}")
-        problem = _member_problem(name)
-        if problem:
-            _fail(f"the archive member {name[:200]!r} has {problem}: refused")
-        if kind in ("link", "special"):
-            what = "a link" if kind == "link" else "not a regular file"
-            _fail(f"the archive member {name!r} is {what}: refused")
-        path = PurePosixPath(name.replace("\\", "/"))
-        parents = set(path.parents) - {PurePosixPath(".")}
-        clash = next((p for p in sorted(parents) if p in self.files), None)
-        if clash is not None:
-            _fail(f"the archive member {name!r} is inside {str(clash)!r}, which is a file: refused")
-        if kind == "dir":
-            if path in self.files:
-                _fail(f"the archive member {name!r} is both a file and a folder: refused")
-            self.dirs.add(path)
-            self.dirs.update(parents)
-            return
-        if path in self.dirs:
-            _fail(f"the archive member {name!r} is both a file and a folder: refused")
-        if path in self.files:
-            _fail(f"the archive member {name!r} appears twice: refused")
-        self.files.add(path)
-        self.dirs.update(parents)
-        if len(self.files) > MAX_FILES:
-            _fail(f"the archive holds more than {MAX_FILES} files; the limit is {MAX_FILES}")
-        if self.written + size > MAX_UNPACKED_BYTES:
-            _fail(
-                f"the archive unpacks to more than {MAX_UNPACKED_BYTES / 1024**3:.0f} GB, the limit "
-                f"(its member {name!r} alone declares {size / 1024**3:.1f} GB)"
-            )
-        target = self.folder / path
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with opener() as src, open(target, "wb") as dst:
-                self._copy(src, dst)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                _fail("does not fit on this machine's disk when unpacked")
-            _fail(f"the archive member {name!r} cannot be unpacked ({exc.strerror or exc})")
-
-    def _copy(self, src: tp.BinaryIO, dst: tp.BinaryIO) -> None:
-        for block in iter(lambda: src.read(1 << 20), b""):
-            self.written += len(block)
-            if self.written > MAX_UNPACKED_BYTES:
-                _fail(f"the archive unpacks to more than {MAX_UNPACKED_BYTES / 1024**3:.0f} GB, the limit")
-            if self.cancelled():
-                raise Cancelled("training cancelled while unpacking")
-            dst.write(block)
-
-
-def _unzip(path: Path, writer: _Writer) -> None:
-    try:
-        with open(path, "rb") as f:
-            end = zipfile._EndRecData(f)  # the end record: the entry count, before the directory is parsed
-        if end is None:
-            _fail(f"{path.name} is a damaged zip archive (no end record)")
-        count, directory = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
-        if count > MAX_MEMBERS:
-            _fail(f"the archive holds {count} files; the limit is {MAX_FILES}")
-        if directory > MAX_ZIP_DIRECTORY:  # zipfile parses entries by the directory's size, not the count
-            _fail(
-                f"the archive's directory is {directory / 2**20:.0f} MB: more than {MAX_MEMBERS} members; "
-                f"the limit is {MAX_FILES} files"
-            )
-        with zipfile.ZipFile(path) as z:
-            infos = z.infolist()
-            if sum(1 for i in infos if not i.is_dir()) > MAX_FILES:
-                _fail(f"the archive holds {sum(1 for i in infos if not i.is_dir())} files; the limit is {MAX_FILES}")
-            if sum(i.file_size for i in infos) > MAX_UNPACKED_BYTES:
-                _fail(
-                    f"the archive unpacks to {sum(i.file_size for i in infos) / 1024**3:.1f} GB; the limit is "
-                    f"{MAX_UNPACKED_BYTES / 1024**3:.0f} GB"
-                )
-            for i in infos:
-                if i.flag_bits & 0x1:
-                    _fail(f"the archive member {i.filename!r} is encrypted: refused (unpack it without a password)")
-                if i.compress_type not in (
-                    zipfile.ZIP_STORED,
-                    zipfile.ZIP_DEFLATED,
-                    zipfile.ZIP_BZIP2,
-                    zipfile.ZIP_LZMA,
-                ):
-                    _fail(
-                        f"the archive member {i.filename!r} uses a compression this service does not read "
-                        f"(method {i.compress_type}): refused"
-                    )
-                kind = "link" if stat.S_ISLNK(i.external_attr >> 16) else "dir" if i.is_dir() else "file"
-                writer.member(i.filename, kind, i.file_size, lambda i=i: z.open(i))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
-        _fail(f"{path.name} is a damaged zip archive ({exc})")
-    except OSError as exc:  # (raised while reading members: a zip whose data is cut short)
-        _fail(f"{path.name} is a damaged zip archive ({exc.strerror or exc})")
-
-
-def _untar(path: Path, writer: _Writer) -> None:
-    try:
-        with tar_stream.bounded(path) as stream, tarfile.open(fileobj=stream, mode="r:") as t:
-            for m in t:  # one header at a time (getmembers() would read every header first)
-                kind = "link" if m.issym() or m.islnk() else "dir" if m.isdir() else "file" if m.isfile() else "special"
-                writer.member(m.name, kind, m.size, lambda m=m: t.extractfile(m))
-    except (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error) as exc:
-        _fail(f"{path.name} is a damaged tar archive ({exc})")
+    """Unpack ``dataset`` into ``folder`` (which must be empty or absent) under this module's limits
+    (:mod:`.archive`); returns the folder holding the files (for a single audio file: a folder with it)."""
+    limits = archive.Limits(
+        files=MAX_FILES,
+        members=MAX_MEMBERS,
+        unpacked_bytes=MAX_UNPACKED_BYTES,
+        name_bytes=MAX_NAME_BYTES,
+        path_bytes=MAX_PATH_BYTES,
+    )  # (read now: tests lower them)
+    return archive.unpack(dataset, folder, limits, cancelled)
 
 
 # ------------------------------------------------------------------------------------------ finding audio

@@ -2,7 +2,7 @@
 
 ``train.py`` (Cog) and ``script/train`` pass their inputs to :func:`parse`; a setting that cannot work
 (batch size 0, a LoRA rank above the layer width, a base model missing from the weights folder,
-vocal removal without HTDemucs) raises one :class:`~..errors.InputError` naming each field and its
+vocal removal without HTDemucs) raises one :class:`~..core.errors.InputError` naming each field and its
 rule. The rules that need the base model's shape read its checkpoint's config, not its weights.
 
 Defaults, for ~10-30 minutes of music (20-60 segments of 30 s):

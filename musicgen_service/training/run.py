@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import socket
 import tempfile
 import time
 import typing as tp
@@ -31,7 +30,7 @@ from ..core.logs import get_logger
 from ..core.settings import Settings
 from ..weights import hub as weights
 from ..weights import lora, trained
-from . import adapters, allocator, dataset, loop, tokens
+from . import adapters, allocator, base_model, dataset, loop, parallel, tokens
 from .options import Options
 
 if tp.TYPE_CHECKING:
@@ -186,99 +185,6 @@ def loss_curve(history: loop.History, path: Path, title: str) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _load(settings: Settings, base: str, device: str) -> "MusicGen":
-    """The base model, as the service loads it."""
-    from ..weights import loading
-
-    return loading.load_musicgen(settings.weights_dir, base, device)
-
-
-def _prepare_for_training(
-    model: tp.Any, o: Options, seed: int
-) -> tp.Tuple[tp.List[torch.nn.Parameter], tp.Dict[str, adapters.LoRA]]:
-    """LoRA attached (frozen base) or every LM weight trainable; the trainable parameters."""
-    lm = model.lm
-    cuda = str(model.device).startswith("cuda")
-    if o.method == "lora":
-        if cuda and torch.cuda.is_bf16_supported():
-            lm.to(torch.bfloat16)  # the frozen base in bf16; the adapters stay fp32
-        loras = adapters.attach(lm, o.lora_rank, o.lora_alpha, seed)
-        params = [p for lora in loras.values() for p in (lora.A, lora.B)]
-        return params, loras
-    lm.float()  # full: fp32 weights (bf16 autocast computes on GPUs)
-    for p in lm.parameters():
-        p.requires_grad_(True)
-    return list(lm.parameters()), {}
-
-
-def train_worker(
-    rank: int, world: int, backend: str, port: int, settings: Settings, o: Options, features_path: str, result_path: str
-) -> None:
-    """One process of a data-parallel run (``torch.multiprocessing.spawn``)."""
-    import torch.distributed as dist
-
-    device = f"cuda:{rank}" if backend == "nccl" else "cpu"
-    if device == "cpu":
-        allocator.map_large_blocks()
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        weights.use_hub_cache(settings.weights_dir)
-        model = _load(settings, o.base_model, device)
-        features = tokens.Features.load(features_path)
-        params, loras = _prepare_for_training(model, o, o.seed)
-        history = loop.train(model.lm, features, o, params, rank=rank, world=world)
-        if rank == 0:
-            state = adapters.state(loras) if loras else {n: p.detach().cpu() for n, p in model.lm.named_parameters()}
-            torch.save(
-                {
-                    "state": state,
-                    "losses": history.losses,
-                    "lrs": history.learning_rates,
-                    "grad_norms": history.grad_norms,
-                    "seconds": history.seconds,
-                    "tokens": history.tokens * world,
-                    "last": history.last,
-                },
-                result_path,
-            )
-    finally:
-        dist.destroy_process_group()
-
-
-def train_processes(
-    settings: Settings, o: Options, features: tokens.Features, world: int, backend: str, work: Path
-) -> tp.Tuple[tp.Dict[str, torch.Tensor], loop.History]:
-    """The run in ``world`` processes (data parallel); returns what rank 0 kept and its history."""
-    import torch.multiprocessing as mp
-
-    features_path, result_path = work / "features.pt", work / "result.pt"
-    features.save(features_path)
-    mp.spawn(
-        train_worker,
-        args=(world, backend, _free_port(), settings, o, str(features_path), str(result_path)),
-        nprocs=world,
-        join=True,
-    )
-    out = torch.load(result_path, weights_only=True)
-    history = loop.History(
-        losses=out["losses"],
-        learning_rates=out["lrs"],
-        grad_norms=out["grad_norms"],
-        seconds=out["seconds"],
-        tokens=out["tokens"],
-        last=out["last"],
-    )
-    return out["state"], history
-
-
 def run(
     dataset_path: Path,
     o: Options,
@@ -334,7 +240,7 @@ class _Run:
             self.device,
             "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune",
         )
-        model = _load(self.settings, o.base_model, self.device)
+        model = base_model.load(self.settings, o.base_model, self.device)
         # the audio decoded again, segment by segment, as it is tokenized: never the whole dataset in memory
         segs = dataset.segments(root, plan.usable, sample_rate, channels, window, self.cancelled)
         if o.drop_vocals:
@@ -391,8 +297,8 @@ class _Run:
             del model
             if self.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-            state, history = train_processes(self.settings, o, features, world, backend, self.work)
-            model = _load(self.settings, o.base_model, self.device)
+            state, history = parallel.train_processes(self.settings, o, features, world, backend, self.work)
+            model = base_model.load(self.settings, o.base_model, self.device)
             if o.method == "lora":
                 lora.merge(model.lm, state, o.lora_rank, o.lora_alpha)
             else:
@@ -400,7 +306,7 @@ class _Run:
                     for name, p in model.lm.named_parameters():
                         p.copy_(state[name].to(p.dtype))
         else:
-            params, loras = _prepare_for_training(model, o, o.seed)
+            params, loras = base_model.trainable(model, o, o.seed)
             history = loop.train(model.lm, features, o, params, cancelled=self.cancelled)
             if loras:
                 state = adapters.state(loras)

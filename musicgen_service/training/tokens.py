@@ -3,7 +3,7 @@
 For each segment (:mod:`.dataset`):
 
 - **codes**: EnCodec's tokens [K, T] through the chunked encoder the service already uses for
-  continuation prompts (:func:`..codec.encode`: bounded memory, the one-shot encoder's codes);
+  continuation prompts (:func:`..audio.codec.encode`: bounded memory, the one-shot encoder's codes);
 - **text**: the conditioner's T5 states for its caption (each distinct caption once), before the
   conditioner's output projection;
 - **melody** (melody models): the chroma conditioner's features of the segment itself, before its
