@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import typing as tp
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,34 @@ ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
 
 
+# Runs a recorder (ours, or the baseline commit's) and notes, for each ``auto`` case, the precision
+# auto measured and chose in that run, from the service the recorder used for it (each case calls
+# tokens_of once, in CASES' order). auto times the candidates on this machine, so on a loaded
+# machine two runs can choose differently: such a case is not comparable (its explicit-precision
+# twins are: every precision has cases of its own).
+DRIVER = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, str(Path(sys.argv[3]) / "tests" / "golden"))
+import record as recorder
+chosen = []
+plain = recorder.tokens_of
+def tokens_of(service, request):
+    chosen.append(service.generator.decoder.mode)
+    return plain(service, request)
+recorder.tokens_of = tokens_of
+cases = recorder.record(Path(sys.argv[1]))
+for (name, _model, decoder, _inputs), mode in zip(recorder.CASES, chosen):
+    if decoder == "auto":
+        cases[name]["chose"] = mode
+Path(sys.argv[2]).write_text(json.dumps({"machine": recorder.machine(), "cases": cases}, indent=1, sort_keys=True))
+"""
+
+
 def record(code_root: Path, weights_dir: Path, out: Path) -> tp.Dict[str, tp.Any]:
     env = {**os.environ, "PYTHONPATH": str(code_root), "MUSICGEN_DEVICE": "cpu"}
     done = subprocess.run(
-        [sys.executable, str(code_root / "tests" / "golden" / "record.py"), str(weights_dir), str(out)],
+        [sys.executable, "-c", DRIVER, str(weights_dir), str(out), str(code_root)],
         cwd=code_root,
         env=env,
         capture_output=True,
@@ -56,8 +81,16 @@ def expected_for(machine: tp.Dict[str, tp.Any], weights_dir: Path, tmp: Path) ->
 
 
 def test_outputs_and_tokens_are_the_baselines(tiny_weights, tmp_path):
-    ours = record(ROOT, tiny_weights, tmp_path / "now.json")
-    expected = expected_for(ours["machine"], tiny_weights, tmp_path)
-    differ = [name for name in expected if ours["cases"].get(name) != expected[name]]
-    assert set(ours["cases"]) == set(expected), (sorted(ours["cases"]), sorted(expected))
-    assert not differ, "\n".join(f"{n}: now {ours['cases'][n]}\n   was {expected[n]}" for n in differ)
+    now = record(ROOT, tiny_weights, tmp_path / "now.json")
+    ours, expected = now["cases"], expected_for(now["machine"], tiny_weights, tmp_path)
+    assert set(ours) == set(expected), (sorted(ours), sorted(expected))
+
+    def bits(case: tp.Dict[str, tp.Any]) -> tp.Dict[str, tp.Any]:
+        return {k: v for k, v in case.items() if k != "chose"}
+
+    # auto cases whose runs chose different precisions (records without "chose" are compared)
+    apart = [n for n in expected if expected[n].get("chose", ours[n].get("chose")) != ours[n].get("chose")]
+    differ = [n for n in expected if n not in apart and bits(ours[n]) != bits(expected[n])]
+    assert not differ, "\n".join(f"{n}: now {ours[n]}\n   was {expected[n]}" for n in differ)
+    for name in apart:  # (a measurement's outcome, not the code's: see DRIVER)
+        warnings.warn(f"{name}: auto chose {ours[name]['chose']} now, {expected[name]['chose']} then", stacklevel=1)

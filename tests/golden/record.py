@@ -186,6 +186,8 @@ def record(weights_dir: Path) -> tp.Dict[str, tp.Any]:
             "suffix": path.suffix,
             "bytes": path.stat().st_size,
         }
+        if decoder == "auto":  # what auto measured and chose on this machine, this time
+            results[name]["chose"] = service.generator.decoder.mode
         print(f"golden: {name}: {results[name]['output'][:12]} tokens {results[name]['tokens'][:12]}", flush=True)
     services.clear()
     for name, model, decoder, requests in CONCURRENT:
