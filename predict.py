@@ -5,10 +5,13 @@ in :class:`Inputs`, and taken by both predictors:
 
 - :class:`Predictor` (cog.yaml): one ``uri`` output, the whole file;
 - :class:`StreamingPredictor` (cog.stream.yaml, a second model from this codebase): ``-> Iterator[Path]``,
-  each chunk of audio as it is generated, then the whole file (docs/streaming.md).
+  each chunk of audio as it is generated, then the whole file (docs/streaming.md);
+- :class:`LoopPredictor` (cog.loop.yaml, a third): ``-> List[Path]``, loops of whole bars at an exact
+  tempo, seamless when repeated, one per variation (docs/loops.md). Its own inputs are in
+  :class:`LoopInputs`; the sampling inputs, the format and the seed are the main model's.
 
 Every rule is checked, with a message naming the field, in ``musicgen_service.generation.request``; the work
-happens in ``musicgen_service.serving.service``.
+happens in ``musicgen_service.serving.service`` (and ``.loops``).
 
 `cog build` (Cog >= 0.23) reads this file without running it (a static parser, replicate/cog
 pkg/schema/python): every ``Input()`` argument is a plain literal (one string per description,
@@ -26,7 +29,7 @@ streaming model takes one prediction at a time.
 
 import asyncio
 import threading
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 from cog import BasePredictor, Input, Path, streaming
 
@@ -81,6 +84,31 @@ class Inputs:
         ge=-1,
         le=4294967295,
     )
+
+
+class LoopInputs:
+    """The loop model's own inputs (the rest are :class:`Inputs`')."""
+
+    prompt = Input(description="A description of the music to loop. The tempo is added to it.")
+    negative_prompt = Input(
+        description="What the music should not be: guidance steers away from this text (e.g. `vocals, drums`).",
+        default="",
+    )
+    bpm = Input(
+        description="Tempo of the loops in beats per minute: each loop is stretched to it exactly.",
+        default=120.0,
+        ge=40.0,
+        le=300.0,
+    )
+    bars = Input(description="Length of each loop in bars.", default=4, choices=[1, 2, 4, 8, 16])
+    beats_per_bar = Input(description="Beats in a bar (4 for 4/4, 3 for 3/4).", default=4, ge=2, le=12)
+    variations = Input(
+        description="Number of loops: the first, then variations that continue it, each seamless on its own.",
+        default=4,
+        ge=1,
+        le=8,
+    )
+    input_audio = Input(description="An audio file whose melody the first loop follows.", default=None)
 
 
 class Predictor(BasePredictor):
@@ -142,6 +170,42 @@ class StreamingPredictor(Predictor):
         request = self.service.parse(**_inputs(locals()))
         for path in self.service.stream(request):
             yield Path(path)
+
+
+class LoopPredictor(BasePredictor):
+    """The loop model (cog.loop.yaml): loops for producers, on the same service."""
+
+    def setup(self, weights: Optional[Path] = None) -> None:
+        from musicgen_service.core.settings import Settings
+        from musicgen_service.serving.loops import LoopService
+
+        self.loops = LoopService(Settings.from_env(), trained=str(weights) if weights else None)
+
+    async def predict(
+        self,
+        prompt: str = LoopInputs.prompt,
+        negative_prompt: str = LoopInputs.negative_prompt,
+        bpm: float = LoopInputs.bpm,
+        bars: int = LoopInputs.bars,
+        beats_per_bar: int = LoopInputs.beats_per_bar,
+        variations: int = LoopInputs.variations,
+        input_audio: Optional[Path] = LoopInputs.input_audio,
+        top_k: int = Inputs.top_k,
+        top_p: float = Inputs.top_p,
+        temperature: float = Inputs.temperature,
+        classifier_free_guidance: int = Inputs.classifier_free_guidance,
+        output_format: str = Inputs.output_format,
+        seed: Optional[int] = Inputs.seed,
+    ) -> List[Path]:
+        inputs = dict(locals())
+        del inputs["self"]
+        request = self.loops.parse(**inputs)
+        cancel = threading.Event()
+        try:
+            return [Path(p) for p in await asyncio.to_thread(self.loops.run, request, cancel)]
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
 
 
 def _inputs(scope: dict) -> dict:

@@ -137,6 +137,7 @@ class CogServer:
         env: tp.Optional[dict] = None,
         train: bool = False,
         stream: bool = False,
+        loop: bool = False,
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -148,6 +149,8 @@ class CogServer:
             args += ["--train"]
         if stream:
             args += ["--stream"]
+        if loop:
+            args += ["--loop"]
         environment = {**os.environ, "MUSICGEN_WEIGHTS": str(weights), "MUSICGEN_DEVICE": "cpu", **(env or {})}
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(

@@ -253,3 +253,36 @@ def test_audio_fuzz_smoke(tmp_path):
     assert report["seeds"]["decoded"] == report["seeds"]["count"] > 0
     assert total["max_s"] > 0 and total["max_extra_mb"] >= total["p99_extra_mb"] >= 0
     assert "## By format" in out.with_suffix(".md").read_text()
+
+
+def test_loop_benchmark_smoke(tmp_path):
+    """bench/loops.py on the tiny set (--dry): 1 and 4 variations, together and apart, and the
+    post-processing on synthetic tracks, every field of its report; bench/beats.py's comparison of
+    trackers on two tempi."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "loops.py"), "--dry", "--out", str(tmp_path / "loops")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "loops.json").read_text())
+    assert set(report["rows"]) == {"1 loop", "4, together", "4, one after another"}
+    assert len(report["rows"]["4, together"]["generation_rounds_s"]) == 2  # the first loop, then the variations
+    assert len(report["rows"]["4, one after another"]["generation_rounds_s"]) == 2
+    assert all(v > 0 for v in report["post_processing_s"].values())
+    assert "| 4, together |" in (tmp_path / "loops.md").read_text()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "beats.py"), "--quick", "--out", str(tmp_path / "beats")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    trackers = json.loads((tmp_path / "beats.json").read_text())["results"]
+    assert set(trackers) == {"grid fit (ours)", "librosa beat_track", "librosa plp"}
+    assert trackers["grid fit (ours)"]["noise_given_a_tempo"] == 0

@@ -80,6 +80,7 @@ def expected_for(machine: tp.Dict[str, tp.Any], weights_dir: Path, tmp: Path) ->
     return record(export, weights_dir, tmp / "baseline.json")["cases"]
 
 
+@pytest.mark.slow  # a minute (two on a machine without a record: the baseline is recomputed)
 def test_outputs_and_tokens_are_the_baselines(tiny_weights, tmp_path):
     now = record(ROOT, tiny_weights, tmp_path / "now.json")
     ours, expected = now["cases"], expected_for(now["machine"], tiny_weights, tmp_path)

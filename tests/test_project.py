@@ -161,9 +161,13 @@ def test_predict_inputs_are_literals_that_cogs_static_schema_parser_reads():
     (anything else is dropped without a word), a description one string literal (implicitly joined
     literals are copied with the quotes and whitespace between them) and a default a literal.
     This checks those rules with Python's own parser; it is a model of Cog's, not Cog's."""
-    source = (ROOT / "predict.py").read_text()
     calls = _input_calls()
     assert list(calls) == [name for name, *_ in SEED_INPUTS]
+    _check_literals(calls)
+
+
+def _check_literals(calls: tp.Dict[str, ast.Call]) -> None:
+    source = (ROOT / "predict.py").read_text()
     for name, call in calls.items():
         for kw in call.keywords:
             text = ast.get_source_segment(source, kw.value)
@@ -185,6 +189,52 @@ def test_predict_inputs_are_literals_that_cogs_static_schema_parser_reads():
                 ast.literal_eval(kw.value)
             else:
                 raise AssertionError(f"{where}: not checked against Cog's static parser")
+
+
+LOOP_INPUTS = ["prompt", "negative_prompt", "bpm", "bars", "beats_per_bar", "variations", "input_audio"]
+LOOP_SHARED = ["top_k", "top_p", "temperature", "classifier_free_guidance", "output_format", "seed"]
+
+
+def test_the_loop_models_inputs_are_literals_and_share_the_main_models():
+    """The loop model's own inputs (LoopInputs) follow the same literal rules; the shared ones are the
+    main model's ``Inputs.<name>``, in the order the issue names them."""
+    tree = ast.parse((ROOT / "predict.py").read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    calls = {
+        t.targets[0].id: t.value
+        for t in classes["LoopInputs"].body
+        if isinstance(t, ast.Assign) and isinstance(t.value, ast.Call) and getattr(t.value.func, "id", None) == "Input"
+    }
+    assert list(calls) == LOOP_INPUTS
+    _check_literals(calls)
+    predict = next(
+        n
+        for n in classes["LoopPredictor"].body
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "predict"
+    )
+    params = predict.args.args[1:]
+    defaults = [None] * (len(params) - len(predict.args.defaults)) + list(predict.args.defaults)
+    refs = [(a.arg, ast.unparse(d)) for a, d in zip(params, defaults)]
+    assert refs == [(n, f"LoopInputs.{n}") for n in LOOP_INPUTS] + [(n, f"Inputs.{n}") for n in LOOP_SHARED]
+
+
+def test_loop_literals_are_the_loop_request_rules():
+    import predict
+    from musicgen_service.generation import request as rules
+
+    def field(name):
+        return getattr(predict.LoopInputs, name)
+
+    assert (field("bpm").ge, field("bpm").le) == rules.BPM_RANGE
+    assert field("bars").choices == list(rules.BARS)
+    assert (field("beats_per_bar").ge, field("beats_per_bar").le) == rules.BEATS_PER_BAR_RANGE
+    assert (field("variations").ge, field("variations").le) == rules.VARIATIONS_RANGE
+    caps = rules.Capabilities(max_duration=300, card=2048)
+    defaults = {n: field(n).default for n in LOOP_INPUTS if field(n).default is not None}
+    assert "prompt" not in defaults  # required
+    request = rules.parse_loop_request(caps, prompt="x", **defaults)
+    assert (request.bpm, request.bars, request.beats_per_bar, request.variations) == (120.0, 4, 4, 4)
+    assert request.negative_prompt is None
 
 
 def test_predict_literals_are_the_request_rules():

@@ -90,15 +90,18 @@ def test_openapi_lists_exactly_the_seed_inputs(server):
 
 
 def test_committed_schema_matches_predict_py(tmp_path):
-    """.cog/openapi_schema.json is what the Cog SDK's generator makes of predict.py today."""
-    fresh, stream = tmp_path / "schema.json", tmp_path / "stream.json"
+    """.cog/openapi_schema.json (and the streaming and loop models' schemas) are what the Cog SDK's
+    generator makes of predict.py today."""
+    fresh, stream, loop = tmp_path / "schema.json", tmp_path / "stream.json", tmp_path / "loop.json"
     subprocess.run(
-        [str(ROOT / "script" / "schema"), str(fresh), str(stream)], check=True, cwd=ROOT, capture_output=True
+        [str(ROOT / "script" / "schema"), str(fresh), str(stream), str(loop)], check=True, cwd=ROOT, capture_output=True
     )
     committed = json.loads((ROOT / ".cog" / "openapi_schema.json").read_text())
     assert json.loads(fresh.read_text()) == committed, "predict.py changed: run script/schema"
     committed = json.loads((ROOT / ".cog" / "stream" / "openapi_schema.json").read_text())
     assert json.loads(stream.read_text()) == committed, "predict.py changed: run script/schema"
+    committed = json.loads((ROOT / ".cog" / "loop" / "openapi_schema.json").read_text())
+    assert json.loads(loop.read_text()) == committed, "predict.py changed: run script/schema"
 
 
 @pytest.mark.parametrize("fmt, mime", [("wav", "audio/wav"), ("mp3", "audio/mpeg")])

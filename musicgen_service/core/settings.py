@@ -50,6 +50,9 @@ class Settings:
     cache_home: tp.Optional[Path] = None  # $XDG_CACHE_HOME: the writable place when the weights' folder is not
     trained: tp.Optional[str] = None  # a trained file, folder or URL
     prepared_max_gb: float = 24.0  # each prepared-decoder folder is kept under this, least recently used out
+    # requests one prediction runs at once (the loop model's variations): with ``concurrency``, how
+    # many share a decoding step at full load (:attr:`slots`); set by a model, not the environment
+    requests_per_prediction: int = 1
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -96,6 +99,11 @@ class Settings:
             concurrency=concurrency,
             prepared_max_gb=prepared_max_gb,
         )
+
+    @property
+    def slots(self) -> int:
+        """Requests that share a decoding step at full load (the scheduler's slots; 2 rows each)."""
+        return self.concurrency * self.requests_per_prediction
 
     @property
     def prepared_dirs(self) -> tp.List[Path]:

@@ -140,6 +140,19 @@ class Decoder:
             and self.mode in SHARES_STEPS
         )
 
+    @property
+    def negative_unavailable(self) -> tp.Optional[str]:
+        """Why this decoder cannot take a negative prompt (None: it can): only this project's loop
+        conditions guidance's unconditional branch on a text."""
+        if self.runner is None:
+            return (
+                "negative prompts need this project's decoding loop; this deployment decodes with "
+                f"stock audiocraft ({self.reason or 'MUSICGEN_DECODER=stock'})"
+            )
+        if self.lm.two_step_cfg:
+            return "negative prompts need one-step guidance; this model uses two-step guidance"
+        return None
+
     def describe(self) -> str:
         steps = ""
         if self.graphs is not None:
@@ -228,8 +241,11 @@ class Decoder:
     ) -> torch.Tensor:
         lm = self.lm
         tap = kwargs.pop("tap", None)  # streaming's view of the window (our loop only; stock has none)
+        negative = kwargs.pop("negative", None)  # a negative prompt (our loop only: see negative_unavailable)
         two_step_cfg = lm.two_step_cfg if two_step_cfg is None else two_step_cfg
         if self.runner is None or two_step_cfg:
+            if negative:
+                raise RuntimeError(self.negative_unavailable or "negative prompts need this project's decoding loop")
             if self.released:
                 raise RuntimeError("two-step guidance needs the LM's own weights, released for this decoder")
             return type(lm).generate(
@@ -265,4 +281,5 @@ class Decoder:
             remove_prompts,
             callback,
             tap,
+            negative,
         )

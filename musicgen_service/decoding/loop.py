@@ -40,14 +40,21 @@ def sample(logits: torch.Tensor, use_sampling: bool, temp: float, top_k: int, to
     return torch.argmax(logits, dim=-1, keepdim=True)
 
 
-def condition_tensors(lm: tp.Any, conditions: tp.List[tp.Any]) -> tp.Dict[str, tp.Any]:
+def condition_tensors(
+    lm: tp.Any, conditions: tp.List[tp.Any], negative: tp.Optional[str] = None
+) -> tp.Dict[str, tp.Any]:
     """The conditions and their null (unconditional) twins in one batch, as stock computes them
-    without two-step guidance; {} without conditions."""
+    without two-step guidance; {} without conditions. ``negative``: a negative prompt, the twins'
+    text instead of none, so that guidance steers away from it (their melody stays null)."""
     from audiocraft.modules.conditioners import ClassifierFreeGuidanceDropout
 
     if not conditions:
         return {}
     null_conditions = ClassifierFreeGuidanceDropout(p=1.0)(conditions)
+    if negative:
+        for twin in null_conditions:
+            for name in twin.text:
+                twin.text[name] = negative
     return lm.condition_provider(lm.condition_provider.tokenize(conditions + null_conditions))
 
 
@@ -139,6 +146,7 @@ def generate(
     remove_prompts: bool,
     callback: tp.Optional[tp.Callable[[int, int], None]],
     tap: tp.Optional[tp.Callable[[WindowView], None]] = None,
+    negative: tp.Optional[str] = None,
 ) -> torch.Tensor:
     lm = decoder.lm
     runner = decoder.runner
@@ -148,7 +156,7 @@ def generate(
 
     if num_samples is None:
         num_samples = prompt.shape[0] if prompt is not None else (len(conditions) if conditions else 1)
-    tensors = condition_tensors(lm, conditions)
+    tensors = condition_tensors(lm, conditions, negative)
     if prompt is None:
         prompt = torch.zeros((num_samples, lm.num_codebooks, 0), dtype=torch.long, device=device)
     seq = Sequence(lm, prompt, max_gen_len)

@@ -109,6 +109,7 @@ class Generator:
             melody=self.melody,
             name=self.model.name,
             mbd_unavailable=mbd_unavailable,
+            negative_unavailable=self.decoder.negative_unavailable,
         )
 
     def generate(
@@ -159,7 +160,7 @@ class Generator:
                 from ..decoding.loop import condition_tensors as make_tensors
 
                 with request_random(random.Random(seed)):
-                    condition_tensors = make_tensors(model.lm, attributes)
+                    condition_tensors = make_tensors(model.lm, attributes, req.negative_prompt)
         return Conditioned(
             req=req,
             seed=seed,
@@ -205,7 +206,7 @@ class Generator:
             )
             # every window's chroma: demucs draws what it would after stock's random.seed(seed)
             with (
-                windows_through(model.lm, progress, self.decoder.generate, stream),
+                windows_through(model.lm, progress, self.decoder.generate, stream, req.negative_prompt),
                 request_random(random.Random(conditioned.seed)),
             ):
                 tokens = model._generate_tokens(conditioned.attributes, conditioned.context)
@@ -251,11 +252,16 @@ class Generator:
 
 @contextlib.contextmanager
 def windows_through(
-    lm: tp.Any, progress: Progress, generate_fn: tp.Callable[..., tp.Any], stream: tp.Any = None
+    lm: tp.Any,
+    progress: Progress,
+    generate_fn: tp.Callable[..., tp.Any],
+    stream: tp.Any = None,
+    negative: tp.Optional[str] = None,
 ) -> tp.Iterator[None]:
     """Within the block, each window's ``lm.generate`` call (audiocraft calls it once per extension
     window) goes to ``generate_fn`` (the chosen decoder), with a progress callback that knows where the
-    window starts; ``stream`` (a chunk stream) sees each window and every step."""
+    window starts; ``stream`` (a chunk stream) sees each window and every step; ``negative``: a
+    negative prompt for every window's guidance."""
 
     def generate(
         prompt: tp.Any = None, conditions: tp.Any = (), *args: tp.Any, callback: tp.Any = None, **kwargs: tp.Any
@@ -269,6 +275,9 @@ def windows_through(
             def step(generated: int, total: int) -> None:
                 follow(generated, total)
                 stream.step(generated)
+
+        if negative:
+            kwargs["negative"] = negative
 
         return generate_fn(prompt, conditions, *args, callback=step, **kwargs)
 

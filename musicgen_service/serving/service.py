@@ -41,6 +41,7 @@ if tp.TYPE_CHECKING:
     from ..generation.generator import Conditioned
 
 log = get_logger()
+T = tp.TypeVar("T")
 
 
 class Service:
@@ -106,13 +107,25 @@ class Service:
             request.temperature,
             request.classifier_free_guidance,
         )
+        return self._steps(request, cancel, self._finish)
+
+    def audio(self, request: Request, cancel: tp.Optional[threading.Event] = None) -> "torch.Tensor":
+        """The generated audio of a valid request, [C, T] float32 on the CPU, neither levelled nor
+        written (the loop model cuts it first: :mod:`.loops`). Thread-safe as :meth:`run`: calls from
+        several threads share decoding steps."""
+        return self._steps(request, cancel, self._audio)
+
+    def _steps(
+        self, request: Request, cancel: tp.Optional[threading.Event], then: tp.Callable[[Request, "torch.Tensor"], T]
+    ) -> T:
+        """Conditions, tokens, then ``then(request, tokens)``, each in the compute thread."""
         lines: "queue.SimpleQueue[str]" = queue.SimpleQueue()  # this request's lines from the compute thread
         if not self.scheduler.batching:  # GPUs, and precisions that do not batch: the steps as one task
-            return self.compute.call(self._alone, request, cancel, lines=lines)
+            return self.compute.call(lambda: then(request, self._tokens_alone(request, cancel)), lines=lines)
         conditioned = self.compute.call(self._condition, request, True, lines=lines)
         conditioned.say = lines.put
         tokens = relay(self.scheduler.submit(conditioned, cancel), lines)
-        return self.compute.call(self._finish, request, tokens, lines=lines)
+        return self.compute.call(then, request, tokens, lines=lines)
 
     def stream(self, request: Request, cancel: tp.Optional[threading.Event] = None) -> tp.Iterator[Path]:
         """The streaming model's prediction: yields each chunk file as its audio is generated
@@ -155,9 +168,12 @@ class Service:
 
     def _alone(self, request: Request, cancel: tp.Optional[threading.Event]) -> Path:
         """The three steps, the tokens decoded alone."""
+        return self._finish(request, self._tokens_alone(request, cancel))
+
+    def _tokens_alone(self, request: Request, cancel: tp.Optional[threading.Event]) -> "torch.Tensor":
+        """Steps 1 and 2, the tokens decoded alone."""
         conditioned = self._condition(request)
-        tokens = self.generator.tokens(conditioned, cancelled=None if cancel is None else cancel.is_set)
-        return self._finish(request, tokens)
+        return self.generator.tokens(conditioned, cancelled=None if cancel is None else cancel.is_set)
 
     def _streamed(self, request: Request, cancel: threading.Event, emit: tp.Callable[[Path], None]) -> None:
         """The three steps, the tokens decoded alone while a chunk stream follows them; ``emit`` gets
@@ -178,10 +194,14 @@ class Service:
         log.info("streaming: %d chunk(s), the first after %.2f s", chunks.index, chunks.first_chunk_at or 0.0)
         emit(self._finish(request, tokens))
 
+    def _audio(self, request: Request, tokens: "torch.Tensor") -> "torch.Tensor":
+        """Step 3's first half: the audio of the tokens (EnCodec, or MBD when asked), [C, T]."""
+        mbd = self.mbd_decoder() if request.multi_band_diffusion else None
+        return self.generator.to_audio(tokens, mbd)[0].float().cpu()
+
     def _finish(self, request: Request, tokens: "torch.Tensor") -> Path:
         """Step 3: the audio of the tokens, levelled and written into a fresh folder."""
-        mbd = self.mbd_decoder() if request.multi_band_diffusion else None
-        wav = self.generator.to_audio(tokens, mbd)[0].float().cpu()
+        wav = self._audio(request, tokens)
         start = time.perf_counter()
         sample_rate = self.model.sample_rate
         wav = output_audio.normalize(wav, sample_rate, request.normalization_strategy)

@@ -1,7 +1,8 @@
 """Setup, the one place that composes the service: settings -> weights -> model -> trained file ->
 decoder -> scheduler. Runs in the compute thread (:mod:`.compute`), once per service.
 
-1. the device and the rows a decoding step takes at full load (2 per concurrent request);
+1. the device and the rows a decoding step takes at full load (2 per request sharing it:
+   :attr:`..core.settings.Settings.slots`);
 2. the trained file to serve (a path or URL: :mod:`..weights.fetch`), checked against the base
    checkpoint before anything loads (:mod:`..weights.trained`);
 3. the prepared decoder for this checkpoint, trained file, machine and settings, read in the
@@ -58,7 +59,7 @@ def setup(settings: Settings, trained_source: tp.Optional[str], compute: "Comput
     log.info("weights: %s; model: %s; device: %s", settings.weights_dir, settings.model, device)
     with timed("imported torch", log):
         import torch  # noqa: F401
-    rows = 2 * settings.concurrency
+    rows = 2 * settings.slots
     trained = trained_file(settings, trained_source)  # checked against the model before anything loads
     cache, key = decoder_cache(settings, device, rows, trained)
     # a prepared decoder's files are read and hashed in the background while audiocraft imports;
@@ -81,7 +82,7 @@ def setup(settings: Settings, trained_source: tp.Optional[str], compute: "Comput
             freed / 1e6,
         )
     capabilities = generator.capabilities(settings.max_duration, mbd.unavailable())
-    scheduler = Scheduler(generator, settings.concurrency, compute)
+    scheduler = Scheduler(generator, settings.slots, compute)
     log.info("concurrency: %d; %s", settings.concurrency, scheduler.describe())
     return Loaded(
         device=device,

@@ -150,18 +150,25 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         "--output",
         type=Path,
         help="where to write the result "
-        "(default: output.<ext> in the current folder; --stream: a folder, default ./stream)",
+        "(default: output.<ext> in the current folder; --stream, --loop: a folder, default ./stream, ./loops)",
     )
-    parser.add_argument(
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument(
         "--stream",
         action="store_true",
         help="the streaming model (cog.stream.yaml): each chunk is written as it arrives",
+    )
+    model.add_argument(
+        "--loop",
+        action="store_true",
+        help="the loop model (cog.loop.yaml): one file per loop into a folder (-o, default ./loops)",
     )
     args = parser.parse_args(argv)
 
     from ..core.errors import InputError, SetupError
 
-    predictor = load_entry("predict", config_file="cog.stream.yaml" if args.stream else "cog.yaml")
+    config = "cog.stream.yaml" if args.stream else "cog.loop.yaml" if args.loop else "cog.yaml"
+    predictor = load_entry("predict", config_file=config)
     inputs = parse_inputs(args.input, predictor.predict)
     try:
         predictor.setup()
@@ -181,10 +188,19 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
             return 2
         return 0
     try:
-        result = Path(asyncio.run(predictor.predict(**inputs)))
+        result = asyncio.run(predictor.predict(**inputs))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.loop:
+        folder = args.output or Path.cwd() / "loops"
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in result:
+            target = folder / Path(item).name
+            shutil.copyfile(item, target)
+            print(target)
+        return 0
+    result = Path(result)
     target = args.output or Path.cwd() / f"output{result.suffix}"
     shutil.copyfile(result, target)
     print(target)

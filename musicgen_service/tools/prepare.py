@@ -20,7 +20,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         from ..serving.setup import decoder_cache
 
         device = settings.resolved_device()
-        cache, _ = decoder_cache(settings, device, 2 * settings.concurrency)
+        cache, _ = decoder_cache(settings, device, 2 * settings.slots)
         if cache is None:
             print(
                 f"prepare: nothing to prepare for MUSICGEN_DECODER={settings.decoder} on {device} "
