@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # rhythm: the test suite's synthetic tracks
 
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     from rhythm import signal
 
-    from bench.run import machine
+    from bench.run import describe, machine
 
     tempi = [90, 150] if args.quick else [60, 90, 120, 150, 180]
     meters = [4] if args.quick else [3, 4]
@@ -131,7 +132,7 @@ def main() -> None:
     text = [
         "# Beat trackers on synthetic rhythm (bench/beats.py)",
         "",
-        f"{machine().get('cpu', '?')}. Tracks: {', '.join(kinds)} at {', '.join(map(str, tempi))} BPM in "
+        f"{describe(machine())}. Tracks: {', '.join(kinds)} at {', '.join(map(str, tempi))} BPM in "
         f"{' and '.join(f'{m}/4' for m in meters)}, 12 s, each asked 4% off its tempo; and noise (5 seeds).",
         "",
         "| tracker | median tempo error | worst | beat F (70 ms) | click / drums / swing / music | "

@@ -24,6 +24,7 @@ import typing as tp
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # rhythm: the test suite's synthetic tracks
 
@@ -62,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench import models
-    from bench.run import machine
+    from bench.run import describe, machine
     from musicgen_service.core.settings import Settings
     from musicgen_service.serving.loops import LoopService
     from musicgen_service.tools import tiny
@@ -115,7 +116,7 @@ def main() -> None:
     text = [
         f"# The loop model ({'dry run, tiny set' if args.dry else args.model + ', real size, random weights'})",
         "",
-        f"{result['machine'].get('cpu', '?')}; decoder {result['decoder']}; {result['batching']}.",
+        f"{describe(result['machine'])}; decoder {result['decoder']}; {result['batching']}.",
         f"Request: {args.bars} bars of 4 at {args.bpm:g} BPM ({result['request']['loop_seconds']:.1f} s a loop), "
         f"median of {args.runs}.",
         "",

@@ -43,6 +43,12 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------------- machine
 
 
+def describe(machine: tp.Dict[str, tp.Any]) -> str:
+    """The CPU a figure came from: its name, the features the kernels use, its cores."""
+    flags = ", ".join(machine.get("cpu_flags", []))
+    return f"{machine.get('cpu', '?')} ({flags}), {machine.get('cores', '?')} cores"
+
+
 def machine() -> tp.Dict[str, tp.Any]:
     import torch
 

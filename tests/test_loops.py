@@ -285,3 +285,17 @@ def test_a_cancelled_loop_request_stops_and_leaves_nothing(loops):
         loops.run(request, cancel)
     timer.cancel()
     assert ours() <= before
+
+
+def test_script_prepare_loop_fills_what_the_loop_models_setup_reads(tiny_weights, tmp_path, monkeypatch):
+    from musicgen_service.core.settings import Settings
+    from musicgen_service.serving.loops import LoopService
+    from musicgen_service.tools import prepare
+
+    env = {"MUSICGEN_WEIGHTS": str(tiny_weights), "MUSICGEN_MODEL": MONO_TEXT, "MUSICGEN_DECODER": "int8"}
+    for name, value in {**env, "MUSICGEN_PREPARED": str(tmp_path), "COG_MAX_CONCURRENCY": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert prepare.main(["--loop"]) == 0
+    service = LoopService(Settings.from_env()).service
+    assert service.generator.decoder.prepared is not None  # read, not measured again
+    assert service.scheduler.slots == 4

@@ -14,9 +14,17 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     from ..core.errors import SetupError
     from ..core.settings import Settings
 
-    argparse.ArgumentParser(prog="script/prepare", description=__doc__).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="script/prepare", description=__doc__)
+    parser.add_argument("--loop", action="store_true", help="for the loop model (its variations share steps)")
+    args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.loop:
+            from dataclasses import replace
+
+            from ..serving.loops import SLOTS
+
+            settings = replace(settings, requests_per_prediction=SLOTS)
         from ..serving.setup import decoder_cache
 
         device = settings.resolved_device()
@@ -36,7 +44,7 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
     decoder_state = service.generator.decoder
     print(
         f"prepare: {decoder_state.describe()}; later setups with these settings read it "
-        f"(concurrency {settings.concurrency}, folders {', '.join(map(str, settings.prepared_dirs))})"
+        f"({settings.slots} request(s) sharing a step, folders {', '.join(map(str, settings.prepared_dirs))})"
     )
     return 0
 
