@@ -93,6 +93,8 @@ async def train(
     except asyncio.CancelledError:
         cancel.set()
         raise
+    if out is None:  # a process of a torchrun-launched run other than rank 0: rank 0 returns the files
+        return None  # type: ignore[return-value]
     return TrainingOutput(
         weights=Path(out.weights),
         loss_curve=Path(out.loss_curve),

@@ -362,3 +362,68 @@ def test_data_parallel_update_equals_one_process_with_the_same_global_batch(tiny
     assert history.losses == pytest.approx(one.losses, rel=1e-5)
     ours = adapters.state(loras)
     assert all(torch.allclose(state[k].float(), ours[k].float(), atol=1e-3) for k in ours)
+
+
+@pytest.mark.slow
+def test_two_torchrun_processes_train_as_the_spawned_pair(tiny_weights, archive, tmp_path):
+    """torchrun starting two CPU processes (gloo, the rendezvous torchrun sets up) trains as the
+    run that spawns two workers itself: the same loss curve and the same adapters, to float tolerance.
+    Rank 0 alone writes the files; the dataset is read only there."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parent.parent
+    inputs = {"max_steps": 3, "epochs": 0, "batch_size": 4, "learning_rate": 1e-3, "caption": "lo-fi", "seed": 5}
+    spawned = run.run(
+        archive, opts(tiny_weights, **inputs), settings_for(tiny_weights), tmp_path, sample_seconds=0, world=2,
+        backend="gloo",
+    )  # fmt: skip
+    out = tmp_path / "torchrun"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "MUSICGEN_WEIGHTS": str(tiny_weights),
+        "MUSICGEN_MODEL": MONO_TEXT,
+        "MUSICGEN_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    args += ["-m", "musicgen_service.tools.cli", "train", "-i", f"dataset=@{archive}", "-o", str(out)]
+    args += [x for k, v in inputs.items() for x in ("-i", f"{k}={v}")]
+    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rank 0 writes the trained files" in done.stdout + done.stderr
+    files = list(out.glob("*.safetensors"))
+    assert len(files) == 1
+    ours, theirs = trained.Trained(files[0]), trained.Trained(spawned.weights)
+    assert ours.manifest.training["world"] == theirs.manifest.training["world"] == 2
+    assert ours.manifest.final_loss == pytest.approx(theirs.manifest.final_loss, rel=1e-4)
+    assert ours.manifest.loss_after == pytest.approx(theirs.manifest.loss_after, rel=1e-4)
+    a, b = load_file(str(files[0])), load_file(str(spawned.weights))
+    assert set(a) == set(b) and all(torch.allclose(a[k].float(), b[k].float(), atol=1e-3) for k in a)
+
+
+@pytest.mark.slow
+def test_a_bad_dataset_under_torchrun_ends_every_process(tiny_weights, tmp_path):
+    """Rank 0 refuses the dataset (no audio in it) and tells the others, which stop too: no process
+    waits for ever for a dataset that will not come."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    bad = tmp_path / "notes.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("notes.md", "no audio here")
+    env = {**os.environ, "PYTHONPATH": str(root), "MUSICGEN_WEIGHTS": str(tiny_weights), "MUSICGEN_MODEL": MONO_TEXT}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    args += ["-m", "musicgen_service.tools.cli", "train", "-i", f"dataset=@{bad}", "-o", str(tmp_path / "out")]
+    done = subprocess.run(
+        args, cwd=root, env={**env, "MUSICGEN_DEVICE": "cpu"}, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode != 0
+    assert "dataset" in done.stderr and "rank 0 failed to prepare the dataset" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())

@@ -15,6 +15,7 @@ environment at all.
 | ``MUSICGEN_DECODER``       | ``auto``                                 | LM decoding: ``auto`` (``fast``), ``exact``, ``fp16``, ``bf16``, ``int8``, ``int8dyn`` or ``stock`` (see ``decoding``) |
 | ``MUSICGEN_PREPARED``      | ``<weights>/prepared``                   | where CPU setups keep prepared decoders (``decoding.prepared``); ``off``: never. Unwritable: ``$XDG_CACHE_HOME/musicgen/prepared`` (``~/.cache``) is used |
 | ``MUSICGEN_PREPARED_MAX_GB``| ``24``                                  | each prepared-decoder folder is kept under this size: the least recently used entries are removed past it |
+| ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` | unset                  | set by ``torchrun`` (or any launcher of its conventions): this process is one of a multi-process training (``training.parallel``); ``MASTER_ADDR``/``MASTER_PORT`` are read by torch itself |
 | ``MUSICGEN_TRAINED``       | none                                     | a trained file (or a folder holding one) to serve on top of ``MUSICGEN_MODEL`` (``trained``); ``setup(weights=...)``, Cog's ``COG_WEIGHTS``, wins over it. Downloads go to ``<weights>/trained`` (else ``$XDG_CACHE_HOME/musicgen/trained``) |
 """
 
@@ -34,6 +35,7 @@ DEFAULT_MAX_DURATION = 300
 MBD_MODES = ("eager", "lazy", "off")
 DECODERS = ("auto", "exact", "fp16", "bf16", "int8", "int8dyn", "stock", "fast")  # fast: auto's former name
 DEFAULT_DECODER = "auto"
+LAUNCH = {"RANK": 0, "WORLD_SIZE": 1, "LOCAL_RANK": 0}  # torchrun's variables and their defaults
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class Settings:
     # requests one prediction runs at once (the loop model's variations): with ``concurrency``, how
     # many share a decoding step at full load (:attr:`slots`); set by a model, not the environment
     requests_per_prediction: int = 1
+    # a training launched as one of several processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)
+    process_rank: int = 0
+    process_world: int = 1
+    process_local_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -65,6 +71,8 @@ class Settings:
             raise SettingsError(f"MUSICGEN_MAX_DURATION must be >= 1; got {self.max_duration}")
         if not self.prepared_max_gb > 0:
             raise SettingsError(f"MUSICGEN_PREPARED_MAX_GB must be > 0; got {self.prepared_max_gb}")
+        if not (self.process_world >= 1 and 0 <= self.process_rank < self.process_world):
+            raise SettingsError(f"RANK must be in [0, WORLD_SIZE); got {self.process_rank} of {self.process_world}")
 
     @classmethod
     def from_env(cls, env: tp.Mapping[str, str] = os.environ) -> "Settings":
@@ -83,6 +91,10 @@ class Settings:
             prepared_max_gb = float(env.get("MUSICGEN_PREPARED_MAX_GB") or 24.0)
         except ValueError as exc:
             raise SettingsError(f"MUSICGEN_PREPARED_MAX_GB must be a number of GB: {exc}") from None
+        try:
+            launch = {name: int(env.get(name) or default) for name, default in LAUNCH.items()}
+        except ValueError as exc:
+            raise SettingsError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers: {exc}") from None
         prepared = env.get("MUSICGEN_PREPARED") or None
         cache_home = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return cls(
@@ -98,6 +110,9 @@ class Settings:
             decoder=(env.get("MUSICGEN_DECODER") or DEFAULT_DECODER).lower(),
             concurrency=concurrency,
             prepared_max_gb=prepared_max_gb,
+            process_rank=launch["RANK"],
+            process_world=launch["WORLD_SIZE"],
+            process_local_rank=launch["LOCAL_RANK"],
         )
 
     @property

@@ -121,6 +121,9 @@ def train_main(argv: tp.Sequence[str]) -> int:
     except (InputError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if result is None:  # one of several processes under torchrun: rank 0 writes the files
+        print("training: this process's share is done (rank 0 writes the trained files)")
+        return 0
     args.output.mkdir(parents=True, exist_ok=True)
     for name, value in vars(result).items():
         if value is not None:

@@ -1,6 +1,7 @@
 """A training as ``train.py`` (Cog) and ``script/train`` start it: settings from the environment,
 inputs checked, a fresh output folder, the run; nothing is returned unless it all succeeded. One
-training runs at a time in a process (a server may accept several: the others wait)."""
+training runs at a time in a process (a server may accept several: the others wait). Under torchrun
+every process runs this, and only rank 0 returns the result (None elsewhere: :mod:`.parallel`)."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def train(
     folder = folders.fresh_folder()  # (kept after the run, until Cog has uploaded its files)
     try:
         with folders.held(folder):  # never cleaned while the run writes into it (for longer than the keep period)
-            return run.run(
+            result = run.run(
                 Path(dataset),
                 o,
                 settings,
@@ -58,6 +59,9 @@ def train(
                 cancelled=cancelled,
                 sample_seconds=run.SAMPLE_SECONDS if sample_seconds is None else sample_seconds,
             )
+        if result is None:  # (another rank writes the files)
+            shutil.rmtree(folder, ignore_errors=True)
+        return result
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # no partial weights
         raise

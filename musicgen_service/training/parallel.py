@@ -1,10 +1,24 @@
 """Data parallel training: one process per GPU (or, in tests, CPU processes over gloo), each with its
-share of every update's segments, the LM under ``DistributedDataParallel`` (:mod:`.loop`)."""
+share of every update's segments, the LM under ``DistributedDataParallel`` (:mod:`.loop`).
+
+Two ways to get the processes:
+
+- **spawned** (:func:`train_processes`): one machine; the run's process prepares the dataset and
+  its tokens, then starts ``world`` workers (``torch.multiprocessing.spawn``, a rendezvous on
+  127.0.0.1) that read them from a file;
+- **launched** (:class:`Launch`): ``torchrun`` (or Slurm, Kubernetes... with its conventions:
+  ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) started every process,
+  on one machine or many. Rank 0 prepares the dataset and its tokens and sends them to the others
+  over the process group (:meth:`Launch.share`: the dataset need only be on rank 0's machine, the
+  base model's weights on every machine), all train, rank 0 writes the trained file."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import socket
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,3 +95,57 @@ def train_processes(
         last=out["last"],
     )
     return out["state"], history
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place in a launched run (torchrun's variables, read by :mod:`..core.settings`)."""
+
+    rank: int
+    world: int
+    local_rank: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> tp.Optional["Launch"]:
+        """The launch this process is part of (None: a run of its own)."""
+        if settings.process_world <= 1:
+            return None
+        return cls(settings.process_rank, settings.process_world, settings.process_local_rank)
+
+    def device(self, device: str) -> str:
+        """This process's device: its local GPU, or the CPU."""
+        if device.startswith("cuda"):
+            torch.cuda.set_device(self.local_rank)
+            return f"cuda:{self.local_rank}"
+        return "cpu"
+
+    @contextlib.contextmanager
+    def joined(self, backend: str) -> tp.Iterator[None]:
+        """Within the block, this process is in the run's process group (the rendezvous at
+        ``MASTER_ADDR:MASTER_PORT``, which torch reads from the environment)."""
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method="env://", rank=self.rank, world_size=self.world)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+    def share(self, features: tp.Optional[tokens.Features], failure: tp.Optional[str] = None) -> tokens.Features:
+        """Rank 0's features on every rank (``features`` on rank 0, None elsewhere); ``failure``:
+        why rank 0 has none (a bad dataset), raised on every rank so that none waits for ever."""
+        import torch.distributed as dist
+
+        payload: tp.List[tp.Any] = [None]
+        if self.rank == 0:
+            if features is None:
+                payload = [("failed", failure or "rank 0 could not prepare the dataset")]
+            else:
+                buffer = io.BytesIO()
+                features.save(buffer)
+                payload = [("features", buffer.getvalue())]
+        dist.broadcast_object_list(payload, src=0)
+        kind, value = payload[0]
+        if kind == "failed":
+            raise RuntimeError(f"training process {self.rank}: {value}")
+        return features if self.rank == 0 and features is not None else tokens.Features.load(io.BytesIO(value))

@@ -195,9 +195,11 @@ def run(
     world: tp.Optional[int] = None,
     backend: tp.Optional[str] = None,
     cancelled: tp.Callable[[], bool] = lambda: False,
-) -> TrainingResult:
+) -> tp.Optional[TrainingResult]:
     """The whole run (see the module docstring). ``world``: processes (default: the visible GPUs,
-    else 1); ``backend``: their process group's (nccl on GPUs, gloo on CPUs)."""
+    else 1); ``backend``: their process group's (nccl on GPUs, gloo on CPUs). A process launched as
+    one of several (torchrun: :class:`.parallel.Launch`) is one of them whatever ``world`` says, and
+    only rank 0 returns a result."""
     start = time.perf_counter()
     device = device or settings.resolved_device()
     if device == "cpu":
@@ -229,32 +231,45 @@ class _Run:
     cfg: tp.Any  # the base checkpoint's config: the model's rate, channels and training window
     start: float
 
-    def execute(self, dataset_path: Path, world: tp.Optional[int], backend: tp.Optional[str]) -> TrainingResult:
-        o, cfg = self.o, self.cfg
-        sample_rate, channels = int(cfg.sample_rate), int(cfg.get("channels", 1))
-        window = float(cfg.dataset.segment_duration)
-        root, plan = prepare_dataset(dataset_path, self.work / "dataset", sample_rate, channels, window, self.cancelled)
-        log.info(
-            "base model: %s on %s (%s)",
-            o.base_model,
-            self.device,
-            "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune",
-        )
-        model = base_model.load(self.settings, o.base_model, self.device)
-        # the audio decoded again, segment by segment, as it is tokenized: never the whole dataset in memory
-        segs = dataset.segments(root, plan.usable, sample_rate, channels, window, self.cancelled)
-        if o.drop_vocals:
-            segs = without_vocals(model, segs)
-        features = tokens.compute(
-            model, segs, o.caption, self.cancelled, seed=o.seed, total_seconds=plan.summary["seconds"]
-        )
-        if self.cancelled():
-            raise Cancelled("training cancelled while tokenizing")
+    def execute(
+        self, dataset_path: Path, world: tp.Optional[int], backend: tp.Optional[str]
+    ) -> tp.Optional[TrainingResult]:
+        launch = parallel.Launch.of(self.settings)
+        if launch is None:
+            return self._steps(dataset_path, world, backend, None)
+        self.device = launch.device(self.device)
+        with launch.joined(backend or ("nccl" if self.device.startswith("cuda") else "gloo")):
+            return self._steps(dataset_path, launch.world, None, launch)
+
+    def _steps(
+        self,
+        dataset_path: Path,
+        world: tp.Optional[int],
+        backend: tp.Optional[str],
+        launch: tp.Optional[parallel.Launch],
+    ) -> tp.Optional[TrainingResult]:
+        """The run's steps; under a launch, rank 0 prepares and finishes, every rank trains (None
+        returned on the others)."""
+        o = self.o
+        if launch is not None and launch.rank != 0:
+            features = launch.share(None)
+            model = base_model.load(self.settings, o.base_model, self.device)
+            params, _ = base_model.trainable(model, o, o.seed)
+            loop.train(model.lm, features, o, params, rank=launch.rank, world=launch.world)
+            return None
+        try:
+            plan, model, features = self._prepare(dataset_path)
+        except Exception as exc:
+            if launch is not None:  # the other ranks are waiting for the dataset: tell them
+                launch.share(None, f"rank 0 failed to prepare the dataset: {exc}")
+            raise
+        if launch is not None:
+            launch.share(features)
         prompt = features.examples[0].caption
         before = self._sample(model, prompt, "sample-before")
         loss_before = loop.teacher_forced_loss(model.lm, features)
         world = world or (torch.cuda.device_count() if self.device.startswith("cuda") else 1) or 1
-        model, state, history = self._train(model, features, world, backend)
+        model, state, history = self._train(model, features, world, backend, launch)
         loss_after = loop.teacher_forced_loss(model.lm, features)
         log.info("teacher-forced loss on the training set: %.4f before, %.4f after", loss_before, loss_after)
         manifest = self._manifest(state, history, world, plan.summary, loss_before, loss_after)
@@ -280,18 +295,47 @@ class _Run:
             weights=path, loss_curve=curve, sample_before=before, sample_after=after, manifest=manifest.as_dict()
         )
 
+    def _prepare(self, dataset_path: Path) -> tp.Tuple[tp.Any, "MusicGen", tokens.Features]:
+        """The dataset checked and planned, the base model, the tokens and conditions."""
+        o, cfg = self.o, self.cfg
+        sample_rate, channels = int(cfg.sample_rate), int(cfg.get("channels", 1))
+        window = float(cfg.dataset.segment_duration)
+        root, plan = prepare_dataset(dataset_path, self.work / "dataset", sample_rate, channels, window, self.cancelled)
+        log.info(
+            "base model: %s on %s (%s)",
+            o.base_model,
+            self.device,
+            "LoRA rank %d" % o.lora_rank if o.method == "lora" else "full fine-tune",
+        )
+        model = base_model.load(self.settings, o.base_model, self.device)
+        # the audio decoded again, segment by segment, as it is tokenized: never the whole dataset in memory
+        segs = dataset.segments(root, plan.usable, sample_rate, channels, window, self.cancelled)
+        if o.drop_vocals:
+            segs = without_vocals(model, segs)
+        features = tokens.compute(
+            model, segs, o.caption, self.cancelled, seed=o.seed, total_seconds=plan.summary["seconds"]
+        )
+        if self.cancelled():
+            raise Cancelled("training cancelled while tokenizing")
+        return plan, model, features
+
     def _sample(self, model: "MusicGen", prompt: str, name: str) -> tp.Optional[Path]:
         if not self.sample_seconds:
             return None
         return sample(model, prompt, self.o.seed, self.sample_seconds, self.out_dir, name)
 
     def _train(
-        self, model: "MusicGen", features: tokens.Features, world: int, backend: tp.Optional[str]
+        self,
+        model: "MusicGen",
+        features: tokens.Features,
+        world: int,
+        backend: tp.Optional[str],
+        launch: tp.Optional[parallel.Launch] = None,
     ) -> tp.Tuple["MusicGen", tp.Dict[str, torch.Tensor], loop.History]:
-        """The updates, in this process or in ``world`` processes; the model with the trained weights
-        in, what the trained file holds (fp16), and the history."""
+        """The updates, in this process, in ``world`` spawned processes, or as rank 0 of a launch; the
+        model with the trained weights in, what the trained file holds (fp16), and the history."""
         o = self.o
-        if world > 1:
+        if world > 1 and launch is None:
             backend = backend or ("nccl" if self.device.startswith("cuda") else "gloo")
             log.info("data parallel: %d processes (%s)", world, backend)
             del model
@@ -307,7 +351,12 @@ class _Run:
                         p.copy_(state[name].to(p.dtype))
         else:
             params, loras = base_model.trainable(model, o, o.seed)
-            history = loop.train(model.lm, features, o, params, cancelled=self.cancelled)
+            if launch is not None:
+                log.info("data parallel: rank 0 of %d launched processes", launch.world)
+                history = loop.train(model.lm, features, o, params, rank=0, world=launch.world)
+                history.tokens *= launch.world  # (each rank counts its own share, as spawned workers do)
+            else:
+                history = loop.train(model.lm, features, o, params, cancelled=self.cancelled)
             if loras:
                 state = adapters.state(loras)
                 adapters.detach_merged(model.lm, loras)
