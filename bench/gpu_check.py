@@ -443,7 +443,8 @@ def exact_promise(report: Report, service: tp.Any, device: str, duration: int) -
 
 
 def streaming_and_training(report: Report, device: str, dry: bool, cache: Path, default_model: str) -> None:
-    """5. the streaming model's time to first audio (bench/stream.py) on the default model; 6. LoRA
+    """5. the streaming model's time to first audio (bench/stream.py) on the default model, and the loop
+    model's 1 against 4 variations (bench/loops.py); 6. LoRA
     training of musicgen-small and of the default model at batch 4 x 30 s with gradient checkpointing
     (bench/train.py): seconds per update and peak GPU memory. Fresh processes, their JSON kept."""
     import subprocess
@@ -466,6 +467,11 @@ def streaming_and_training(report: Report, device: str, dry: bool, cache: Path, 
     if r:
         report.headline["stream_first_chunk_s"] = r["rows"][0]["first_chunk_s"]
         report.headline["stream_vs_main"] = r["rows"][0]["stream_vs_main"]
+    loop_flags = ["--dry"] if dry else ["--model", default_model, "--runs", "1", "--cache", str(cache)]
+    r = report.run("loops_default", bench("loops.py", loop_flags, "loops"))
+    if r:  # (GPUs decode each request alone today: the variations run one after another there)
+        report.headline["loops_4_vs_1"] = round(r["ratio_4_together"], 2)
+        report.headline["loop_post_processing_share"] = round(r["post_share_of_one_loop"], 3)
     train_flags = (
         ["--dry", "--segments", "4", "--steps", "2", "--batches", "4", "--methods", "lora"]
         if dry

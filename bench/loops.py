@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--dry", action="store_true")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
+    parser.add_argument("--cache", type=Path, default=None, help="the model sets' hub cache (default: WORK/full)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "loops")
     args = parser.parse_args()
 
@@ -75,7 +76,7 @@ def main() -> None:
         tiny.write_tiny_set(cache)
         args.bars, args.runs = 1, 1
     else:
-        cache = (args.work / "full").resolve()
+        cache = (args.cache or args.work / "full").resolve()
         weights.use_hub_cache(cache)
         scale = {"facebook/musicgen-small": "small"}.get(args.model, "large")
         models.ensure_set(

@@ -82,6 +82,7 @@ def test_gpu_check_dry_run(tmp_path):
         "setup_imports_s",
         "first_request_8s_s",
         "second_request_8s_s",
+        "loops_4_vs_1",
     ):
         assert key in head, key
     assert head["cuda_graph_failures"] == 0 and head["seed_reproducible"] is True
