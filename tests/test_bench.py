@@ -287,3 +287,37 @@ def test_loop_benchmark_smoke(tmp_path):
     trackers = json.loads((tmp_path / "beats.json").read_text())["results"]
     assert set(trackers) == {"grid fit (ours)", "librosa beat_track", "librosa plp"}
     assert trackers["grid fit (ours)"]["noise_given_a_tempo"] == 0
+
+
+def test_step_profile_smoke(tmp_path):
+    """bench/step_profile.py at the xsmall scale (--dry): every part of the step is timed, the rest is
+    what the parts leave of the whole step, and the floor and real-time figures are there."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "step_profile.py"),
+            "--dry",
+            "--formats",
+            "exact,int8",
+            "--steps",
+            "5",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "profile"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "profile.json").read_text())
+    assert [r["format"] for r in report["rows"]] == ["exact", "int8"]
+    for row in report["rows"]:
+        parts = row["parts_ms"]
+        assert parts["matrix products"] > 0 and any(k.startswith("sampling") for k in parts)
+        assert sum(parts.values()) >= row["profiled_step_ms"] * 0.99
+        assert row["floor_ms"] > 0 and row["real_time_factor"] > 0
+    assert report["read_bandwidth_GBs"] > 0.5
