@@ -74,7 +74,7 @@ def kind_of(name: str) -> str:
     return "other torch ops"
 
 
-def profile(model: tp.Any, fmt: str, steps: int) -> tp.Dict[str, tp.Any]:
+def profile(model: tp.Any, fmt: str, steps: int, cached: int = CACHE) -> tp.Dict[str, tp.Any]:
     """A lone request's steps, whole (wall) and under torch's profiler: each op's own time inside real
     steps (the weights streamed from memory as they are in use, not cache-hot), by kind; what the ops
     leave of the profiled step is the loop's Python and torch's dispatch."""
@@ -90,7 +90,7 @@ def profile(model: tp.Any, fmt: str, steps: int) -> tp.Dict[str, tp.Any]:
     runner = decoder.runner
     attributes, _ = model._prepare_tokens_and_attributes(["funk drums and slap bass"], None)
     tensors = condition_tensors(lm, attributes)
-    window = runner.start(tensors, 2, CACHE + 2 * steps + 8)
+    window = runner.start(tensors, 2, cached + 2 * steps + 8)
     K = lm.num_codebooks
     token = torch.zeros((2, K, 1), dtype=torch.long)
 
@@ -99,7 +99,7 @@ def profile(model: tp.Any, fmt: str, steps: int) -> tp.Dict[str, tp.Any]:
         sample(guide(logits, 1, 3.0), True, 1.0, 250, 0.0)
 
     with torch.inference_mode():
-        window.prefill(torch.zeros((2, K, CACHE), dtype=torch.long))
+        window.prefill(torch.zeros((2, K, cached), dtype=torch.long))
         for _ in range(3):
             one_step()
         times = []
@@ -144,6 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--formats", default="exact,int8dyn,int8,bf16")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument(
+        "--late", type=int, default=1400, help="a second point: the step this far in (30 s: 1,500 steps); 0: none"
+    )
     parser.add_argument("--dry", action="store_true", help="the xsmall scale (the test suite)")
     parser.add_argument("--work", type=Path, default=ROOT / "bench" / "work")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step-profile")
@@ -167,6 +170,9 @@ def main() -> None:
         row = profile(model, fmt, args.steps)
         row["floor_ms"] = row["weight_bytes_per_step"] / (bandwidth * 1e9) * 1000
         row["real_time_factor"] = (50 * row["step_ms"] + encodec) / 1000
+        if args.late:  # the same step late in a 30 s request: the caches are 7x longer
+            late = profile(model, fmt, max(5, args.steps // 3), args.late)
+            row["late"] = {"cached": args.late, "step_ms": late["step_ms"], "parts_ms": late["parts_ms"]}
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
@@ -201,6 +207,14 @@ def main() -> None:
         ]
         for name, ms in row["parts_ms"].items():
             text.append(f"| {name} | {ms:.2f} | {100 * ms / row['profiled_step_ms']:.0f}% |")
+        if "late" in row:
+            late = row["late"]
+            attention = late["parts_ms"].get("attention (self and cross)", 0.0)
+            text += [
+                "",
+                f"At {late['cached']} cached positions (late in a 30 s request): {late['step_ms']:.1f} ms a step, "
+                f"real-time factor {(50 * late['step_ms'] + encodec) / 1000:.2f}; attention {attention:.2f} ms of it.",
+            ]
         text.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(result, indent=1))
