@@ -123,8 +123,7 @@ class LoopService:
 
     def _first(self, request: LoopRequest, seed: int, cancel: threading.Event) -> tp.List[np.ndarray]:
         seconds = looping.generation_seconds(request.bpm, request.bars, request.beats_per_bar)
-        made = self._loops(request, [(0, seed)], seconds, None, cancel)
-        return [made[0]]
+        return self._loops(request, [(0, seed)], seconds, None, cancel)
 
     def _variations(
         self, request: LoopRequest, seed: int, prompt: Path, cancel: threading.Event
@@ -187,7 +186,7 @@ class LoopService:
                     )  # fmt: skip
                 post = time.perf_counter() - start
                 self.report.loops.append(
-                    Made(index, int(req.seed or 0), attempt + 1, loop.found_bpm, loop.start, loop.stretch, post)
+                    Made(index, tp.cast(int, req.seed), attempt + 1, loop.found_bpm, loop.start, loop.stretch, post)
                 )
                 done[index] = loop.wav
             pending = retry
