@@ -138,12 +138,7 @@ class Predictor(BasePredictor):
         seed: Optional[int] = Inputs.seed,
     ) -> Path:
         request = self.service.parse(**_inputs(locals()))
-        cancel = threading.Event()
-        try:
-            return Path(await asyncio.to_thread(self.service.run, request, cancel))
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+        return Path(await _cancellable(self.service.run, request))
 
 
 class StreamingPredictor(Predictor):
@@ -200,12 +195,18 @@ class LoopPredictor(BasePredictor):
         inputs = dict(locals())
         del inputs["self"]
         request = self.loops.parse(**inputs)
-        cancel = threading.Event()
-        try:
-            return [Path(p) for p in await asyncio.to_thread(self.loops.run, request, cancel)]
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+        return [Path(p) for p in await _cancellable(self.loops.run, request)]
+
+
+async def _cancellable(run, request):
+    """``run(request, cancel)`` in a thread of its own; a cancelled prediction sets ``cancel``, and the
+    service stops at its next decoding step."""
+    cancel = threading.Event()
+    try:
+        return await asyncio.to_thread(run, request, cancel)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
 
 
 def _inputs(scope: dict) -> dict:

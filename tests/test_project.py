@@ -131,17 +131,26 @@ def test_predict_has_the_seed_schema():
     assert tp.get_type_hints(__import__("predict").Predictor.predict)["return"] is cog.Path
 
 
+def _classes() -> tp.Dict[str, ast.ClassDef]:
+    tree = ast.parse((ROOT / "predict.py").read_text())
+    return {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+def _calls_in(cls: ast.ClassDef) -> tp.Dict[str, ast.Call]:
+    """A class body's ``name = Input(...)`` assignments, by name."""
+    return {
+        t.targets[0].id: t.value
+        for t in cls.body
+        if isinstance(t, ast.Assign) and isinstance(t.value, ast.Call) and getattr(t.value.func, "id", None) == "Input"
+    }
+
+
 def _input_calls() -> tp.Dict[str, ast.Call]:
     """The ``Input(...)`` calls of predict.py's ``Inputs`` class, by name, as the parser sees them; and
     both predictors take them as ``Inputs.<name>``, in the seed's order (Cog's static parser resolves
     such references within the file: its input registry, pkg/schema/python/inputs.go)."""
-    tree = ast.parse((ROOT / "predict.py").read_text())
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    calls = {
-        t.targets[0].id: t.value
-        for t in classes["Inputs"].body
-        if isinstance(t, ast.Assign) and isinstance(t.value, ast.Call) and getattr(t.value.func, "id", None) == "Input"
-    }
+    classes = _classes()
+    calls = _calls_in(classes["Inputs"])
     for name in ("Predictor", "StreamingPredictor"):
         predict = next(
             n
@@ -198,13 +207,8 @@ LOOP_SHARED = ["top_k", "top_p", "temperature", "classifier_free_guidance", "out
 def test_the_loop_models_inputs_are_literals_and_share_the_main_models():
     """The loop model's own inputs (LoopInputs) follow the same literal rules; the shared ones are the
     main model's ``Inputs.<name>``, in the order the issue names them."""
-    tree = ast.parse((ROOT / "predict.py").read_text())
-    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
-    calls = {
-        t.targets[0].id: t.value
-        for t in classes["LoopInputs"].body
-        if isinstance(t, ast.Assign) and isinstance(t.value, ast.Call) and getattr(t.value.func, "id", None) == "Input"
-    }
+    classes = _classes()
+    calls = _calls_in(classes["LoopInputs"])
     assert list(calls) == LOOP_INPUTS
     _check_literals(calls)
     predict = next(
