@@ -16,6 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+def bench(script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python bench/<script> <args>`` from the project folder, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
 def test_quick_benchmark(tmp_path):
     out = tmp_path / "quick"
     proc = subprocess.run(
@@ -49,22 +61,7 @@ def test_gpu_check_dry_run(tmp_path):
     """bench/gpu_check.py's whole flow on the CPU at the xsmall scale (--dry), so the one-call GPU
     check cannot rot between GPU loans: every step runs, and its report has the headline fields."""
     out = tmp_path / "gpu.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "gpu_check.py"),
-            "--dry",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = bench("gpu_check.py", "--dry", "--out", str(out), "--work", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["errors"] == {}, report["errors"]
@@ -97,24 +94,8 @@ def test_long_outputs_benchmark_smoke(tmp_path):
     """bench/long.py end to end on the tiny EnCodec: the seam measurement tells an exact join
     from one without context margins."""
     out = tmp_path / "long"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "long.py"),
-            "--codec",
-            "tiny",
-            "--parts",
-            "seams",
-            "--seam-seconds",
-            "5",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = bench(
+        "long.py", "--codec", "tiny", "--parts", "seams", "--seam-seconds", "5", "--out", str(out), timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
@@ -129,26 +110,19 @@ def test_long_outputs_benchmark_smoke(tmp_path):
 def test_coldstart_comparison_smoke(tmp_path, tiny_weights):
     """bench/coldstart.py --compare: stock, our first boot and our later boot (a prepared-cache hit)."""
     out = tmp_path / "coldstart"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "coldstart.py"),
-            "--weights",
-            str(tiny_weights),
-            "--model",
-            "facebook/musicgen-small",
-            "--compare",
-            "1",
-            "--out",
-            str(out),
-            "--prepared",
-            str(tmp_path / "prepared"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    proc = bench(
+        "coldstart.py",
+        "--weights",
+        str(tiny_weights),
+        "--model",
+        "facebook/musicgen-small",
+        "--compare",
+        "1",
+        "--out",
+        str(out),
+        "--prepared",
+        str(tmp_path / "prepared"),
         timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
@@ -210,23 +184,7 @@ def test_audio_fuzz_smoke(tmp_path):
     """bench/fuzz_audio.py on 40 malformed inputs, each decoded by audio_in in a forked child: every
     child is accounted for, the real seed files decode, and no input crashed FFmpeg (a signal) or hung."""
     out = tmp_path / "fuzz"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "fuzz_audio.py"),
-            "--quick",
-            "40",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = bench("fuzz_audio.py", "--quick", "40", "--out", str(out), "--work", str(tmp_path / "work"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.with_suffix(".json").read_text())
     for key in (
@@ -260,14 +218,7 @@ def test_loop_benchmark_smoke(tmp_path):
     """bench/loops.py on the tiny set (--dry): 1 and 4 variations, together and apart, and the
     post-processing on synthetic tracks, every field of its report; bench/beats.py's comparison of
     trackers on two tempi."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "loops.py"), "--dry", "--out", str(tmp_path / "loops")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = bench("loops.py", "--dry", "--out", str(tmp_path / "loops"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "loops.json").read_text())
     assert set(report["rows"]) == {"1 loop", "4, together", "4, one after another"}
@@ -275,14 +226,7 @@ def test_loop_benchmark_smoke(tmp_path):
     assert len(report["rows"]["4, one after another"]["generation_rounds_s"]) == 2
     assert all(v > 0 for v in report["post_processing_s"].values())
     assert "| 4, together |" in (tmp_path / "loops.md").read_text()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "beats.py"), "--quick", "--out", str(tmp_path / "beats")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = bench("beats.py", "--quick", "--out", str(tmp_path / "beats"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     trackers = json.loads((tmp_path / "beats.json").read_text())["results"]
     assert set(trackers) == {"grid fit (ours)", "librosa beat_track", "librosa plp"}
@@ -292,25 +236,17 @@ def test_loop_benchmark_smoke(tmp_path):
 def test_step_profile_smoke(tmp_path):
     """bench/step_profile.py at the xsmall scale (--dry): every part of the step is timed, the rest is
     what the parts leave of the whole step, and the floor and real-time figures are there."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "step_profile.py"),
-            "--dry",
-            "--formats",
-            "exact,int8",
-            "--steps",
-            "5",
-            "--work",
-            str(tmp_path / "work"),
-            "--out",
-            str(tmp_path / "profile"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = bench(
+        "step_profile.py",
+        "--dry",
+        "--formats",
+        "exact,int8",
+        "--steps",
+        "5",
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "profile"),
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "profile.json").read_text())
