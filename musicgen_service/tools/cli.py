@@ -166,16 +166,31 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         action="store_true",
         help="the loop model (cog.loop.yaml): one file per loop into a folder (-o, default ./loops)",
     )
+    parser.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never fetch the weights (by default a missing model is fetched from the hub on first use)",
+    )
     args = parser.parse_args(argv)
 
     from ..core.errors import InputError, SetupError
+    from ..core.settings import Settings
+    from . import first_use
 
     config = "cog.stream.yaml" if args.stream else "cog.loop.yaml" if args.loop else "cog.yaml"
     predictor = load_entry("predict", config_file=config)
     inputs = parse_inputs(args.input, predictor.predict)
     try:
+        settings = Settings.from_env()
+        if not args.no_download:
+            mbd = bool(inputs.get("multi_band_diffusion")) or settings.mbd == "eager"
+            first_use.fetch_if_missing(settings.weights_dir, settings.model, mbd, lambda m: print(m, file=sys.stderr))
+        if settings.resolved_device() == "cpu":
+            advice = first_use.cpu_advice(settings.model, first_use.copy_bandwidth())
+            if advice:
+                print(advice, file=sys.stderr)
         predictor.setup()
-    except SetupError as exc:  # a setting, the weights, a trained file: one line
+    except SetupError as exc:  # a setting, the weights, a trained file, a download: one line
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.stream:

@@ -40,6 +40,21 @@ DEMUCS_FILES = ("htdemucs.yaml", f"{DEMUCS_SIGNATURE}.safetensors")
 # Files transformers reads for T5EncoderModel + T5Tokenizer (slow, sentencepiece) from a hub repo.
 T5_FILES = ("config.json", "model.safetensors", "spiece.model")
 
+# The LM's size of each published MusicGen (what a CPU user is told a request will cost).
+MODEL_PARAMETERS = {
+    "facebook/musicgen-small": 300e6,
+    "facebook/musicgen-medium": 1.5e9,
+    "facebook/musicgen-melody": 1.5e9,
+    "facebook/musicgen-large": 3.3e9,
+    "facebook/musicgen-melody-large": 3.3e9,
+    "facebook/musicgen-stereo-small": 300e6,
+    "facebook/musicgen-stereo-medium": 1.5e9,
+    "facebook/musicgen-stereo-melody": 1.5e9,
+    "facebook/musicgen-stereo-large": 3.3e9,
+    "facebook/musicgen-stereo-melody-large": 3.3e9,
+}
+CPU_MODEL = "facebook/musicgen-small"  # the one that suits a CPU
+
 DOWNLOAD_COMMAND = "script/download-weights"
 TINY_COMMAND = "script/tiny-weights DIR"
 
