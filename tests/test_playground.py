@@ -144,7 +144,8 @@ def playground(tiny_weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(playground):
-    sync_api = pytest.importorskip("playwright.sync_api")
+    from playwright import sync_api  # requirements-dev.txt
+
     if not Path(CHROMIUM).exists():
         pytest.fail("no Chromium: apt-get install chromium (.ci/run does)")
     with sync_api.sync_playwright() as p:

@@ -247,8 +247,8 @@ def test_command_line_predict_writes_playable_files(tiny_weights, tmp_path):
 )
 def test_command_line_setup_problems_are_one_line(tmp_path, setting, message):
     value = str(tmp_path) if setting == "MUSICGEN_WEIGHTS" else "turbo"  # an empty folder; a bad value
-    proc = subprocess.run(
-        [str(ROOT / "script" / "predict"), "-i", "prompt=jazz"],
+    proc = subprocess.run(  # --no-download: the weights are not fetched on first use (test_first_use.py)
+        [str(ROOT / "script" / "predict"), "--no-download", "-i", "prompt=jazz"],
         capture_output=True,
         text=True,
         timeout=300,

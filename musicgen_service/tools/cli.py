@@ -185,11 +185,11 @@ def main(argv: tp.Optional[tp.Sequence[str]] = None) -> int:
         if not args.no_download:
             mbd = bool(inputs.get("multi_band_diffusion")) or settings.mbd == "eager"
             first_use.fetch_if_missing(settings.weights_dir, settings.model, mbd, lambda m: print(m, file=sys.stderr))
-        if settings.resolved_device() == "cpu":
+        predictor.setup()
+        if settings.resolved_device() == "cpu":  # once it is set up: what the request about to run costs
             advice = first_use.cpu_advice(settings.model, first_use.copy_bandwidth())
             if advice:
                 print(advice, file=sys.stderr)
-        predictor.setup()
     except SetupError as exc:  # a setting, the weights, a trained file, a download: one line
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -25,10 +25,11 @@ from ..weights.hub import (
     require,
 )
 
-# ms per step of the default decoder against the floor (int8 weights read once per step at the
-# machine's copy bandwidth): 32 ms vs ~13 ms on musicgen-small (bench/results/step-profile.md, AMD EPYC
-# Zen 4, 2 cores). The same ratio for the larger models is an estimate, said as one.
-OVERHEAD = 2.4
+# A whole request against the floor (int8 weights read once per step at the machine's copy bandwidth):
+# musicgen-small, 8 s of audio in 15.0 s where 400 steps x 12 ms (360 MB at 30 GB/s) would be 4.8 s, so
+# 3.1x (bench/results/step-profile.md, AMD EPYC Zen 4, 2 cores). The same ratio for the larger models is
+# an estimate, said as one.
+OVERHEAD = 3.1
 STEPS_PER_SECOND = 50  # the LM's frame rate: one decoding step per frame of audio
 
 
